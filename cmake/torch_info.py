@@ -1,0 +1,24 @@
+"""Print the facts about the installed torch that CMakeLists.txt needs, as `KEY=VALUE` lines."""
+import os
+import sys
+
+import torch
+
+site = os.path.dirname(os.path.dirname(torch.__file__))
+nvidia = os.path.join(site, "nvidia")
+# CUDA wheels of torch >= 2.9 ship the toolkit's extra headers/libs under nvidia/cu<major>.
+cu_dirs = []
+if torch.version.cuda and os.path.isdir(nvidia):
+    major = torch.version.cuda.split(".")[0]
+    for cand in (os.path.join(nvidia, f"cu{major}"), *(os.path.join(nvidia, d) for d in sorted(os.listdir(nvidia)))):
+        if os.path.isdir(os.path.join(cand, "include")):
+            cu_dirs.append(cand)
+major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+print(f"TORCH_VERSION={torch.__version__}")
+print(f"TORCH_DIR={os.path.dirname(torch.__file__)}")
+print(f"TORCH_CUDA={torch.version.cuda or ''}")
+print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+print(f"TORCH_CXX_STANDARD={20 if (major, minor) >= (2, 13) else 17}")
+print("TORCH_NVIDIA_INCLUDE=" + ",".join(os.path.join(d, "include") for d in cu_dirs))
+print("TORCH_NVIDIA_LIB=" + ",".join(os.path.join(d, "lib") for d in cu_dirs if os.path.isdir(os.path.join(d, "lib"))))
+sys.stdout.flush()

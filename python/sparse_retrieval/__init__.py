@@ -1,0 +1,14 @@
+"""sparse_retrieval: CPU SIMD and CUDA kernels for learned sparse retrieval, top-k and KV-cache quantization."""
+import torch  # loads libtorch before our extension
+
+from . import _C  # registers torch.ops.sparse_retrieval.*
+from . import datasets, reference
+from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
+from .sparse import SparseBatch
+
+__version__ = _C.__version__
+
+__all__ = [
+    "SparseBatch", "build_info", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
+    "supported_simd_levels",
+]

@@ -1,0 +1,67 @@
+"""Synthetic data with the statistics of real learned sparse embeddings."""
+from __future__ import annotations
+
+import torch
+
+from .sparse import SparseBatch
+
+
+def _popularity(dim: int, exponent: float, gen: torch.Generator) -> torch.Tensor:
+    """Zipf-like probability of each dimension appearing in a vector, randomly assigned to dimensions."""
+    ranks = torch.arange(1, dim + 1, dtype=torch.float64)
+    p = (ranks + 10.0).pow(-exponent)  # the offset flattens the head, as in SPLADE term statistics
+    return (p / p.sum())[torch.randperm(dim, generator=gen)]
+
+
+def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator, chunk: int = 65536) -> tuple:
+    dim = cdf.numel()
+    idx_parts, counts_parts = [], []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        # Row lengths vary like real encoders' (log-normal around the mean), at least 1, at most dim.
+        target = torch.exp(torch.randn(m, generator=gen, dtype=torch.float64) * 0.35) * mean_nnz
+        target = target.round().clamp_(1, dim).long()
+        draws = int(target.max()) * 2 + 16
+        cols = torch.searchsorted(cdf, torch.rand(m, draws, generator=gen, dtype=torch.float64)).clamp_(max=dim - 1)
+        # Keep each row's first `target` distinct columns (in draw order), then sort them.
+        cols, order = torch.sort(cols, dim=1, stable=True)
+        fresh = torch.ones_like(cols, dtype=torch.bool)
+        fresh[:, 1:] = cols[:, 1:] != cols[:, :-1]
+        first_draw = torch.where(fresh, order, torch.full_like(order, draws))
+        rank = torch.argsort(torch.argsort(first_draw, dim=1), dim=1)
+        keep = fresh & (rank < target[:, None])
+        counts_parts.append(keep.sum(1))
+        idx_parts.append(cols[keep])
+    return torch.cat(idx_parts), torch.cat(counts_parts)
+
+
+def _weights(n: int, gen: torch.Generator) -> torch.Tensor:
+    # SPLADE weights are log(1 + relu(logit)): positive, mostly below 3, with a long upper tail.
+    return torch.log1p(torch.exp(torch.randn(n, generator=gen) * 0.8 + 0.3)).float()
+
+
+def synthetic_splade(n_docs: int, n_queries: int, dim: int = 30522, doc_nnz: int = 120, query_nnz: int = 50,
+                     seed: int = 0, zipf_exponent: float = 1.1) -> tuple[SparseBatch, SparseBatch]:
+    """Random (documents, queries) shaped like SPLADE on MS MARCO.
+
+    Dimension popularity follows a Zipf-like law (exponent ``zipf_exponent``) shared by documents and queries,
+    row lengths are log-normal around ``doc_nnz`` / ``query_nnz``, weights are positive and skewed. Indices are
+    int32 and sorted, values float32, both on the CPU. Deterministic for a given ``seed``.
+    """
+    for name, v in (("n_docs", n_docs), ("n_queries", n_queries), ("doc_nnz", doc_nnz), ("query_nnz", query_nnz)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    gen = torch.Generator().manual_seed(seed)
+    cdf = torch.cumsum(_popularity(dim, zipf_exponent, gen), 0)
+    cdf[-1] = 1.0
+
+    def batch(n, nnz):
+        idx, counts = _sample_rows(n, nnz, cdf, gen) if n else (torch.zeros(0, dtype=torch.long),
+                                                                torch.zeros(0, dtype=torch.long))
+        indptr = torch.zeros(n + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        return SparseBatch(indptr, idx.to(torch.int32), _weights(idx.numel(), gen), dim, check=False)
+
+    return batch(n_docs, doc_nnz), batch(n_queries, query_nnz)

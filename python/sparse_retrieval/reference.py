@@ -1,0 +1,208 @@
+"""Pure-torch definitions of every kernel in this library: the meaning of "correct" for tests and benchmarks.
+
+Written for clarity, not speed. Conventions shared by all kernels:
+
+* **Ties** go to the lower index: among equal values top-k prefers the lower position, search prefers the lower
+  document id, nearest-centroid encoding prefers the lower code.
+* **NaN** is larger than every number (as in ``torch.topk`` / ``torch.sort``).
+* **Precision**: products and sums accumulate in float32 whatever the input dtype (float32/float16/bfloat16);
+  scores and attention outputs are returned in float32. Kernels may sum in another order, so they match these
+  definitions to float32 rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sparse import SparseBatch
+
+# ---- sparse x sparse ---------------------------------------------------------------------------------------------
+
+
+def _check_pair(a: SparseBatch, b: SparseBatch) -> None:
+    if a.dim != b.dim:
+        raise ValueError(f"dims differ: {a.dim} vs {b.dim}")
+
+
+def sparse_dot(q: SparseBatch, d: SparseBatch) -> torch.Tensor:
+    """All pairs: ``out[i, j] = sum_t q[i, t] * d[j, t]``, float32 of shape (len(q), len(d))."""
+    _check_pair(q, d)
+    return q.to_dense(torch.float32) @ d.to_dense(torch.float32).T
+
+
+def pairwise_sparse_dot(a: SparseBatch, b: SparseBatch) -> torch.Tensor:
+    """Row with row: ``out[i] = sum_t a[i, t] * b[i, t]``, float32 of shape (len(a),)."""
+    _check_pair(a, b)
+    if len(a) != len(b):
+        raise ValueError(f"row counts differ: {len(a)} vs {len(b)}")
+    return (a.to_dense(torch.float32) * b.to_dense(torch.float32)).sum(1)
+
+
+def sparse_search(queries: SparseBatch, docs: SparseBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k documents by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
+
+    Scores descending, ties to the lower document id. With fewer than k documents the tail is padded with
+    score -inf and id -1. Documents sharing no dimension with the query score 0 and are ranked like any other.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    scores = sparse_dot(queries, docs)
+    kk = min(k, len(docs))
+    top_scores, top_ids = topk(scores, kk, dim=1)
+    pad = k - kk
+    if pad:
+        top_scores = torch.cat([top_scores, top_scores.new_full((len(queries), pad), -math.inf)], 1)
+        top_ids = torch.cat([top_ids, top_ids.new_full((len(queries), pad), -1)], 1)
+    return top_scores, top_ids
+
+
+# ---- top-k -------------------------------------------------------------------------------------------------------
+
+
+def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True,
+         sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (or smallest) entries along ``dim``: (values, int64 indices).
+
+    Values come out ordered (descending for largest, ascending otherwise), equal values by increasing index, NaN
+    ranked above +inf. ``sorted=False`` allows any order of the same selection; this definition always sorts.
+    """
+    n = x.shape[dim] if x.dim() else 1
+    if not 0 <= k <= n:
+        raise ValueError(f"k must lie in [0, {n}], got {k}")
+    # A stable sort keeps equal values in index order; torch.sort ranks NaN above every number.
+    values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
+def topk_sparsify(x: torch.Tensor, k: int, by: str = "value") -> torch.Tensor:
+    """Keeps the k largest entries of each row (last dimension) of ``x``, by ``value`` or by ``abs``, zeroing the
+    rest. Differentiable: the gradient reaches the kept entries only. Ties to the lower index."""
+    if by not in ("value", "abs"):
+        raise ValueError(f"by must be 'value' or 'abs', got {by!r}")
+    k = min(k, x.shape[-1])
+    score = x.detach().abs() if by == "abs" else x.detach()
+    _, idx = topk(score, k, dim=-1)
+    mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+    return x * mask
+
+
+# ---- k-means and coupled quantization -------------------------------------------------------------------------
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (squared Euclidean distance, float32) for each row of x; ties to the lower
+    index. x: (n, c), centroids: (K, c) -> int64 (n,)."""
+    dist = (x.float()[:, None, :] - centroids.float()[None, :, :]).pow(2).sum(-1)
+    return dist.argmin(1)  # argmin returns the first minimum
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Tensor | None = None,
+           init: str = "k-means++", seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with optional per-row weights; returns float32 centroids (n_clusters, c).
+
+    ``init="k-means++"`` samples seeds with probability proportional to weight x squared distance to the chosen
+    seeds; ``"random"`` takes distinct random rows. A cluster that loses all its points keeps its centroid.
+    With fewer rows than clusters the missing centroids repeat the last seed.
+    """
+    x = x.float()
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("kmeans needs at least one row")
+    w = torch.ones(n) if weights is None else weights.float().reshape(n).cpu()
+    gen = torch.Generator().manual_seed(seed)
+    xc = x.cpu()
+    if init == "random":
+        seeds = torch.randperm(n, generator=gen)[:n_clusters]
+    elif init == "k-means++":
+        first = int(torch.multinomial(w / w.sum() if w.sum() > 0 else torch.ones(n) / n, 1, generator=gen))
+        seeds = [first]
+        d2 = (xc - xc[first]).pow(2).sum(1)
+        for _ in range(1, min(n_clusters, n)):
+            p = d2 * w
+            if float(p.sum()) <= 0:
+                break
+            nxt = int(torch.multinomial(p / p.sum(), 1, generator=gen))
+            seeds.append(nxt)
+            d2 = torch.minimum(d2, (xc - xc[nxt]).pow(2).sum(1))
+        seeds = torch.tensor(seeds)
+    else:
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    centroids = xc[seeds]
+    if centroids.shape[0] < n_clusters:
+        centroids = torch.cat([centroids, centroids[-1:].expand(n_clusters - centroids.shape[0], -1)])
+    for _ in range(iters):
+        assign = nearest_centroid(xc, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, xc * w[:, None])
+        mass = torch.zeros(n_clusters).index_add_(0, assign, w)
+        moved = mass > 0
+        centroids[moved] = sums[moved] / mass[moved, None]
+    return centroids.to(x.device)
+
+
+def cq_code_dtype(n_centroids: int) -> torch.dtype:
+    """uint8 codes for up to 256 centroids per group, int16 above (bits <= 15)."""
+    return torch.uint8 if n_centroids <= 256 else torch.int16
+
+
+def cq_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Coupled-quantization encode. x: (..., channels); codebooks: (groups, K, g) with channels = groups * g.
+    Returns codes (..., groups) of ``cq_code_dtype(K)``: per group, the nearest centroid, ties to the lower code."""
+    groups, n_centroids, g = codebooks.shape
+    if x.shape[-1] != groups * g:
+        raise ValueError(f"x has {x.shape[-1]} channels, codebooks cover {groups} x {g}")
+    xs = x.reshape(-1, groups, g)
+    codes = torch.stack([nearest_centroid(xs[:, j], codebooks[j]) for j in range(groups)], 1)
+    return codes.reshape(*x.shape[:-1], groups).to(cq_code_dtype(n_centroids))
+
+
+def cq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``cq_encode``: codes (..., groups) -> (..., groups * g) in the codebooks' dtype."""
+    groups, _, g = codebooks.shape
+    flat = codes.reshape(-1, groups).long()
+    out = torch.stack([codebooks[j][flat[:, j]] for j in range(groups)], 1)
+    return out.reshape(*codes.shape[:-1], groups * g)
+
+
+def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_codebooks: torch.Tensor,
+                 v_codebooks: torch.Tensor, k_recent: torch.Tensor | None = None,
+                 v_recent: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                 scale: float | None = None) -> torch.Tensor:
+    """Decode-step attention over a coupled-quantized history plus a full-precision window of recent tokens.
+
+    Shapes (B batch, Hq query heads, Hkv key/value heads dividing Hq, D head dim, G = D / g groups per head):
+      q (B, Hq, Tq, D); k_codes, v_codes (B, Hkv, T, G); k_codebooks, v_codebooks (Hkv * G, K, g), i.e. the
+      quantizer over the Hkv * D channels of a token, heads outermost; k_recent, v_recent (B, Hkv, W, D);
+      lengths (B,) int: how many of the T coded tokens of each sequence are real (the rest is padding).
+    The sequence is [coded tokens, recent tokens]; the Tq queries are its last Tq tokens, so query t sees every
+    coded token and the recent tokens up to its own position (causal among themselves). Query head h reads
+    key/value head h // (Hq / Hkv). Returns float32 (B, Hq, Tq, D) = softmax(q K^T * scale) V with K, V decoded.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k_codes.shape[1], k_codes.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    def dequant(codes, books):
+        tokens = codes.permute(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, Hkv * G)
+        return cq_decode(tokens, books).float().reshape(B, T, Hkv, D).permute(0, 2, 1, 3)
+
+    keys, vals = dequant(k_codes, k_codebooks), dequant(v_codes, v_codebooks)
+    W = 0
+    if k_recent is not None:
+        W = k_recent.shape[2]
+        keys = torch.cat([keys, k_recent.float()], 2)
+        vals = torch.cat([vals, v_recent.float()], 2)
+    rep = Hq // Hkv
+    keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+    scores = (q.float() @ keys.transpose(-1, -2)) * scale  # (B, Hq, Tq, T + W)
+    lengths = torch.full((B,), T) if lengths is None else lengths.cpu()
+    pos = torch.arange(T + W)
+    coded_ok = (pos[None, :] < lengths[:, None]) | (pos[None, :] >= T)  # (B, T + W)
+    # Query t sits at window position W - Tq + t; it may not see later window positions.
+    qpos = T + W - Tq + torch.arange(Tq)
+    causal = pos[None, :] <= qpos[:, None]  # (Tq, T + W)
+    allowed = coded_ok[:, None, None, :] & causal[None, None, :, :]
+    scores = scores.masked_fill(~allowed.to(scores.device), -math.inf)
+    return torch.softmax(scores, -1) @ vals
