@@ -2,13 +2,14 @@
 import torch  # loads libtorch before our extension
 
 from . import _C  # registers torch.ops.sparse_retrieval.*
-from . import datasets, reference
+from . import datasets, losses, metrics, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
+from .sae import CSRLoss, SparseAutoEncoder
 from .sparse import SparseBatch
 
 __version__ = _C.__version__
 
 __all__ = [
-    "SparseBatch", "build_info", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
-    "supported_simd_levels",
+    "CSRLoss", "SparseAutoEncoder", "SparseBatch", "build_info", "datasets", "get_simd_level", "losses", "metrics",
+    "reference", "set_simd_level", "simd_level", "supported_simd_levels",
 ]

