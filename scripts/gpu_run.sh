@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# For a lent GPU machine (no package registry there): builds against the torch already installed, runs the whole
+# test suite (CUDA tests included) and the benchmarks (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
+#   bash scripts/gpu_run.sh OUTDIR [bench names, default: all bench/bench_*.py]
+set -uo pipefail
+out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
+shift
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+cd "$root"
+rm -rf dist/gpu
+SPARSE_RETRIEVAL_CUDA=ON TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+  python3 -m pip wheel -q --no-build-isolation --no-deps -w dist/gpu . -C build-dir=build/gpu > "$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
+python3 -m pip install -q --no-deps --force-reinstall dist/gpu/sparse_retrieval-*.whl >> "$out/build.log" 2>&1
+(cd tests && python3 -m pytest -q -rs > "$out/tests.log" 2>&1)
+echo "tests: $(tail -1 "$out/tests.log")"
+benches=("$@")
+[ ${#benches[@]} -gt 0 ] || benches=($(cd bench && ls bench_*.py | sed 's/\.py$//'))
+for b in "${benches[@]}"; do
+  (cd bench && timeout 300 python3 "$b.py" > "$out/$b.log" 2>&1) || echo "$b failed or timed out"
+done
+cp -r bench/results "$out/results" 2>/dev/null
+for b in "${benches[@]}"; do echo "== $b"; tail -25 "$out/$b.log"; done

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv (torch, build tools, the package built as a wheel) and runs the test suite against the installed
+# package. Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+# Run from tests/ so that the installed wheel is imported, never the source folder.
+cd "$SR_ROOT/tests"
+"$SR_PY" -c "import sparse_retrieval as sr; print(sr.build_info())"
+"$SR_PY" -m pytest -q "$@"
