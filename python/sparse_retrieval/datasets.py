@@ -13,14 +13,15 @@ def _popularity(dim: int, exponent: float, gen: torch.Generator) -> torch.Tensor
     return (p / p.sum())[torch.randperm(dim, generator=gen)]
 
 
-def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator, chunk: int = 65536) -> tuple:
+def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator, chunk: int = 8192) -> tuple:
     dim = cdf.numel()
     idx_parts, counts_parts = [], []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        # Row lengths vary like real encoders' (log-normal around the mean), at least 1, at most dim.
-        target = torch.exp(torch.randn(m, generator=gen, dtype=torch.float64) * 0.35) * mean_nnz
-        target = target.round().clamp_(1, dim).long()
+        # Row lengths vary like real encoders' (log-normal with mean mean_nnz), at least 1, at most dim.
+        sigma = 0.35
+        target = torch.exp(torch.randn(m, generator=gen, dtype=torch.float64) * sigma - sigma**2 / 2) * mean_nnz
+        target = target.round().clamp_(min(1, mean_nnz), dim).long()
         draws = int(target.max()) * 2 + 16
         cols = torch.searchsorted(cdf, torch.rand(m, draws, generator=gen, dtype=torch.float64)).clamp_(max=dim - 1)
         # Keep each row's first `target` distinct columns (in draw order), then sort them.
