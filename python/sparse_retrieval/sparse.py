@@ -298,10 +298,13 @@ class SparseBatch:
 
     def to_torch(self, layout: torch.layout = torch.sparse_csr) -> torch.Tensor:
         if layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(self.indptr, self.indices.long(), self.values, size=self.shape)
+            # Already validated (unless built with check=False); passing the flag also silences torch's warning.
+            return torch.sparse_csr_tensor(self.indptr, self.indices.long(), self.values, size=self.shape,
+                                           check_invariants=False)
         if layout == torch.sparse_coo:
             idx = torch.stack([self.row_ids(), self.indices.long()])
-            return torch.sparse_coo_tensor(idx, self.values, size=self.shape, is_coalesced=True)
+            return torch.sparse_coo_tensor(idx, self.values, size=self.shape, is_coalesced=True,
+                                           check_invariants=False)
         raise ValueError(f"layout: expected torch.sparse_csr or torch.sparse_coo, got {layout}")
 
     def to_scipy(self):
