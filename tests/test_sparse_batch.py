@@ -133,7 +133,8 @@ def test_torch_coo_uncoalesced_with_duplicates(dtype):
     rows = rng.integers(0, n - 2, nnz)  # the last two rows stay empty
     cols = rng.integers(0, dim, nnz)  # many (row, col) pairs repeat
     vals = np.round(rng.uniform(0.125, 2, nnz) * 8) / 8
-    t = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals).to(dtype), (n, dim))
+    t = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals).to(dtype), (n, dim),
+                                check_invariants=True)
     assert not t.is_coalesced()
     b = SparseBatch.from_torch(t)
     expected = sp.coo_matrix((vals, (rows, cols)), shape=(n, dim)).tocsr()
