@@ -1,6 +1,9 @@
 """Synthetic data with the statistics of real learned sparse embeddings."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .sparse import SparseBatch
@@ -49,11 +52,16 @@ def synthetic_splade(n_docs: int, n_queries: int, dim: int = 30522, doc_nnz: int
     row lengths are log-normal around ``doc_nnz`` / ``query_nnz``, weights are positive and skewed. Indices are
     int32 and sorted, values float32, both on the CPU. Deterministic for a given ``seed``.
     """
-    for name, v in (("n_docs", n_docs), ("n_queries", n_queries), ("doc_nnz", doc_nnz), ("query_nnz", query_nnz)):
-        if v < 0:
+    for name, v in (("n_docs", n_docs), ("n_queries", n_queries), ("doc_nnz", doc_nnz), ("query_nnz", query_nnz),
+                    ("dim", dim), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < 0 and name != "seed":
             raise ValueError(f"{name} must be >= 0, got {v}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
+    if not (isinstance(zipf_exponent, (int, float)) and 0 <= zipf_exponent < math.inf):
+        raise ValueError(f"zipf_exponent must be a finite number >= 0, got {zipf_exponent!r}")
     gen = torch.Generator().manual_seed(seed)
     cdf = torch.cumsum(_popularity(dim, zipf_exponent, gen), 0)
     cdf[-1] = 1.0
