@@ -361,11 +361,11 @@ def _check_layout(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 
 def _row_starts(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """Boolean mask over non-zeros marking the first entry of each row."""
-    start = torch.zeros(nnz, dtype=torch.bool, device=indptr.device)
-    first = indptr[:-1][indptr[1:] > indptr[:-1]]
-    start[first] = True
-    return start
+    """Boolean mask over non-zeros marking the first entry of each row (no host sync: an empty row's pointer is
+    the next row's start, or lands in the spare last slot)."""
+    start = torch.zeros(nnz + 1, dtype=torch.bool, device=indptr.device)
+    start[indptr[:-1]] = True
+    return start[:nnz]
 
 
 def _check_sorted(indptr: torch.Tensor, indices: torch.Tensor) -> None:
