@@ -155,7 +155,7 @@ def test_from_torch_rejects():
         SparseBatch.from_torch(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="2 dimensions"):
         SparseBatch.from_torch(torch.zeros(2, 3, 4).to_sparse_coo())
-    hybrid = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2, 3), (2, 3))
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2, 3), (2, 3), check_invariants=True)
     with pytest.raises(ValueError, match="hybrid"):
         SparseBatch.from_torch(hybrid)
     with pytest.raises(TypeError, match="values"):
@@ -528,3 +528,11 @@ def test_sort_rejects_what_it_cannot_fix():
         SparseBatch(*csr([0, 2, 1, 3], [1, 1, 2]), sort=True)
     with pytest.raises(ValueError, match="non-finite"):  # float16 duplicates that overflow when summed
         SparseBatch(*csr([0, 2], [1, 1], [60000.0, 60000.0], dtype=torch.float16), sort=True)
+
+
+def test_dense_conversions_carry_gradients():
+    """SPLADE training sparsifies dense activations: from_dense/to_dense must keep the autograd graph."""
+    x = torch.tensor([[0.0, 2.0, -1.0, 3.0], [0.5, 0.0, 0.0, 0.0]], requires_grad=True)
+    b = SparseBatch.from_dense(x, k=2)
+    (b.to_dense() * torch.arange(1.0, 9.0).reshape(2, 4)).sum().backward()
+    assert x.grad.tolist() == [[0.0, 2.0, 0.0, 4.0], [5.0, 0.0, 0.0, 0.0]]
