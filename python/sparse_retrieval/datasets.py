@@ -31,9 +31,10 @@ def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator,
         cols, order = torch.sort(cols, dim=1, stable=True)
         fresh = torch.ones_like(cols, dtype=torch.bool)
         fresh[:, 1:] = cols[:, 1:] != cols[:, :-1]
-        first_draw = torch.where(fresh, order, torch.full_like(order, draws))
-        rank = torch.argsort(torch.argsort(first_draw, dim=1), dim=1)
-        keep = fresh & (rank < target[:, None])
+        # In draw order: is this draw a column's first appearance, and how many first appearances so far?
+        new = torch.zeros_like(fresh).scatter_(1, order, fresh)
+        kept = new & (torch.cumsum(new, 1) <= target[:, None])
+        keep = kept.gather(1, order)
         counts_parts.append(keep.sum(1))
         idx_parts.append(cols[keep])
     return torch.cat(idx_parts), torch.cat(counts_parts)
