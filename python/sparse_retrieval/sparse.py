@@ -206,7 +206,7 @@ class SparseBatch:
             raise ValueError("x: contains NaN or Inf")
         keep = x != 0
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
                 raise ValueError(f"k: expected an int >= 0, got {k!r}")
             from . import reference
             kk = min(k, x.shape[1])
