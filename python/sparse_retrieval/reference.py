@@ -84,7 +84,7 @@ def topk_sparsify(x: torch.Tensor, k: int, by: str = "value") -> torch.Tensor:
     score = x.detach().abs() if by == "abs" else x.detach()
     _, idx = topk(score, k, dim=-1)
     mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
-    return x * mask
+    return x.masked_fill(~mask, 0)  # not x * mask: -inf * 0 would be NaN
 
 
 # ---- k-means and coupled quantization -------------------------------------------------------------------------
@@ -109,6 +109,8 @@ def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Ten
     n = x.shape[0]
     if n == 0:
         raise ValueError("kmeans needs at least one row")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     w = torch.ones(n) if weights is None else weights.float().reshape(n).cpu()
     gen = torch.Generator().manual_seed(seed)
     xc = x.cpu()
