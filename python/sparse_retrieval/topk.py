@@ -108,6 +108,8 @@ def topk_sparsify(x: torch.Tensor, k: int, by: str = "value", as_sparse: bool = 
         raise ValueError(f"by: expected 'value' or 'abs', got {by!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES + (torch.float64,):
+        raise TypeError(f"x: dtype {x.dtype} is not supported (expected float32, float16, bfloat16 or float64)")
     if x.dim() < 1:
         raise ValueError("x: expected at least one dimension")
     if as_sparse and x.dim() != 2:
