@@ -88,6 +88,17 @@ def test_adversarial_orders(simd):
             check(x, k, largest=False)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_threshold(simd, kind):
+    """Large k on long rows starts from a sampled threshold; ties and NaN make it fail and fall back."""
+    gen = torch.Generator().manual_seed(29)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make((2, 20_011), dtype, kind, gen)
+        for k in (150, 300):
+            check(x, k)
+            check(x, k, largest=False)
+
+
 def test_one_million_and_many_rows():
     gen = torch.Generator().manual_seed(5)
     check(make((1, 1_000_000), torch.float32, "special", gen), 100)
