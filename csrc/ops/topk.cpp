@@ -18,17 +18,13 @@ using sr::cpu::TopkDtype;
 // of at least this size.
 constexpr int64_t kMinWork = 1 << 15;
 
-TopkDtype kernel_dtype(at::ScalarType st) {
-  return st == at::kHalf ? TopkDtype::Float16 : st == at::kBFloat16 ? TopkDtype::BFloat16 : TopkDtype::Float32;
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& x, int64_t k, int64_t dim, bool largest,
                                             bool sorted) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "topk: x must be a CPU tensor here, got ", x.device());
   sr::ops::TopkProblem p = sr::ops::topk_prepare(x, k, dim);
   if (p.k == 0 || p.rows == 0) return sr::ops::topk_result(p);
 
-  const TopkDtype dtype = kernel_dtype(p.src.scalar_type());
+  const TopkDtype dtype = sr::ops::topk_dtype(p.src.scalar_type());
   const int64_t n = p.n, rows = p.rows, es = p.src.element_size();
   const char* src = static_cast<const char*>(p.src.data_ptr());
   char* values = static_cast<char*>(p.values.data_ptr());

@@ -6,6 +6,8 @@
 
 #include <tuple>
 
+#include "kernels/cpu/topk.h"
+
 namespace sr::ops {
 
 struct TopkProblem {
@@ -15,6 +17,11 @@ struct TopkProblem {
   int64_t rows = 0, n = 0, k = 0, dim = 0;
   bool scalar_input = false;
 };
+
+inline sr::cpu::TopkDtype topk_dtype(at::ScalarType st) {
+  using sr::cpu::TopkDtype;
+  return st == at::kHalf ? TopkDtype::Float16 : st == at::kBFloat16 ? TopkDtype::BFloat16 : TopkDtype::Float32;
+}
 
 inline TopkProblem topk_prepare(const at::Tensor& x, int64_t k, int64_t dim) {
   const auto st = x.scalar_type();
