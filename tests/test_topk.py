@@ -48,17 +48,34 @@ def check(x, k, dim=-1, largest=True, sorted=True):
         torch.testing.assert_close(values, torch_values, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_rows_and_k(simd, dtype, kind):
+def rows_and_k(dtype, kind, device="cpu"):
     gen = torch.Generator().manual_seed(hash((dtype, kind)) % 1000)
     for rows, n in [(1, 1), (3, 7), (5, 33), (2, 129), (7, 1000), (1, 4097)]:
-        x = make((rows, n), dtype, kind, gen)
+        x = make((rows, n), dtype, kind, gen, device)
         for k in sorted({0, 1, min(2, n), n // 3, n - 1, n}):
             for largest in (True, False):
                 check(x, k, largest=largest)
         check(x, n // 2, largest=True, sorted=False)
         check(x, n // 2, largest=False, sorted=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_and_k(simd, dtype, kind):
+    rows_and_k(dtype, kind)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_rows_and_k(dtype, kind):
+    rows_and_k(dtype, kind, "cuda")
+    # Long rows split over several blocks; ties make the index passes run.
+    gen = torch.Generator().manual_seed(31)
+    for shape, k in [((1, 1_000_003), 100), ((3, 70_001), 2000), ((300, 2049), 64)]:
+        x = make(shape, dtype, kind, gen, "cuda")
+        check(x, k)
+        check(x, k, largest=False, sorted=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)
