@@ -124,4 +124,4 @@ def topk_sparsify(x: torch.Tensor, k: int, by: str = "value", as_sparse: bool = 
         idx = idx.sort(dim=-1)[0]
         indptr = torch.arange(x.shape[0] + 1, device=x.device) * k
         return SparseBatch(indptr, idx.reshape(-1), x.gather(-1, idx).reshape(-1), x.shape[1], check=False)
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
