@@ -74,24 +74,6 @@ def _topk_fake(x, k, dim=-1, largest=True, sorted=True):
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
-def _topk_setup_context(ctx, inputs, output):
-    x, _, dim = inputs[:3]
-    ctx.shape = x.shape
-    ctx.dim = dim
-    ctx.save_for_backward(output[1])
-
-
-def _topk_backward(ctx, grad_values, grad_indices):
-    (indices,) = ctx.saved_tensors
-    if len(ctx.shape) == 0:
-        return grad_values.reshape(ctx.shape) if indices.numel() else grad_values.new_zeros(()), None, None, None, None
-    grad = grad_values.new_zeros(ctx.shape).scatter(ctx.dim, indices, grad_values)
-    return grad, None, None, None, None
-
-
-torch.library.register_autograd("sparse_retrieval::topk", _topk_backward, setup_context=_topk_setup_context)
-
-
 def topk_sparsify(x: torch.Tensor, k: int, by: str = "value", as_sparse: bool = False):
     """Keeps the k largest entries of each row (last dimension) of x, by ``value`` or by ``abs``, and zeros the
     rest; ties go to the lower index. The top-k activation of a sparse autoencoder: differentiable, the gradient
