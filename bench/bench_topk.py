@@ -4,7 +4,7 @@ CPU: the issue's shapes at 1 thread and at all threads (numpy is single-threaded
 the issue's GPU shapes, with achieved GB/s (input bytes / time) against the device's measured copy bandwidth.
 Data: standard normal float32 (--dtype to change). Every method's values are checked against torch.topk's.
 
-    python bench/bench_topk.py            # all shapes (about 2-3 minutes on 2 cores)
+    python bench/bench_topk.py            # all shapes (under a minute on 2 cores)
     python bench/bench_topk.py --quick    # smaller repeat counts
 """
 from __future__ import annotations
@@ -58,6 +58,26 @@ def run_cpu(dtype: torch.dtype, repeats: int, thread_counts: list[int]) -> list[
     return rows_out
 
 
+def run_sparsify(repeats: int, threads: int) -> list[dict]:
+    """The sparse-autoencoder activation: (1024, 16384) float32, k = 32, forward and forward + backward, against
+    torch.topk + scatter."""
+    x = torch.randn(1024, 16384, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+    def torch_sparsify(t, k):
+        values, indices = torch.topk(t, k)
+        return torch.zeros_like(t).scatter_(-1, indices, values)
+
+    out = []
+    with common.threads(threads):
+        for name, fn in {"sparse_retrieval": sr.topk_sparsify, "torch.topk": torch_sparsify}.items():
+            for mode, call in {"forward": lambda: fn(x, 32),
+                               "forward+backward": lambda: fn(x, 32).sum().backward()}.items():
+                m = common.measure(call, warmup=1, repeats=repeats)
+                out.append({"threads": threads, "pass": mode, "method": name, "median_s": m["median"],
+                            "min_s": m["min"]})
+    return out
+
+
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB: bytes read + written per second."""
     src = torch.empty(2**28, dtype=torch.float32, device="cuda")
@@ -90,16 +110,22 @@ def main() -> None:
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU shapes even when CUDA is available")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else 11
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
 
     results = run_cpu(dtype, repeats, thread_counts)
     key = lambda r: (r["device"], r["threads"], r["rows"], r["n"], r["k"])  # noqa: E731
     common.add_ratios(results, key, baseline="torch.topk", out_col="vs_torch")
-    cols = ["threads", "rows", "n", "k", "method", "median_s", "GB/s", "vs_torch"]
-    print(common.table(results, cols, title=f"CPU top-k, {args.dtype}, randn; vs_torch = torch.topk time / time"))
-    payload = {"dtype": args.dtype, "cpu": results}
+    cols = ["threads", "rows", "n", "k", "method", "median_s", "min_s", "GB/s", "vs_torch"]
+    print(common.table(results, cols, title=f"CPU top-k, {args.dtype}, randn; vs_torch = torch.topk time / time "
+                                            "(medians)"))
+    sparsify = [r for t in thread_counts for r in run_sparsify(repeats, t)]
+    common.add_ratios(sparsify, lambda r: (r["threads"], r["pass"]), baseline="torch.topk", out_col="vs_torch")
+    print()
+    print(common.table(sparsify, ["threads", "pass", "method", "median_s", "min_s", "vs_torch"],
+                       title="topk_sparsify (1024, 16384) float32, k=32, vs torch.topk + scatter"))
+    payload = {"dtype": args.dtype, "cpu": results, "sparsify": sparsify}
 
     if torch.cuda.is_available() and not args.no_gpu:
         gpu, peak = run_gpu(dtype, repeats)

@@ -89,9 +89,9 @@ class TopkFunction : public torch::autograd::Function<TopkFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t k, int64_t dim, bool largest,
                                bool sorted) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("sparse_retrieval::topk", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, bool, bool)>();
+    using Signature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, bool, bool);
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("sparse_retrieval::topk", "").typed<Signature>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [values, indices] = op.call(x, k, dim, largest, sorted);
     ctx->save_for_backward({indices});

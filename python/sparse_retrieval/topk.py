@@ -1,7 +1,8 @@
 """Top-k selection (``topk``) and the differentiable top-k sparsifier (``topk_sparsify``).
 
 ``topk`` is the op ``torch.ops.sparse_retrieval.topk`` (CPU SIMD and CUDA kernels) with input checks, ``out=``
-handling, a fake implementation for torch.compile and autograd. Its meaning is ``reference.topk``: values equal
+handling and a fake implementation for torch.compile; the op's autograd is registered in C++ (csrc/ops/topk.cpp),
+where it costs less per call than a Python autograd kernel. Its meaning is ``reference.topk``: values equal
 ``torch.topk``'s, equal values by increasing index, NaN above every number (so last when ``largest=False``).
 """
 from __future__ import annotations

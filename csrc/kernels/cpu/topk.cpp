@@ -100,7 +100,8 @@ inline int64_t push(uint32_t mask, Vec v, int64_t i, bool largest, uint64_t* buf
   code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), all);
   if (!largest) code = _mm512_xor_si512(code, all);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i low = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(i))), lane);
+  const int32_t first_low = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(i));
+  const __m512i low = _mm512_sub_epi32(_mm512_set1_epi32(first_low), lane);
   const __mmask16 m = static_cast<__mmask16>(mask);
   const __m512i c = _mm512_maskz_compress_epi32(m, code);
   const __m512i l = _mm512_maskz_compress_epi32(m, low);
