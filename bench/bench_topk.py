@@ -81,6 +81,22 @@ def run_sparsify(repeats: int, threads: int) -> list[dict]:
     return out
 
 
+def pivot(results: list[dict]) -> list[dict]:
+    """One row per (shape, threads): the three methods' median times and our speedups over the others."""
+    by_case: dict[tuple, dict] = {}
+    for r in results:
+        case = by_case.setdefault((r["rows"], r["n"], r["k"], r["threads"]), {})
+        case[r["method"]] = r
+    rows = []
+    for (n_rows, n, k, threads), m in by_case.items():
+        ours = m["sparse_retrieval"]["median_s"]
+        rows.append({"rows": n_rows, "n": n, "k": k, "threads": threads, "ours_ms": ours * 1e3,
+                     "torch_ms": m["torch.topk"]["median_s"] * 1e3, "numpy_ms": m["numpy"]["median_s"] * 1e3,
+                     "ours_GB/s": m["sparse_retrieval"]["GB/s"],
+                     "vs_torch": m["torch.topk"]["median_s"] / ours, "vs_numpy": m["numpy"]["median_s"] / ours})
+    return rows
+
+
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB: bytes read + written per second."""
     src = torch.empty(2**28, dtype=torch.float32, device="cuda")
@@ -117,12 +133,13 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
 
+    m = common.machine()
+    print(f"machine: {m['processor']}, {m['cores']} cores, torch {m['torch']}, SIMD {sr.get_simd_level()}, "
+          f"threads {thread_counts}\n")
     results = run_cpu(dtype, repeats, thread_counts)
-    key = lambda r: (r["device"], r["threads"], r["rows"], r["n"], r["k"])  # noqa: E731
-    common.add_ratios(results, key, baseline="torch.topk", out_col="vs_torch")
-    cols = ["threads", "rows", "n", "k", "method", "median_s", "min_s", "GB/s", "vs_torch"]
-    print(common.table(results, cols, title=f"CPU top-k, {args.dtype}, randn; vs_torch = torch.topk time / time "
-                                            "(medians)"))
+    print(common.table(pivot(results), ["rows", "n", "k", "threads", "ours_ms", "torch_ms", "numpy_ms", "ours_GB/s",
+                                        "vs_torch", "vs_numpy"],
+                       title=f"CPU top-k, {args.dtype}, randn (medians; vs_x = x's time / ours)"))
     sparsify = [r for t in thread_counts for r in run_sparsify(repeats, t)]
     common.add_ratios(sparsify, lambda r: (r["threads"], r["pass"]), baseline="torch.topk", out_col="vs_torch")
     print()
@@ -132,7 +149,7 @@ def main() -> None:
 
     if torch.cuda.is_available() and not args.no_gpu:
         gpu, peak = run_gpu(dtype, repeats)
-        common.add_ratios(gpu, key, baseline="torch.topk", out_col="vs_torch")
+        common.add_ratios(gpu, lambda r: (r["rows"], r["n"], r["k"]), baseline="torch.topk", out_col="vs_torch")
         print()
         print(common.table(gpu, ["rows", "n", "k", "method", "median_s", "GB/s", "of_copy_bw", "vs_torch"],
                            title=f"GPU top-k on {torch.cuda.get_device_name()}, {args.dtype}; copy bandwidth "
