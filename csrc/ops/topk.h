@@ -39,7 +39,7 @@ inline TopkProblem topk_prepare(const at::Tensor& x, int64_t k, int64_t dim) {
   TORCH_CHECK_VALUE(p.n < (int64_t{1} << 32), "topk: rows longer than 2^32 - 1 elements are not supported, got ",
                     p.n);
   p.k = k;
-  p.src = xt.movedim(p.dim, -1).contiguous();
+  p.src = (p.dim == xt.dim() - 1 ? xt : xt.movedim(p.dim, -1)).contiguous();
   p.rows = p.n > 0 ? p.src.numel() / p.n : 0;
   auto shape = p.src.sizes().vec();
   shape.back() = k;
