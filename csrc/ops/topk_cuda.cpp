@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& x, int64_t k, int
   const c10::cuda::CUDAGuard guard(x.device());
   sr::ops::TopkProblem p = sr::ops::topk_prepare(x, k, dim);
   if (p.k == 0 || p.rows == 0) return sr::ops::topk_result(p);
-  const size_t bytes = sr::cuda::topk_workspace_bytes(p.rows, p.k, sorted);
+  const size_t bytes = sr::cuda::topk_workspace_bytes(p.rows, p.n, p.k, sorted);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
   const cudaError_t err = sr::cuda::topk(p.src.data_ptr(), sr::ops::topk_dtype(p.src.scalar_type()), p.rows, p.n,
                                          p.k, largest, sorted, p.values.data_ptr(), p.indices.data_ptr<int64_t>(),

@@ -4,8 +4,13 @@
 // the keys sharing them are still needed. A pass histograms the next digit of the keys matching the prefix
 // (shared-memory histograms, merged with global atomics when several blocks share a row), then one block per row
 // picks the digit holding the k_rem-th key. A row is done once all keys of the chosen bucket are needed, usually
-// after the three value passes; the index passes only run for rows whose k-th value is tied. Then every key whose
-// masked bits are >= the prefix is selected: exactly k per row.
+// after the three value passes; the index passes only run for rows whose k-th value is tied.
+//
+// Only the first pass and one filtering pass read the whole row: the filter writes the keys above the first
+// pass's bucket straight to the output and copies the bucket's keys to a per-row candidate buffer, which the
+// later passes and the final gather read instead of the row. Rows whose bucket overflows the buffer (few
+// distinct leading bits, e.g. many ties) skip the filter and read the row in every pass. The gather then takes
+// every remaining key whose masked bits are >= the prefix: exactly k per row in all.
 #include "kernels/cuda/topk.h"
 
 #include <cuda_bf16.h>
@@ -28,6 +33,8 @@ constexpr int kWidth[kPasses] = {11, 11, 10, 11, 11, 10};
 struct RowState {
   unsigned long long prefix, mask;
   unsigned int k_rem, done;
+  unsigned int bucket;   // keys in the first pass's chosen bucket: the candidates
+  unsigned int use_buf;  // the candidates fit the buffer: later passes read it instead of the row
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -51,8 +58,11 @@ size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
 struct Workspace {
   RowState* state;
   unsigned int* hist;      // rows x kBins
-  unsigned int* counters;  // rows
+  unsigned int* counters;  // rows: keys written to the output so far
+  unsigned int* cand_count;  // rows: candidates written by the filter
   int64_t* offsets;        // rows + 1: segment bounds r * k
+  unsigned long long* cand;  // rows x cap candidate keys
+  int64_t cap;
   unsigned long long* keys;
   unsigned long long* sorted_keys;
   void* sort_temp;
@@ -60,7 +70,11 @@ struct Workspace {
   size_t total;
 };
 
-Workspace layout(void* base, int64_t rows, int64_t k, bool sorted) {
+// Candidates per row: room for a first-pass bucket of 1/16 of the row, or 16k, whichever is larger; none when
+// that is most of the row anyway.
+int64_t candidate_cap(int64_t n, int64_t k) { return 16 * k >= n ? 0 : std::max(16 * k, n / 16); }
+
+Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted) {
   Workspace w{};
   size_t off = 0;
   const auto take = [&](size_t bytes) {
@@ -71,7 +85,10 @@ Workspace layout(void* base, int64_t rows, int64_t k, bool sorted) {
   w.state = static_cast<RowState*>(take(rows * sizeof(RowState)));
   w.hist = static_cast<unsigned int*>(take(rows * kBins * sizeof(unsigned int)));
   w.counters = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
+  w.cand_count = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
   w.offsets = static_cast<int64_t*>(take((rows + 1) * sizeof(int64_t)));
+  w.cap = candidate_cap(n, k);
+  w.cand = static_cast<unsigned long long*>(take(rows * w.cap * sizeof(unsigned long long)));
   w.keys = static_cast<unsigned long long*>(take(rows * k * sizeof(unsigned long long)));
   w.sorted_keys = w.keys;
   if (sorted) {
@@ -87,32 +104,55 @@ Workspace layout(void* base, int64_t rows, int64_t k, bool sorted) {
   return w;
 }
 
-__global__ void init_kernel(RowState* state, unsigned int* counters, int64_t* offsets, int64_t rows, int64_t k) {
+__global__ void init_kernel(RowState* state, unsigned int* counters, unsigned int* cand_count, int64_t* offsets,
+                            int64_t rows, int64_t k) {
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r <= rows; r += int64_t{gridDim.x} * blockDim.x) {
     offsets[r] = r * k;
     if (r < rows) {
-      state[r] = RowState{0ull, 0ull, static_cast<unsigned int>(k), 0u};
+      state[r] = RowState{0ull, 0ull, static_cast<unsigned int>(k), 0u, 0u, 0u};
       counters[r] = 0;
+      cand_count[r] = 0;
     }
   }
 }
 
-// Block b handles part b % bpr (of `seg` elements) of row b / bpr.
+// The keys a block of a pass reads: part b % bpr of row b / bpr, from the row itself or, once the first pass
+// has filled it, from the row's candidate buffer.
 template <class T>
-__global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x, int64_t n, int64_t seg, int bpr,
-                                                       const RowState* __restrict__ state, unsigned int* hist,
-                                                       int shift, int width, bool largest) {
+struct KeySource {
+  const T* __restrict__ x;
+  int64_t n, seg;  // row length, elements per part
+  const unsigned long long* __restrict__ cand;
+  int64_t cap, cand_seg;  // buffer room per row, candidates per part
+  int bpr;
+  bool largest;
+
+  __device__ __forceinline__ void range(int64_t r, int64_t part, const RowState& s, bool from_buf, int64_t& lo,
+                                        int64_t& hi) const {
+    lo = part * (from_buf ? cand_seg : seg);
+    hi = from_buf ? min(static_cast<int64_t>(s.bucket), lo + cand_seg) : min(n, lo + seg);
+  }
+  __device__ __forceinline__ unsigned long long key(int64_t r, int64_t i, bool from_buf) const {
+    return from_buf ? cand[r * cap + i]
+                    : make_key(to_float(x[r * n + i]), static_cast<unsigned int>(i), largest);
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) hist_kernel(KeySource<T> src, const RowState* __restrict__ state,
+                                                       unsigned int* hist, int shift, int width) {
   __shared__ unsigned int h[kBins];
-  const int64_t r = blockIdx.x / bpr, part = blockIdx.x % bpr;
+  const int64_t r = blockIdx.x / src.bpr, part = blockIdx.x % src.bpr;
   const RowState s = state[r];
   if (s.done) return;
   for (int t = threadIdx.x; t < kBins; t += kThreads) h[t] = 0;
   __syncthreads();
-  const T* row = x + r * n;
-  const int64_t lo = part * seg, hi = min(n, lo + seg);
+  const bool from_buf = s.use_buf;
+  int64_t lo, hi;
+  src.range(r, part, s, from_buf, lo, hi);
   const unsigned int digit_mask = (1u << width) - 1;
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-    const unsigned long long key = make_key(to_float(row[i]), static_cast<unsigned int>(i), largest);
+    const unsigned long long key = src.key(r, i, from_buf);
     if ((key & s.mask) == s.prefix) atomicAdd(&h[(key >> shift) & digit_mask], 1u);
   }
   __syncthreads();
@@ -122,9 +162,37 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
   }
 }
 
+// After the first pass, where the row's bucket fits the buffer: keys above the bucket go to the output, keys in
+// it to the candidate buffer (in any order; each is found again by its index bits).
+template <class T>
+__global__ void __launch_bounds__(kThreads) filter_kernel(KeySource<T> src, const RowState* __restrict__ state,
+                                                         unsigned long long* cand_out, unsigned int* cand_count,
+                                                         unsigned int* counters, unsigned long long* keys,
+                                                         int64_t k) {
+  const int64_t r = blockIdx.x / src.bpr, part = blockIdx.x % src.bpr;
+  const RowState s = state[r];
+  if (!s.use_buf) return;
+  int64_t lo, hi;
+  src.range(r, part, s, false, lo, hi);
+  unsigned long long* cand = cand_out + r * src.cap;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const unsigned long long key = src.key(r, i, false);
+    const unsigned long long m = key & s.mask;
+    if (m > s.prefix) {
+      const unsigned int slot = atomicAdd(&counters[r], 1u);
+      if (slot < k) keys[r * k + slot] = key;
+    } else if (m == s.prefix) {
+      const unsigned int slot = atomicAdd(&cand_count[r], 1u);
+      if (slot < src.cap) cand[slot] = key;
+    }
+  }
+}
+
 // One block per row: finds the digit holding the k_rem-th best matching key, updates the state, clears the
-// histogram for the next pass.
-__global__ void __launch_bounds__(kThreads) choose_kernel(RowState* state, unsigned int* hist, int shift, int width) {
+// histogram for the next pass. After the first pass it also records the bucket's size and whether it fits the
+// `cap` candidates of the buffer.
+__global__ void __launch_bounds__(kThreads) choose_kernel(RowState* state, unsigned int* hist, int shift, int width,
+                                                         bool first, int64_t cap) {
   using Scan = cub::BlockScan<unsigned int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int64_t r = blockIdx.x;
@@ -149,6 +217,8 @@ __global__ void __launch_bounds__(kThreads) choose_kernel(RowState* state, unsig
         next.mask = s.mask | (static_cast<unsigned long long>((1u << width) - 1) << shift);
         next.k_rem = s.k_rem - above;
         next.done = c[j] == next.k_rem;
+        next.bucket = first ? c[j] : s.bucket;
+        next.use_buf = first ? c[j] <= cap : s.use_buf;
         state[r] = next;
         break;
       }
@@ -158,16 +228,19 @@ __global__ void __launch_bounds__(kThreads) choose_kernel(RowState* state, unsig
   for (int j = 0; j < kBinsPerThread; ++j) h[kBins - 1 - (threadIdx.x * kBinsPerThread + j)] = 0;
 }
 
+// Takes every key whose masked bits are >= the prefix, from the candidates (the keys above them are already out)
+// or from the row.
 template <class T>
-__global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ x, int64_t n, int64_t seg, int bpr,
-                                                         const RowState* __restrict__ state, unsigned int* counters,
-                                                         unsigned long long* keys, int64_t k, bool largest) {
-  const int64_t r = blockIdx.x / bpr, part = blockIdx.x % bpr;
+__global__ void __launch_bounds__(kThreads) gather_kernel(KeySource<T> src, const RowState* __restrict__ state,
+                                                         unsigned int* counters, unsigned long long* keys,
+                                                         int64_t k) {
+  const int64_t r = blockIdx.x / src.bpr, part = blockIdx.x % src.bpr;
   const RowState s = state[r];
-  const T* row = x + r * n;
-  const int64_t lo = part * seg, hi = min(n, lo + seg);
+  const bool from_buf = s.use_buf;
+  int64_t lo, hi;
+  src.range(r, part, s, from_buf, lo, hi);
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-    const unsigned long long key = make_key(to_float(row[i]), static_cast<unsigned int>(i), largest);
+    const unsigned long long key = src.key(r, i, from_buf);
     if ((key & s.mask) >= s.prefix) {
       const unsigned int slot = atomicAdd(&counters[r], 1u);
       if (slot < k) keys[r * k + slot] = key;
@@ -202,13 +275,20 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
   const int64_t blocks = rows * bpr;
   if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
 
-  init_kernel<<<grid_for(rows + 1, kThreads), kThreads, 0, stream>>>(w.state, w.counters, w.offsets, rows, k);
+  const KeySource<T> src{x, n, seg, w.cand, w.cap, (w.cap + bpr - 1) / bpr, bpr, largest};
+
+  init_kernel<<<grid_for(rows + 1, kThreads), kThreads, 0, stream>>>(w.state, w.counters, w.cand_count, w.offsets,
+                                                                     rows, k);
   cudaMemsetAsync(w.hist, 0, rows * kBins * sizeof(unsigned int), stream);
   for (int p = 0; p < kPasses; ++p) {
-    hist_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, seg, bpr, w.state, w.hist, kShift[p], kWidth[p], largest);
-    choose_kernel<<<rows, kThreads, 0, stream>>>(w.state, w.hist, kShift[p], kWidth[p]);
+    hist_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.hist, kShift[p], kWidth[p]);
+    choose_kernel<<<rows, kThreads, 0, stream>>>(w.state, w.hist, kShift[p], kWidth[p], p == 0, w.cap);
+    if (p == 0) {
+      filter_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.cand, w.cand_count, w.counters, w.keys,
+                                                        k);
+    }
   }
-  gather_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, seg, bpr, w.state, w.counters, w.keys, k, largest);
+  gather_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.counters, w.keys, k);
   if (sorted) {
     size_t temp_bytes = w.sort_temp_bytes;
     const cudaError_t err = cub::DeviceSegmentedSort::SortKeysDescending(
@@ -222,12 +302,14 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
 
 }  // namespace
 
-size_t topk_workspace_bytes(int64_t rows, int64_t k, bool sorted) { return layout(nullptr, rows, k, sorted).total; }
+size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted) {
+  return layout(nullptr, rows, n, k, sorted).total;
+}
 
 cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
                  void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (rows <= 0 || k <= 0) return cudaSuccess;
-  const Workspace w = layout(workspace, rows, k, sorted);
+  const Workspace w = layout(workspace, rows, n, k, sorted);
   if (w.total > workspace_bytes) return cudaErrorInvalidValue;
   switch (dtype) {
     case TopkDtype::Float16:
