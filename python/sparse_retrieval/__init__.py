@@ -5,10 +5,11 @@ from . import _C  # registers torch.ops.sparse_retrieval.*
 from . import datasets, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
 from .sparse import SparseBatch
+from .topk import topk, topk_sparsify
 
 __version__ = _C.__version__
 
 __all__ = [
     "SparseBatch", "build_info", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
-    "supported_simd_levels",
+    "supported_simd_levels", "topk", "topk_sparsify",
 ]

@@ -70,6 +70,9 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True,
     n = x.shape[dim] if x.dim() else 1
     if not 0 <= k <= n:
         raise ValueError(f"k must lie in [0, {n}], got {k}")
+    if x.dim() == 0:  # a row of one; k=1 keeps the 0-dim shape as torch.topk does, k=0 gives shape (0,)
+        values, indices = topk(x.reshape(1), k, 0, largest)
+        return (values.reshape(()), indices.reshape(())) if k == 1 else (values, indices)
     # A stable sort keeps equal values in index order; torch.sort ranks NaN above every number.
     values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
     return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
