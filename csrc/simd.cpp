@@ -41,7 +41,12 @@ SimdLevel parse_level(const std::string& name) {
 SimdLevel initial_level() {
   const char* env = std::getenv("SPARSE_RETRIEVAL_SIMD");
   if (env == nullptr || *env == '\0') return detected_simd();
-  SimdLevel level = parse_level(env);
+  SimdLevel level;
+  try {
+    level = parse_level(env);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("SPARSE_RETRIEVAL_SIMD=") + env + ": " + e.what());
+  }
   if (!simd_supported(level)) {
     throw std::invalid_argument(std::string("SPARSE_RETRIEVAL_SIMD=") + env +
                                 " is not compiled into this build or not supported by this CPU");
@@ -49,10 +54,8 @@ SimdLevel initial_level() {
   return level;
 }
 
-std::atomic<int>& active() {
-  static std::atomic<int> level{static_cast<int>(initial_level())};
-  return level;
-}
+// -1 until the first use reads SPARSE_RETRIEVAL_SIMD, so that set_simd() also works when the variable is bad.
+std::atomic<int> g_active{-1};
 
 }  // namespace
 
@@ -89,14 +92,22 @@ SimdLevel detected_simd() {
   return SimdLevel::Scalar;
 }
 
-SimdLevel active_simd() { return static_cast<SimdLevel>(active().load(std::memory_order_relaxed)); }
+SimdLevel active_simd() {
+  int level = g_active.load(std::memory_order_relaxed);
+  if (level < 0) {
+    int unset = -1;
+    g_active.compare_exchange_strong(unset, static_cast<int>(initial_level()), std::memory_order_relaxed);
+    level = g_active.load(std::memory_order_relaxed);
+  }
+  return static_cast<SimdLevel>(level);
+}
 
 void set_simd(SimdLevel level) {
   if (!simd_supported(level)) {
     throw std::invalid_argument(std::string("SIMD level '") + simd_name(level) +
                                 "' is not compiled into this build or not supported by this CPU");
   }
-  active().store(static_cast<int>(level), std::memory_order_relaxed);
+  g_active.store(static_cast<int>(level), std::memory_order_relaxed);
 }
 
 SimdLevel simd_from_name(const std::string& name) { return parse_level(name); }

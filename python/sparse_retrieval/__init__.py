@@ -6,10 +6,11 @@ from . import datasets, losses, metrics, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
 from .sae import CSRLoss, SparseAutoEncoder
 from .sparse import SparseBatch
+from .topk import topk, topk_sparsify
 
 __version__ = _C.__version__
 
 __all__ = [
     "CSRLoss", "SparseAutoEncoder", "SparseBatch", "build_info", "datasets", "get_simd_level", "losses", "metrics",
-    "reference", "set_simd_level", "simd_level", "supported_simd_levels",
+    "reference", "set_simd_level", "simd_level", "supported_simd_levels", "topk", "topk_sparsify",
 ]

@@ -1,10 +1,6 @@
 """TEMPORARY shim (branch `losses`): the real topk/sparse_dot/index modules land on main in parallel.
 Deleted before the final commit."""
 try:
-    from .topk import topk_sparsify
-except ImportError:
-    from .reference import topk_sparsify
-try:
     from .sparse_dot import pairwise_sparse_dot, sparse_dot
 except ImportError:
     from .reference import pairwise_sparse_dot, sparse_dot

@@ -1,6 +1,9 @@
 """Synthetic data with the statistics of real learned sparse embeddings."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .sparse import SparseBatch
@@ -13,23 +16,25 @@ def _popularity(dim: int, exponent: float, gen: torch.Generator) -> torch.Tensor
     return (p / p.sum())[torch.randperm(dim, generator=gen)]
 
 
-def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator, chunk: int = 65536) -> tuple:
+def _sample_rows(n: int, mean_nnz: int, cdf: torch.Tensor, gen: torch.Generator, chunk: int = 8192) -> tuple:
     dim = cdf.numel()
     idx_parts, counts_parts = [], []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        # Row lengths vary like real encoders' (log-normal around the mean), at least 1, at most dim.
-        target = torch.exp(torch.randn(m, generator=gen, dtype=torch.float64) * 0.35) * mean_nnz
-        target = target.round().clamp_(1, dim).long()
+        # Row lengths vary like real encoders' (log-normal with mean mean_nnz), at least 1, at most dim.
+        sigma = 0.35
+        target = torch.exp(torch.randn(m, generator=gen, dtype=torch.float64) * sigma - sigma**2 / 2) * mean_nnz
+        target = target.round().clamp_(min(1, mean_nnz), dim).long()
         draws = int(target.max()) * 2 + 16
         cols = torch.searchsorted(cdf, torch.rand(m, draws, generator=gen, dtype=torch.float64)).clamp_(max=dim - 1)
         # Keep each row's first `target` distinct columns (in draw order), then sort them.
         cols, order = torch.sort(cols, dim=1, stable=True)
         fresh = torch.ones_like(cols, dtype=torch.bool)
         fresh[:, 1:] = cols[:, 1:] != cols[:, :-1]
-        first_draw = torch.where(fresh, order, torch.full_like(order, draws))
-        rank = torch.argsort(torch.argsort(first_draw, dim=1), dim=1)
-        keep = fresh & (rank < target[:, None])
+        # In draw order: is this draw a column's first appearance, and how many first appearances so far?
+        new = torch.zeros_like(fresh).scatter_(1, order, fresh)
+        kept = new & (torch.cumsum(new, 1) <= target[:, None])
+        keep = kept.gather(1, order)
         counts_parts.append(keep.sum(1))
         idx_parts.append(cols[keep])
     return torch.cat(idx_parts), torch.cat(counts_parts)
@@ -48,11 +53,16 @@ def synthetic_splade(n_docs: int, n_queries: int, dim: int = 30522, doc_nnz: int
     row lengths are log-normal around ``doc_nnz`` / ``query_nnz``, weights are positive and skewed. Indices are
     int32 and sorted, values float32, both on the CPU. Deterministic for a given ``seed``.
     """
-    for name, v in (("n_docs", n_docs), ("n_queries", n_queries), ("doc_nnz", doc_nnz), ("query_nnz", query_nnz)):
-        if v < 0:
+    for name, v in (("n_docs", n_docs), ("n_queries", n_queries), ("doc_nnz", doc_nnz), ("query_nnz", query_nnz),
+                    ("dim", dim), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < 0 and name != "seed":
             raise ValueError(f"{name} must be >= 0, got {v}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
+    if not (isinstance(zipf_exponent, (int, float)) and 0 <= zipf_exponent < math.inf):
+        raise ValueError(f"zipf_exponent must be a finite number >= 0, got {zipf_exponent!r}")
     gen = torch.Generator().manual_seed(seed)
     cdf = torch.cumsum(_popularity(dim, zipf_exponent, gen), 0)
     cdf[-1] = 1.0

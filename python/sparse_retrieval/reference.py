@@ -70,6 +70,9 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True,
     n = x.shape[dim] if x.dim() else 1
     if not 0 <= k <= n:
         raise ValueError(f"k must lie in [0, {n}], got {k}")
+    if x.dim() == 0:  # a row of one; k=1 keeps the 0-dim shape as torch.topk does, k=0 gives shape (0,)
+        values, indices = topk(x.reshape(1), k, 0, largest)
+        return (values.reshape(()), indices.reshape(())) if k == 1 else (values, indices)
     # A stable sort keeps equal values in index order; torch.sort ranks NaN above every number.
     values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
     return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
@@ -84,7 +87,7 @@ def topk_sparsify(x: torch.Tensor, k: int, by: str = "value") -> torch.Tensor:
     score = x.detach().abs() if by == "abs" else x.detach()
     _, idx = topk(score, k, dim=-1)
     mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
-    return x * mask
+    return x.masked_fill(~mask, 0)  # not x * mask: -inf * 0 would be NaN
 
 
 # ---- k-means and coupled quantization -------------------------------------------------------------------------
@@ -109,6 +112,8 @@ def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Ten
     n = x.shape[0]
     if n == 0:
         raise ValueError("kmeans needs at least one row")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     w = torch.ones(n) if weights is None else weights.float().reshape(n).cpu()
     gen = torch.Generator().manual_seed(seed)
     xc = x.cpu()

@@ -7,9 +7,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._deps import topk_sparsify
 from .losses import RegularizerScheduler, flops, info_nce
 from .sparse import SparseBatch
+from .topk import topk_sparsify
 
 __all__ = ["SAEOutput", "SparseAutoEncoder", "CSRLoss"]
 
@@ -141,7 +141,8 @@ class CSRLoss(torch.nn.Module):
     sentence-transformers).
 
     ``forward(model, anchors, positives=None)`` runs the model once on the concatenated batch (one step of
-    dead-latent accounting) and returns the scalar loss; ``last`` holds its float components.
+    dead-latent accounting) and returns the scalar loss; ``last`` holds its float components and ``last_output``
+    the model's :class:`SAEOutput` (anchors first), for extra terms on the same forward pass.
     """
 
     def __init__(self, k4_weight: float = 1 / 8, aux_weight: float = 1 / 32, contrastive_weight: float = 0.1,
@@ -159,6 +160,7 @@ class CSRLoss(torch.nn.Module):
             flops_weight = RegularizerScheduler(flops_weight)
         self.flops_weight = flops_weight
         self.last: dict[str, float] = {}
+        self.last_output: SAEOutput | None = None
 
     def forward(self, model: SparseAutoEncoder, anchors: torch.Tensor,
                 positives: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,6 +189,7 @@ class CSRLoss(torch.nn.Module):
         total = total + lam * l_flops
         if self.training:
             self.flops_weight.step()
-        self.last = {"flops": l_flops.item(), "flops_weight": lam, "recon_k": l_k.item(), "recon_4k": l_4k.item(), "aux": l_aux.item(),
-                     "contrastive": l_cl.item(), "dead": int(model.dead_mask.sum())}
+        self.last_output = out
+        self.last = {"recon_k": l_k.item(), "recon_4k": l_4k.item(), "aux": l_aux.item(), "contrastive": l_cl.item(),
+                     "flops": l_flops.item(), "flops_weight": lam, "dead": int(model.dead_mask.sum())}
         return total

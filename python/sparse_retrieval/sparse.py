@@ -1,12 +1,25 @@
 """`SparseBatch`: the one type for batches of sparse vectors (CSR), on CPU or CUDA."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Iterable, Sequence
 
 import torch
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _as_int(x, name: str) -> int:
+    """Python/numpy/0-d tensor integers (not bools, not floats) as int."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name}: expected an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError as exc:
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}") from exc
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -33,11 +46,7 @@ class SparseBatch:
         indptr = _as_tensor(indptr, "indptr")
         indices = _as_tensor(indices, "indices")
         values = _as_tensor(values, "values")
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            try:
-                dim = int(dim)
-            except Exception as exc:
-                raise TypeError(f"dim: expected an int, got {type(dim).__name__}") from exc
+        dim = _as_int(dim, "dim")
         if dim < 0:
             raise ValueError(f"dim: must be >= 0, got {dim}")
         if check or sort:
@@ -48,9 +57,10 @@ class SparseBatch:
             _check_sorted(indptr, indices)
         if check:
             _check_values(values)
-        self.indptr = indptr
-        self.indices = indices
-        self.values = values
+        # Kernels read raw pointers: keep the storage dense.
+        self.indptr = indptr.contiguous()
+        self.indices = indices.contiguous()
+        self.values = values.contiguous()
         self.dim = dim
 
     # ---- shape and storage -------------------------------------------------------------------------------------
@@ -92,7 +102,12 @@ class SparseBatch:
 
     def to(self, device=None, dtype: torch.dtype | None = None, index_dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "SparseBatch":
-        """Moves to ``device`` and/or casts values to ``dtype`` and indices to ``index_dtype``."""
+        """Moves to ``device`` and/or casts values to ``dtype`` and indices to ``index_dtype``.
+        A dtype as the first argument casts values, as ``Tensor.to(dtype)`` does."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to: dtype given twice")
+            device, dtype = None, device
         if dtype is not None and dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype: expected one of {VALUE_DTYPES}, got {dtype}")
         if index_dtype is not None and index_dtype not in INDEX_DTYPES:
@@ -115,15 +130,20 @@ class SparseBatch:
     def __getitem__(self, rows) -> "SparseBatch":
         """Row selection: an int, a slice (any step), or a sequence/tensor of row numbers or a boolean mask."""
         n = len(self)
-        if isinstance(rows, int):
-            if not -n <= rows < n:
-                raise IndexError(f"row {rows} out of range for {n} rows")
-            rows = slice(rows % n, rows % n + 1)
+        if isinstance(rows, torch.Tensor) and rows.dim() == 0:
+            rows = rows.item()
+        if isinstance(rows, bool):
+            raise IndexError("rows: a single bool is not a row number (use a boolean mask of one entry per row)")
+        if isinstance(rows, numbers.Integral):  # int, numpy integers
+            row = int(rows)
+            if not -n <= row < n:
+                raise IndexError(f"row {row} out of range for {n} rows")
+            rows = slice(row % n, row % n + 1)
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
             if step == 1:
                 stop = max(stop, start)
-                lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+                lo, hi = self.indptr[[start, stop]].tolist()
                 return SparseBatch(self.indptr[start:stop + 1] - lo, self.indices[lo:hi], self.values[lo:hi],
                                    self.dim, check=False)
             rows = torch.arange(start, stop, step, device=self.device)
@@ -132,11 +152,13 @@ class SparseBatch:
             if rows.shape != (n,):
                 raise IndexError(f"boolean row mask has shape {tuple(rows.shape)}, expected ({n},)")
             rows = rows.nonzero().flatten()
-        if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+        if rows.dim() != 1 or (rows.numel() and rows.dtype not in (torch.int32, torch.int64)):
             raise IndexError("rows: expected an int, a slice, a 1-D integer sequence or a boolean mask")
         rows = rows.long()
-        if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
-            raise IndexError(f"row numbers out of range for {n} rows")
+        if rows.numel():
+            lo, hi = torch.stack([rows.min(), rows.max()]).tolist()
+            if lo < -n or hi >= n:
+                raise IndexError(f"row numbers out of range for {n} rows (got {lo if lo < -n else hi})")
         rows = rows % max(n, 1)
         counts = self.row_nnz()[rows]
         indptr = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=self.device)
@@ -180,13 +202,16 @@ class SparseBatch:
             raise TypeError(f"x: dtype {x.dtype} is not one of {VALUE_DTYPES}")
         if by not in ("value", "abs"):
             raise ValueError(f"by: expected 'value' or 'abs', got {by!r}")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x: contains NaN or Inf")
         keep = x != 0
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
                 raise ValueError(f"k: expected an int >= 0, got {k!r}")
             from . import reference
             kk = min(k, x.shape[1])
-            score = x.abs() if by == "abs" else x
+            # Zeros rank below every non-zero, so a row with fewer than k non-zeros keeps all of them.
+            score = (x.abs() if by == "abs" else x).masked_fill(~keep, -math.inf)
             _, top = reference.topk(score, kk, dim=1)
             mask = torch.zeros_like(keep)
             mask.scatter_(1, top, True)
@@ -203,31 +228,38 @@ class SparseBatch:
             raise TypeError(f"t: expected a torch sparse tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"t: expected 2 dimensions, got shape {tuple(t.shape)}")
+        if t.layout in (torch.sparse_csr, torch.sparse_coo) and t.dense_dim() != 0:
+            raise ValueError(f"t: hybrid sparse tensors (dense_dim={t.dense_dim()}) are not supported")
         if t.layout == torch.sparse_csr:
             return cls(t.crow_indices().long(), t.col_indices(), t.values(), t.shape[1], sort=sort)
         if t.layout == torch.sparse_coo:
             t = t.coalesce()  # sorts by (row, col) and sums duplicates, as COO semantics define
             row, col = t.indices()
-            indptr = torch.zeros(t.shape[0] + 1, dtype=torch.int64, device=t.device)
-            torch.cumsum(torch.bincount(row, minlength=t.shape[0]), 0, out=indptr[1:])
-            return cls(indptr, col, t.values(), t.shape[1], sort=sort)
+            if row.numel():
+                lo, hi = row[[0, -1]].tolist()  # sorted by coalesce
+                if lo < 0 or hi >= t.shape[0]:
+                    raise ValueError(f"t: row index {lo if lo < 0 else hi} out of range for {t.shape[0]} rows")
+            return cls(_indptr_from_sorted_rows(row, t.shape[0]), col, t.values(), t.shape[1], sort=sort)
         raise ValueError(f"t: layout {t.layout} is not supported (use sparse_csr or sparse_coo, or from_dense)")
 
     @classmethod
     def from_scipy(cls, m, *, sort: bool = False, dtype: torch.dtype | None = None) -> "SparseBatch":
-        """From any 2-D scipy.sparse matrix or array (converted to CSR)."""
+        """From any 2-D scipy.sparse matrix or array (converted to CSR; duplicates of COO input are summed).
+        The batch owns copies of the arrays, so later changes to ``m`` do not reach it."""
         import numpy as np
         import scipy.sparse as sp
 
         if not sp.issparse(m):
             raise TypeError(f"m: expected a scipy.sparse matrix, got {type(m).__name__}")
+        if m.ndim != 2:
+            raise ValueError(f"m: expected 2 dimensions, got shape {m.shape}")
         m = m.tocsr()
-        values = torch.from_numpy(np.ascontiguousarray(m.data))
+        values = torch.from_numpy(np.array(m.data))
         if dtype is not None:
             values = values.to(dtype)
         elif values.dtype == torch.float64:
             values = values.float()
-        indices = torch.from_numpy(np.ascontiguousarray(m.indices))
+        indices = torch.from_numpy(np.array(m.indices))
         return cls(torch.from_numpy(m.indptr.astype(np.int64)), indices, values, m.shape[1], sort=sort)
 
     @classmethod
@@ -266,17 +298,20 @@ class SparseBatch:
 
     def to_torch(self, layout: torch.layout = torch.sparse_csr) -> torch.Tensor:
         if layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(self.indptr, self.indices.long(), self.values, size=self.shape)
+            # Already validated (unless built with check=False); passing the flag also silences torch's warning.
+            return torch.sparse_csr_tensor(self.indptr, self.indices.long(), self.values, size=self.shape,
+                                           check_invariants=False)
         if layout == torch.sparse_coo:
             idx = torch.stack([self.row_ids(), self.indices.long()])
-            return torch.sparse_coo_tensor(idx, self.values, size=self.shape, is_coalesced=True)
+            return torch.sparse_coo_tensor(idx, self.values, size=self.shape, is_coalesced=True,
+                                           check_invariants=False)
         raise ValueError(f"layout: expected torch.sparse_csr or torch.sparse_coo, got {layout}")
 
     def to_scipy(self):
         import scipy.sparse as sp
 
         values = self.values.detach().cpu()
-        if values.dtype == torch.bfloat16:  # numpy has no bfloat16
+        if values.dtype != torch.float32:  # numpy has no bfloat16, scipy.sparse no float16
             values = values.float()
         return sp.csr_matrix((values.numpy(), self.indices.cpu().numpy(), self.indptr.cpu().numpy()),
                              shape=self.shape)
@@ -304,16 +339,21 @@ def _check_layout(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Ten
         raise ValueError("indptr: must hold at least one entry (rows + 1)")
     if indices.numel() != values.numel():
         raise ValueError(f"indices and values have mismatched lengths {indices.numel()} and {values.numel()}")
-    if int(indptr[0]) != 0:
-        raise ValueError(f"indptr: must start at 0, starts at {int(indptr[0])}")
-    if int(indptr[-1]) != indices.numel():
-        raise ValueError(f"indptr: ends at {int(indptr[-1])} but there are {indices.numel()} indices")
-    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError("indptr: row pointers must be non-decreasing")
     if indices.dtype == torch.int32 and dim > 2**31 - 1:
         raise ValueError(f"indices: int32 cannot hold columns of dim {dim}")
+    # One device-to-host transfer for all the scalar facts.
+    facts = [indptr[0], indptr[-1], (indptr[1:] < indptr[:-1]).any()]
     if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
+        facts += [indices.min(), indices.max()]
+    first, last, decreasing, *bounds = torch.stack([f.to(torch.int64) for f in facts]).tolist()
+    if first != 0:
+        raise ValueError(f"indptr: must start at 0, starts at {first}")
+    if last != indices.numel():
+        raise ValueError(f"indptr: ends at {last} but there are {indices.numel()} indices")
+    if decreasing:
+        raise ValueError("indptr: row pointers must be non-decreasing")
+    if bounds:
+        lo, hi = bounds
         if lo < 0:
             raise ValueError(f"indices: negative column index {lo}")
         if hi >= dim:
@@ -321,11 +361,11 @@ def _check_layout(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 
 def _row_starts(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """Boolean mask over non-zeros marking the first entry of each row."""
-    start = torch.zeros(nnz, dtype=torch.bool, device=indptr.device)
-    first = indptr[:-1][indptr[1:] > indptr[:-1]]
-    start[first] = True
-    return start
+    """Boolean mask over non-zeros marking the first entry of each row (no host sync: an empty row's pointer is
+    the next row's start, or lands in the spare last slot)."""
+    start = torch.zeros(nnz + 1, dtype=torch.bool, device=indptr.device)
+    start[indptr[:-1]] = True
+    return start[:nnz]
 
 
 def _check_sorted(indptr: torch.Tensor, indices: torch.Tensor) -> None:
@@ -356,6 +396,9 @@ def _sort_and_merge(indptr, indices, values, dim):
     merged = torch.zeros(uniq.numel(), dtype=torch.float32, device=values.device)
     merged.index_add_(0, inverse, values[order].float())
     urows = torch.div(uniq, dim, rounding_mode="floor") if dim else uniq
-    new_ptr = torch.zeros(n + 1, dtype=torch.int64, device=indptr.device)
-    torch.cumsum(torch.bincount(urows, minlength=n), 0, out=new_ptr[1:])
-    return new_ptr, (uniq - urows * dim).to(indices.dtype), merged.to(values.dtype)
+    return _indptr_from_sorted_rows(urows, n), (uniq - urows * dim).to(indices.dtype), merged.to(values.dtype)
+
+
+def _indptr_from_sorted_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row pointers from the non-decreasing row number of each non-zero (no host sync, unlike bincount)."""
+    return torch.searchsorted(rows, torch.arange(n + 1, device=rows.device, dtype=rows.dtype))

@@ -1,0 +1,27 @@
+// Top-k CUDA kernels (torch-free: raw device pointers, a workspace and a stream). Same result as the CPU kernels
+// in kernels/cpu/topk.h and sparse_retrieval.reference.topk, and the same 64-bit keys: (order code of the value
+// << 32) | (0xFFFFFFFF - index), so the k largest keys are the top-k with ties to the lower index.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cpu/topk.h"  // TopkDtype
+
+namespace sr::cuda {
+
+using sr::cpu::TopkDtype;
+
+// Bytes of device workspace topk needs for `rows` rows of n elements and this k (1 <= k <= n < 2^32).
+size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted);
+
+// x: `rows` contiguous rows of n elements of `dtype`; values (rows, k) in that dtype, indices (rows, k) int64.
+// Radix select over the 64-bit keys (11/11/10 bits of value code, then of index only where ties need it), the
+// row read twice and the later passes on the first bucket's candidates, rows split over several blocks when rows
+// are few; then a segmented sort of the k keys per row. No host sync.
+cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
+                 void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace sr::cuda

@@ -1,0 +1,250 @@
+"""topk and topk_sparsify against sparse_retrieval.reference and torch.topk, on every SIMD level (and CUDA when a
+GPU is present)."""
+import math
+
+import pytest
+import torch
+
+import sparse_retrieval as sr
+from sparse_retrieval import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KINDS = ["randn", "ties", "special"]
+
+
+def make(shape, dtype, kind, gen, device="cpu"):
+    """Random data: plain normal, many exact ties, or normal sprinkled with NaN, +/-inf and +/-0."""
+    if kind == "ties":
+        x = torch.randint(-3, 4, shape, generator=gen).float()
+    else:
+        x = torch.randn(shape, generator=gen)
+    if kind == "special" and x.numel():
+        flat = x.view(-1)
+        pos = torch.randint(0, flat.numel(), (max(1, flat.numel() // 7),), generator=gen)
+        choice = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0])
+        flat[pos] = choice[torch.randint(0, len(choice), pos.shape, generator=gen)]
+    return x.to(dtype).to(device)
+
+
+def check(x, k, dim=-1, largest=True, sorted=True):
+    values, indices = sr.topk(x, k, dim, largest, sorted)
+    ref_values, ref_indices = reference.topk(x, k, dim, largest)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    assert values.device == x.device and indices.device == x.device
+    assert values.shape == ref_values.shape and indices.shape == ref_indices.shape
+    if not sorted:  # same selection in any order: bring both into index order
+        indices, order = indices.sort(dim)
+        values = values.gather(dim, order)
+        ref_indices, order = ref_indices.sort(dim)
+        ref_values = ref_values.gather(dim, order)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
+    # The values are the input's own entries at those indices, bit for bit.
+    xs, ix, vs = (x.reshape(1), indices.reshape(-1), values.reshape(-1)) if x.dim() == 0 else (x, indices, values)
+    bits = lambda t: t.view(torch.int16 if t.element_size() == 2 else torch.int32)  # noqa: E731
+    assert torch.equal(bits(xs.gather(dim, ix)), bits(vs))
+    if sorted and not (x.dim() == 0 and k == 0):  # torch.topk returns the element there
+        torch_values = torch.topk(x, k, dim, largest, True)[0]
+        torch.testing.assert_close(values, torch_values, rtol=0, atol=0, equal_nan=True)
+
+
+def rows_and_k(dtype, kind, device="cpu"):
+    gen = torch.Generator().manual_seed(hash((dtype, kind)) % 1000)
+    for rows, n in [(1, 1), (3, 7), (5, 33), (2, 129), (7, 1000), (1, 4097)]:
+        x = make((rows, n), dtype, kind, gen, device)
+        for k in sorted({0, 1, min(2, n), n // 3, n - 1, n}):
+            for largest in (True, False):
+                check(x, k, largest=largest)
+        check(x, n // 2, largest=True, sorted=False)
+        check(x, n // 2, largest=False, sorted=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_and_k(simd, dtype, kind):
+    rows_and_k(dtype, kind)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_rows_and_k(dtype, kind):
+    rows_and_k(dtype, kind, "cuda")
+    # Long rows split over several blocks; ties make the index passes run.
+    gen = torch.Generator().manual_seed(31)
+    for shape, k in [((1, 1_000_003), 100), ((3, 70_001), 2000), ((300, 2049), 64)]:
+        x = make(shape, dtype, kind, gen, "cuda")
+        check(x, k)
+        check(x, k, largest=False, sorted=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_rows_split_between_threads(simd, kind):
+    """Fewer rows than threads: rows are cut into chunks whose candidates are merged."""
+    gen = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        x = make((1, 200_003), torch.float32, kind, gen)
+        for k in (1, 10, 1000):
+            check(x, k)
+            check(x, k, largest=False)
+        check(make((1, 100_001), torch.bfloat16, kind, gen), 64)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_adversarial_orders(simd):
+    """Ascending input makes every element pass the threshold; descending and constant rows are the other
+    extremes."""
+    n = 5000
+    for x in (torch.arange(n, dtype=torch.float32), torch.arange(n, 0, -1, dtype=torch.float32),
+              torch.full((n,), 2.0), torch.full((n,), math.nan)):
+        for k in (1, 17, 300, n):
+            check(x, k)
+            check(x, k, largest=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_threshold(simd, kind):
+    """Large k on long rows starts from a sampled threshold; ties and NaN make it fail and fall back."""
+    gen = torch.Generator().manual_seed(29)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make((2, 20_011), dtype, kind, gen)
+        for k in (150, 300):
+            check(x, k)
+            check(x, k, largest=False)
+
+
+def test_one_million_and_many_rows():
+    gen = torch.Generator().manual_seed(5)
+    check(make((1, 1_000_000), torch.float32, "special", gen), 100)
+    check(make((1024, 300), torch.float16, "ties", gen), 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_shapes_dims_and_views(device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = make((4, 37, 9), dtype, "special", gen, device)
+    for dim in (0, 1, 2, -1, -2):
+        check(x, min(3, x.shape[dim]), dim)
+    check(x.transpose(0, 2), 3, dim=-1)  # non-contiguous
+    check(x[:, ::3, :], 2, dim=1)
+    check(x[..., 0], 11, dim=-1, largest=False)
+    check(make((), dtype, "randn", gen, device), 1)
+    check(make((), dtype, "randn", gen, device), 0)
+    check(make((3, 0), dtype, "randn", gen, device), 0)
+    check(make((0, 5), dtype, "randn", gen, device), 2)
+
+
+def test_out_argument():
+    x = torch.randn(6, 50)
+    values, indices = torch.empty(6, 4), torch.empty(6, 4, dtype=torch.int64)
+    got = sr.topk(x, 4, out=(values, indices))
+    assert got[0] is values and got[1] is indices
+    ref_values, ref_indices = reference.topk(x, 4)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+    with pytest.raises(ValueError, match="out values"):
+        sr.topk(x, 4, out=(torch.empty(6, 5), indices))
+    with pytest.raises(ValueError, match="out indices"):
+        sr.topk(x, 4, out=(values, torch.empty(6, 4, dtype=torch.int32)))
+    with pytest.raises(TypeError, match="out"):
+        sr.topk(x, 4, out=values)
+    with pytest.raises(ValueError, match="autograd"):
+        sr.topk(x.requires_grad_(), 4, out=(values, indices))
+
+
+def test_bad_input():
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="k"):
+        sr.topk(x, 11)
+    with pytest.raises(ValueError, match="k"):
+        sr.topk(x, -1)
+    with pytest.raises(TypeError, match="k"):
+        sr.topk(x, 2.0)
+    with pytest.raises(IndexError, match="dim"):
+        sr.topk(x, 1, dim=2)
+    for dtype in (torch.int32, torch.int64, torch.complex64, torch.float64, torch.bool):
+        with pytest.raises(TypeError, match="dtype"):
+            sr.topk(torch.zeros(3, 4, dtype=dtype), 1)
+    with pytest.raises(TypeError, match="x"):
+        sr.topk([1.0, 2.0], 1)
+    # The op itself repeats the checks that guard memory.
+    with pytest.raises(ValueError, match="k must lie"):
+        torch.ops.sparse_retrieval.topk(x, 11)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.sparse_retrieval.topk(x.int(), 1)
+    with pytest.raises(IndexError, match="dim"):
+        torch.ops.sparse_retrieval.topk(x, 1, -3)
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(11)
+    for x, k, dim, largest, sorted in [
+        (make((5, 40), torch.float32, "randn", gen, device), 7, -1, True, True),
+        (make((6, 3, 8), torch.bfloat16, "ties", gen, device), 2, 1, False, True),
+        (make((9, 20), torch.float16, "randn", gen, device), 20, 1, True, False),
+    ]:
+        torch.library.opcheck(torch.ops.sparse_retrieval.topk.default,
+                              (x.requires_grad_(x.dtype == torch.float32), k, dim, largest, sorted))
+
+
+def test_topk_gradient(device):
+    gen = torch.Generator().manual_seed(13)
+    x = make((4, 6, 31), torch.float32, "ties", gen, device).requires_grad_()
+    weights = torch.randn(4, 5, 31, generator=gen).to(device)
+    (sr.topk(x, 5, dim=1)[0] * weights).sum().backward()
+    expected = torch.autograd.grad((reference.topk(x, 5, dim=1)[0] * weights).sum(), x)[0]
+    assert torch.equal(x.grad, expected)
+
+
+# ---- topk_sparsify --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("by", ["value", "abs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparsify_matches_reference(device, simd, by, dtype):
+    gen = torch.Generator().manual_seed(17)
+    for shape, k in [((8, 300), 32), ((3, 4, 65), 1), ((5, 16), 16), ((2, 10), 50), ((4, 33), 0)]:
+        x = make(shape, dtype, "ties", gen, device)
+        got = sr.topk_sparsify(x, k, by=by)
+        assert torch.equal(got, reference.topk_sparsify(x, k, by=by))
+
+
+def test_sparsify_gradient():
+    gen = torch.Generator().manual_seed(19)
+    # Well-separated values so that gradcheck's perturbations cannot change the selection.
+    x = (torch.randperm(6 * 20, generator=gen).reshape(6, 20).double() / 10 - 6).requires_grad_()
+    for by in ("value", "abs"):
+        assert torch.autograd.gradcheck(lambda t: sr.topk_sparsify(t, 5, by=by), (x,))
+    # float32 goes through the kernel: the gradient reaches exactly the kept entries.
+    xf = torch.randn(16, 200, generator=gen).requires_grad_()
+    upstream = torch.randn(16, 200, generator=gen)
+    (sr.topk_sparsify(xf, 12) * upstream).sum().backward()
+    expected = torch.autograd.grad((reference.topk_sparsify(xf, 12) * upstream).sum(), xf)[0]
+    assert torch.equal(xf.grad, expected)
+    assert int((xf.grad != 0).sum(1).max()) <= 12
+
+
+def test_sparsify_as_sparse(device):
+    gen = torch.Generator().manual_seed(23)
+    x = make((7, 90), torch.float32, "randn", gen, device).requires_grad_()
+    batch = sr.topk_sparsify(x, 9, by="abs", as_sparse=True)
+    assert isinstance(batch, sr.SparseBatch) and batch.shape == (7, 90) and batch.nnz == 7 * 9
+    assert torch.equal(batch.row_nnz(), torch.full((7,), 9, device=device))
+    assert bool((batch.indices.view(7, 9).diff(dim=1) > 0).all())
+    assert torch.equal(batch.to_dense(), reference.topk_sparsify(x.detach(), 9, by="abs"))
+    batch.values.sum().backward()
+    assert torch.equal(x.grad, (reference.topk_sparsify(x.detach(), 9, by="abs") != 0).float())
+
+
+def test_sparsify_bad_input():
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="by"):
+        sr.topk_sparsify(x, 2, by="magnitude")
+    with pytest.raises(ValueError, match="k"):
+        sr.topk_sparsify(x, -1)
+    with pytest.raises(ValueError, match="as_sparse"):
+        sr.topk_sparsify(x[None], 2, as_sparse=True)
+    with pytest.raises(TypeError, match="dtype"):
+        sr.topk_sparsify(x.int(), 2)
