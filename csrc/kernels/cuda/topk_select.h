@@ -80,16 +80,43 @@ inline Plan make_plan(int64_t rows, int64_t n, int k, int64_t blocks_wanted, int
   return p;
 }
 
+// Sorts each group's keys smem[g * C + from, + P) best first (bitonic, in shared memory; P a power of two).
+template <class Block>
+SR_HD void sort_groups(Block& blk, Key* smem, int G, int from, int P) {
+  const int TG = kThreads / G, C = kSmemKeys / G;
+  for (int size = 2; size <= P; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      blk.each([&](int t) {
+        Key* q = smem + (t / TG) * C + from;
+        for (int j = t % TG; j < P / 2; j += TG) {
+          const int i = 2 * j - (j & (stride - 1));
+          const Key a = q[i], b = q[i + stride];
+          if ((i & size) == 0 ? a < b : a > b) {
+            q[i] = b;
+            q[i + stride] = a;
+          }
+        }
+      });
+    }
+  }
+}
+
 // The selection of one block. Each group keeps, in its slice of `smem`, a queue of the K best keys seen so far,
 // sorted best first, followed by a buffer. A tile loads kPerThread elements per thread and appends the keys
-// beating the queue's k-th key (the running threshold: once the queue is full only a few keys pass) to the buffer.
-// When a buffer could overflow on the next tile, and after the last one, every group sorts queue + buffer
-// (bitonic, in shared memory), which leaves the new K best at the front. Then the queue's first k keys go out
-// best first through out.write(row, part, j, key). `cnt` holds kMaxGroups buffer lengths in shared memory.
+// beating the queue's k-th key (the running threshold) to the buffer. Once a buffer holds more than 2K keys (or
+// could overflow on the next tile), and after the last tile, every group sorts queue + buffer, which leaves the
+// new K best at the front. Then the queue's first k keys go out best first through out.write(row, part, j, key).
+// `cnt` holds kMaxGroups buffer lengths in shared memory.
+//
+// A block with one group and several tiles first seeds its queue: the k-th best of its threads' maxima over the
+// first tile is beaten or matched by at least k keys, so the queue starts as K copies of the key just below it.
+// Only those k keys and better ones pass the first tile (instead of all of it), and the copies never come out.
 template <class Block, class Src, class Out>
 SR_HD void select_block(Block& blk, Key* smem, unsigned int* cnt, int64_t block, const Plan& p, const Src& src,
                         const Out& out) {
   const int G = p.groups, TG = kThreads / G, C = kSmemKeys / G, K = p.K, tile = TG * kPerThread;
+  const unsigned int merge_above = 2 * K < C - K - tile ? 2 * K : C - K - tile;
+  const int64_t tiles = (p.seg + tile - 1) / tile;
   // Each thread's unit: row, part and the part's bounds; r == p.rows marks a group without work.
   struct Unit {
     int64_t r, part, lo, hi;
@@ -99,28 +126,43 @@ SR_HD void select_block(Block& blk, Key* smem, unsigned int* cnt, int64_t block,
     const int64_t lo = part * p.seg, end = lo + p.seg;
     return r < p.rows ? Unit{r, part, lo, end < p.n ? end : p.n} : Unit{p.rows, 0, 0, 0};
   };
-  blk.each([&](int t) {
-    const int g = t / TG;
-    for (int j = t % TG; j < K; j += TG) smem[g * C + j] = 0;
-    if (t % TG == 0) cnt[g] = 0;
-  });
-  const int64_t tiles = (p.seg + tile - 1) / tile;
-  for (int64_t tl = 0; tl < tiles; ++tl) {
-    // The barrier's OR tells every thread whether some buffer could overflow on the next tile.
-    const bool full = blk.each_or([&](int t) {
-      const int g = t / TG, lane = t % TG;
-      const Unit w = unit(g);
-      Key* q = smem + g * C;
-      const Key thresh = q[p.k - 1];
-      const int64_t base = w.lo + tl * tile + lane;
-      Key keys[kPerThread];
+  // Thread t's keys of tile tl, 0 past the end.
+  const auto load = [&](int t, int64_t tl, Key* keys) {
+    const Unit w = unit(t / TG);
+    const int64_t base = w.lo + tl * tile + t % TG;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-      for (int e = 0; e < kPerThread; ++e) {
-        const int64_t i = base + int64_t{e} * TG;
-        keys[e] = i < w.hi ? src.key(w.r, i) : 0;
-      }
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t i = base + int64_t{e} * TG;
+      keys[e] = i < w.hi ? src.key(w.r, i) : 0;
+    }
+  };
+  const bool seed = G == 1 && tiles > 1;
+  if (seed) {
+    blk.each([&](int t) {
+      Key keys[kPerThread];
+      load(t, 0, keys);
+      Key best = 0;
+      for (int e = 0; e < kPerThread; ++e) best = keys[e] > best ? keys[e] : best;
+      smem[K + t] = best;
+    });
+    sort_groups(blk, smem, 1, K, kThreads);
+  }
+  blk.each([&](int t) {
+    const int g = t / TG;
+    const Key below = seed && smem[K + p.k - 1] > 0 ? smem[K + p.k - 1] - 1 : 0;
+    for (int j = t % TG; j < K; j += TG) smem[g * C + j] = below;
+    if (t % TG == 0) cnt[g] = 0;
+  });
+  for (int64_t tl = 0; tl < tiles; ++tl) {
+    // The barrier's OR tells every thread whether some buffer is due for a merge.
+    const bool full = blk.each_or([&](int t) {
+      const int g = t / TG;
+      Key* q = smem + g * C;
+      const Key thresh = q[p.k - 1];
+      Key keys[kPerThread];
+      load(t, tl, keys);
       unsigned int used = 0;
       for (int e = 0; e < kPerThread; ++e) {
         if (keys[e] > thresh) {
@@ -129,7 +171,7 @@ SR_HD void select_block(Block& blk, Key* smem, unsigned int* cnt, int64_t block,
           used = slot + 1;
         }
       }
-      return used + tile > static_cast<unsigned int>(C - K);
+      return used > merge_above;
     });
     if (full || tl + 1 == tiles) {
       // cnt is only read from here to the reset below, which follows at least two barriers.
@@ -142,21 +184,7 @@ SR_HD void select_block(Block& blk, Key* smem, unsigned int* cnt, int64_t block,
         const int g = t / TG;
         for (int j = K + static_cast<int>(cnt[g]) + t % TG; j < P; j += TG) smem[g * C + j] = 0;
       });
-      for (int size = 2; size <= P; size *= 2) {
-        for (int stride = size / 2; stride > 0; stride /= 2) {
-          blk.each([&](int t) {
-            Key* q = smem + (t / TG) * C;
-            for (int j = t % TG; j < P / 2; j += TG) {
-              const int i = 2 * j - (j & (stride - 1));
-              const Key a = q[i], b = q[i + stride];
-              if ((i & size) == 0 ? a < b : a > b) {
-                q[i] = b;
-                q[i + stride] = a;
-              }
-            }
-          });
-        }
-      }
+      sort_groups(blk, smem, G, 0, P);
       blk.each([&](int t) {
         if (t % TG == 0) cnt[t / TG] = 0;
       });
