@@ -122,7 +122,7 @@ SR_HD void select_block(Block& blk, Key* smem, unsigned int* cnt, int64_t block,
     int64_t r, part, lo, hi;
   };
   const auto unit = [&](int g) {
-    const int64_t u = block * G + g, r = u / p.parts, part = u % p.parts;
+    const int64_t u = block * G + g, r = p.parts == 1 ? u : u / p.parts, part = u - r * p.parts;
     const int64_t lo = part * p.seg, end = lo + p.seg;
     return r < p.rows ? Unit{r, part, lo, end < p.n ? end : p.n} : Unit{p.rows, 0, 0, 0};
   };
