@@ -25,9 +25,10 @@ size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted);
 cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
                  void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// Largest k that topk_small handles: its queue of k keys per row, rounded up to a power of two, and a buffer of at
-// least one tile share 32 KB of shared memory, and merging the buffer into the queue costs O(K log^2 K) per
-// merge, while the radix select costs two reads of the row whatever k is.
+// Largest k that topk_small handles. The block selection reads a row once, but about k (1 + ln(n / k)) keys pass
+// its threshold and each is sorted into the queue by bitonic merges of 2K to 4K keys: at k = 256 on rows of 2^18
+// that is already about as many shared-memory compare-exchanges per thread as elements read, and it grows like
+// k log^2 k, while the radix select reads the row twice whatever k is. (Its seeding also needs k <= 256 threads.)
 constexpr int64_t kSmallTopk = blockselect::kMaxK;
 
 // Bytes of device workspace topk_small needs (zero unless rows are split over several blocks).

@@ -54,7 +54,10 @@ constexpr int kPerThread = 8;   // elements each thread loads per tile
 constexpr int kSmemKeys = 4096;  // 32 KB of keys per block, split evenly between its groups
 constexpr int kMaxGroups = 8;
 constexpr int kMaxK = 256;
+static_assert(kMaxK <= kThreads, "seeding takes the k-th best of the threads' maxima");
 constexpr int64_t kMinPart = 16384;  // a row is split into parts of at least this many elements
+static_assert(kSmemKeys / kMaxGroups - kMaxK >= kThreads / kMaxGroups * kPerThread,
+              "a group's buffer must hold at least one tile");
 
 // How a launch covers the rows: `groups` rows (or parts of rows) per block, each row cut into `parts` parts of
 // `seg` elements. A block's group g handles unit u = block * groups + g: part u % parts of row u / parts.
