@@ -1,7 +1,8 @@
 """Top-k: sparse_retrieval.topk against torch.topk and numpy.argpartition (+ sort), same inputs, one process.
 
 CPU: the issue's shapes at 1 thread and at all threads (numpy is single-threaded in both). GPU (when present):
-the issue's GPU shapes, with achieved GB/s (input bytes / time) against the device's measured copy bandwidth.
+the issue's GPU shapes, and two of them with k just above the cut between the small-k block selection and
+the radix select, with achieved GB/s (input bytes / time) against the device's measured copy bandwidth.
 Data: standard normal float32 (--dtype to change). Every method's values are checked against torch.topk's.
 
     python bench/bench_topk.py            # all shapes (under a minute on 2 cores)
@@ -27,6 +28,10 @@ CPU_SHAPES = [(1, 10**6, 10), (1, 10**6, 100), (1, 10**6, 1000), (64, 10**5, 10)
 # shows.
 SMALL_SHAPES = [(1, 1000, 10), (32, 1000, 10), (8, 30522, 64)]
 GPU_SHAPES = [(256, 262144, 256), (2048, 131072, 1024), (1, 10**7, 100), (8192, 30522, 64)]
+# The CUDA kernels take k <= GPU_SMALL_K to the one-pass block selection and larger k to the radix select: the
+# same shapes just past the cut compare the two paths.
+GPU_SMALL_K = 256
+GPU_CUT_SHAPES = [(256, 262144, GPU_SMALL_K + 1), (8192, 30522, GPU_SMALL_K + 1)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,15 +114,17 @@ def run_gpu(dtype: torch.dtype, repeats: int) -> tuple[list[dict], float]:
     rows_out = []
     peak = copy_bandwidth_gbs()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for rows, n, k in GPU_SHAPES:
+    for rows, n, k in GPU_SHAPES + GPU_CUT_SHAPES:
         x = torch.randn(rows, n, generator=gen, device="cuda").to(dtype)
         expected = torch.topk(x, k)[0]
         assert torch.equal(sr.topk(x, k)[0], expected), "sparse_retrieval.topk disagrees with torch.topk"
         for name, fn in {"sparse_retrieval": lambda: sr.topk(x, k), "torch.topk": lambda: torch.topk(x, k)}.items():
             m = common.measure(fn, warmup=3, repeats=repeats, cuda=True)
             gbs = x.numel() * x.element_size() / m["median"] / 1e9
+            path = ("block select" if k <= GPU_SMALL_K else "radix") if name == "sparse_retrieval" else "-"
             rows_out.append({"device": "cuda", "threads": "-", "rows": rows, "n": n, "k": k, "method": name,
-                             "median_s": m["median"], "min_s": m["min"], "GB/s": gbs, "of_copy_bw": gbs / peak})
+                             "path": path, "median_s": m["median"], "min_s": m["min"], "GB/s": gbs,
+                             "of_copy_bw": gbs / peak})
         del x
     return rows_out, peak
 
@@ -151,7 +158,8 @@ def main() -> None:
         gpu, peak = run_gpu(dtype, repeats)
         common.add_ratios(gpu, lambda r: (r["rows"], r["n"], r["k"]), baseline="torch.topk", out_col="vs_torch")
         print()
-        print(common.table(gpu, ["rows", "n", "k", "method", "median_s", "GB/s", "of_copy_bw", "vs_torch"],
+        print(common.table(gpu, ["rows", "n", "k", "method", "path", "median_s", "GB/s", "of_copy_bw",
+                                 "vs_torch"],
                            title=f"GPU top-k on {torch.cuda.get_device_name()}, {args.dtype}; copy bandwidth "
                                  f"{peak:.0f} GB/s"))
         payload.update(gpu=gpu, copy_bandwidth_gbs=peak)

@@ -1,6 +1,10 @@
 """topk and topk_sparsify against sparse_retrieval.reference and torch.topk, on every SIMD level (and CUDA when a
 GPU is present)."""
 import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,17 +69,117 @@ def test_rows_and_k(simd, dtype, kind):
     rows_and_k(dtype, kind)
 
 
+# The CUDA kernels take k <= SMALL_K to the block selection (csrc/kernels/cuda/topk_small.cu) and larger k to the
+# radix select (topk.cu).
+SMALL_K = 256
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_rows_and_k(dtype, kind):
     rows_and_k(dtype, kind, "cuda")
-    # Long rows split over several blocks; ties make the index passes run.
     gen = torch.Generator().manual_seed(31)
-    for shape, k in [((1, 1_000_003), 100), ((3, 70_001), 2000), ((300, 2049), 64)]:
+    for shape, k in [
+        # Radix select: long rows split over several blocks; ties make the index passes run.
+        ((3, 70_001), 2000), ((5, 40_000), SMALL_K + 1), ((64, 3000), SMALL_K + 1),
+        # Block selection: 8, 4 and 2 rows per block (rows not a multiple of that), a block per row, and rows few
+        # enough to be split into parts (at least 2 x 16384 elements) merged by a second pass.
+        ((1001, 100), 33), ((37, 300), SMALL_K), ((9, 1000), 100), ((300, 2049), 64), ((200, 5000), 1),
+        ((1, 1_000_003), 100), ((2, 100_003), SMALL_K), ((7, 40_000), 31),
+    ]:
         x = make(shape, dtype, kind, gen, "cuda")
         check(x, k)
         check(x, k, largest=False, sorted=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_small_k_adversarial_orders():
+    """Ascending rows make every element beat the block selection's running threshold (a merge every tile or
+    two); constant and NaN rows tie everywhere."""
+    for n in (3000, 200_000):
+        for x in (torch.arange(n, dtype=torch.float32), torch.arange(n, 0, -1, dtype=torch.float32),
+                  torch.full((n,), -0.0), torch.full((n,), math.nan)):
+            for k in (1, 100, SMALL_K, SMALL_K + 1):
+                check(x.cuda(), k)
+                check(x.cuda(), k, largest=False)
+
+
+# ---- host emulation of the CUDA block selection --------------------------------------------------------------
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.fixture(scope="module")
+def select_emulation(tmp_path_factory):
+    """Builds tests/topk_select_emulation.cpp: the CUDA block selection's own code (topk_select.h), run on the
+    host thread by thread with every phase in a random thread order."""
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None or not (CSRC / "kernels" / "cuda" / "topk_select.h").exists():
+        pytest.skip("needs a C++ compiler and the source tree")
+    exe = tmp_path_factory.mktemp("topk_select") / "emulation"
+    source = Path(__file__).with_name("topk_select_emulation.cpp")
+    subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(CSRC), str(source), "-o", str(exe)], check=True)
+    return exe
+
+
+def emulate(exe, x, k, largest, blocks_wanted=0, min_part=16384, seed=0):
+    """Indices from the emulated kernel for (rows, n) float32 x, and its plan (groups per block, parts per row)."""
+    rows, n = x.shape
+    run = subprocess.run([str(exe), str(rows), str(n), str(k), str(int(largest)), str(blocks_wanted),
+                          str(min_part), str(seed)], input=x.contiguous().numpy().tobytes(), capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    groups, parts = map(int, run.stderr.split())
+    return torch.frombuffer(bytearray(run.stdout), dtype=torch.int64).reshape(rows, k), (groups, parts)
+
+
+def check_emulated(exe, x, k, largest, plan=None, **kwargs):
+    indices, got_plan = emulate(exe, x, k, largest, **kwargs)
+    assert torch.equal(indices, reference.topk(x, k, largest=largest)[1])
+    if plan is not None:
+        assert got_plan == plan
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_select_emulation_plans(select_emulation, kind):
+    """Every way a launch covers rows: 8/4/2 rows per block with idle groups, a block per row, rows cut into parts
+    (a part shorter than k, an empty last part), with float32 and float16/bfloat16-rounded data."""
+    gen = torch.Generator().manual_seed(37)
+    cases = [  # rows, n, k, launch args, expected (groups, parts)
+        (3, 1, 1, {}, (8, 1)), (11, 200, 37, {}, (8, 1)), (9, 256, 256, {}, (8, 1)), (5, 257, 32, {}, (4, 1)),
+        (6, 700, 129, {}, (2, 1)), (3, 1024, 200, {}, (2, 1)), (2, 1025, 64, {}, (1, 1)),
+        (2, 5003, 250, {}, (1, 1)), (1, 40_000, 100, {"blocks_wanted": 8}, (1, 2)),
+        (2, 5000, 256, {"blocks_wanted": 64, "min_part": 100}, (1, 32)),
+        (3, 2050, 17, {"blocks_wanted": 6, "min_part": 300}, (1, 2)),
+        (1, 9, 9, {"blocks_wanted": 4, "min_part": 2}, (8, 1)),  # short rows are never split
+        (1, 3000, 256, {"blocks_wanted": 1000, "min_part": 2}, (1, 1000)),  # parts of 3 elements, second pass G=1
+    ]
+    for i, (rows, n, k, args, plan) in enumerate(cases):
+        dtype = DTYPES[i % len(DTYPES)]
+        x = make((rows, n), dtype, kind, gen).float()
+        check_emulated(select_emulation, x, k, i % 2 == 0, plan, seed=i, **args)
+
+
+def test_select_emulation_every_k(select_emulation):
+    """k = 1..256 on rows of ties, NaN, +/-inf and +/-0 (one and two rows per block), both directions."""
+    gen = torch.Generator().manual_seed(41)
+    x = make((3, 700), torch.float32, "special", gen)
+    x[:, ::5] = x[:, 1::5].round()
+    y = make((1, 2500), torch.float32, "ties", gen)
+    for k in range(1, SMALL_K + 1):
+        check_emulated(select_emulation, x, k, k % 2 == 0, seed=k)
+        if k % 15 == 0:
+            check_emulated(select_emulation, y, k, k % 2 == 1, blocks_wanted=5, min_part=300, seed=k)
+
+
+def test_select_emulation_adversarial_orders(select_emulation):
+    n = 20_000
+    for x in (torch.arange(n, dtype=torch.float32), torch.arange(n, 0, -1, dtype=torch.float32),
+              torch.full((n,), -0.0), torch.full((n,), math.nan), torch.full((n,), -math.inf)):
+        for k in (1, 100, SMALL_K):
+            for largest in (True, False):
+                check_emulated(select_emulation, x[None], k, largest)
+                check_emulated(select_emulation, x[None], k, largest, blocks_wanted=3, min_part=1000)
 
 
 @pytest.mark.parametrize("kind", KINDS)

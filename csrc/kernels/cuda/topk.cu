@@ -13,8 +13,7 @@
 // every remaining key whose masked bits are >= the prefix: exactly k per row in all.
 #include "kernels/cuda/topk.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "kernels/cuda/topk_select.h"  // make_key, to_float
 
 #include <algorithm>
 #include <cub/block/block_scan.cuh>
@@ -36,22 +35,6 @@ struct RowState {
   unsigned int bucket;   // keys in the first pass's chosen bucket: the candidates
   unsigned int use_buf;  // the candidates fit the buffer: later passes read it instead of the row
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Same codes as kernels/cpu/topk.cpp: NaN above +inf, -0 equal to +0, inverted for smallest-first.
-__device__ __forceinline__ unsigned long long make_key(float v, unsigned int i, bool largest) {
-  unsigned int c = 0xFFFFFFFFu;
-  if (v == v) {
-    unsigned int b = __float_as_uint(v);
-    if (b == 0x80000000u) b = 0;
-    c = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  }
-  if (!largest) c = ~c;
-  return (static_cast<unsigned long long>(c) << 32) | (0xFFFFFFFFu - i);
-}
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/topk.h"  // TopkDtype
+#include "kernels/cuda/topk_select.h"
 
 namespace sr::cuda {
 
@@ -23,5 +24,20 @@ size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted);
 // are few; then a segmented sort of the k keys per row. No host sync.
 cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
                  void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// Largest k that topk_small handles. The block selection reads a row once, but about k (1 + ln(n / k)) keys pass
+// its threshold and each is sorted into the queue by bitonic merges of 2K to 4K keys: at k = 256 on rows of 2^18
+// that is already about as many shared-memory compare-exchanges per thread as elements read, and it grows like
+// k log^2 k, while the radix select reads the row twice whatever k is. (Its seeding also needs k <= 256 threads.)
+constexpr int64_t kSmallTopk = blockselect::kMaxK;
+
+// Bytes of device workspace topk_small needs (zero unless rows are split over several blocks).
+size_t topk_small_workspace_bytes(int64_t rows, int64_t n, int64_t k);
+
+// Same contract as topk for 1 <= k <= kSmallTopk: one read of each row by a block-level selection (topk_select.h)
+// with the results already sorted; long rows with few rows are split over blocks and merged by a second pass.
+cudaError_t topk_small(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest,
+                       void* values, int64_t* indices, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream);
 
 }  // namespace sr::cuda
