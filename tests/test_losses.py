@@ -180,6 +180,11 @@ def test_ranking_losses_reject_bad_input():
         losses.kl_distill(q, d, d, torch.zeros(4, 3))
     with pytest.raises(TypeError, match="negatives: expected"):
         losses.info_nce(q, d, "nope")
+    with pytest.raises(TypeError, match="teacher_margin: expected a tensor"):
+        losses.margin_mse(q, d, d, [0.0] * 4)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pos: on cuda"):
+            losses.info_nce(q, d.cuda())
 
 
 # ---- SPLADE combination ------------------------------------------------------------------------------------

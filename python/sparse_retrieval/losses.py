@@ -66,6 +66,8 @@ def _check_same_kind(named: list[tuple[str, Embeddings]], batch: int | None = No
         n = _rows(x, name)
         if isinstance(x, SparseBatch) != sparse:
             raise TypeError(f"{name}: mixes SparseBatch and dense tensors (see {first_name}); use one kind")
+        if x.device != first.device:
+            raise ValueError(f"{name}: on {x.device}, {first_name} on {first.device}")
         d = x.dim if sparse else x.shape[1]
         if d != dim:
             raise ValueError(f"{name}: dim {d} differs from {first_name}'s dim {dim}")
@@ -204,7 +206,7 @@ def margin_mse(q: Embeddings, pos: Embeddings, negatives: Negatives, teacher_mar
     s = _student_scores(q, pos, negatives)
     margins = s[:, :1] - s[:, 1:]
     b, m = margins.shape
-    shape = (b,) if m == 1 and teacher_margin.dim() == 1 else (b, m)
+    shape = (b,) if m == 1 and getattr(teacher_margin, "dim", lambda: 2)() == 1 else (b, m)
     t = _check_teacher(teacher_margin, "teacher_margin", shape).reshape(b, m).to(margins.device)
     return F.mse_loss(margins, t)
 
