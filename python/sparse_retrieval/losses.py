@@ -102,7 +102,8 @@ def flops(x: Embeddings) -> torch.Tensor:
     """FLOPs regularizer (Paria et al. 2020): ``sum_j (mean_i |x_ij|)^2``, a float32 scalar.
 
     Same as SPLADE's ``FLOPS``. sentence-transformers' ``FlopsLoss`` omits the absolute value (it assumes
-    non-negative activations) and can ignore rows above a non-zero threshold; here there is no threshold.
+    non-negative activations) and with ``threshold`` counts only rows with more than that many non-zeros; here
+    every row counts.
     """
     return _mean_abs_per_dim(x).square().sum()
 
