@@ -76,8 +76,9 @@ class CoupledQuantizedLayer(DynamicLayer):
         return codes.reshape(B, n, H, -1).transpose(1, 2)
 
     def _decode(self, quantizer: CoupledQuantizer, codes: torch.Tensor) -> torch.Tensor:
-        B, H, n, _ = codes.shape
-        return quantizer.decode(codes.transpose(1, 2)).reshape(B, n, H, -1).transpose(1, 2)
+        B, H, n, G = codes.shape
+        x = quantizer.decode(codes.transpose(1, 2).reshape(B, n, H * G))
+        return x.reshape(B, n, H, quantizer.channels // H).transpose(1, 2)
 
     def _append_codes(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = keys.shape[2]
