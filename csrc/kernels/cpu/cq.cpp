@@ -199,32 +199,43 @@ void attention_impl(const CqAttentionHead& a) {
   }
   const int64_t stride = t_max + W;  // one row of scores: coded tokens, then window slots
 
-  // lut[(j * K + c) * R + r] = scale * q_r[group j] . key centroid c: the R rows of one lookup share a line.
+  // lut[(r * G + j) * K + c] = scale * q_r[group j] . key centroid c: a row's table (G * K floats) stays in L1.
   thread_local std::vector<float> lut, acc, scores;
-  lut.assign(G * K * R, 0.f);
+  lut.resize(R * G * K);
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = a.q + r * D;
     for (int64_t j = 0; j < G; ++j) {
       const float* books = a.k_books + j * K * g;
-      float* dst = lut.data() + j * K * R + r;
+      float* dst = lut.data() + (r * G + j) * K;
       for (int64_t c = 0; c < K; ++c) {
         float dot = 0.f;
         for (int64_t e = 0; e < g; ++e) dot += qr[j * g + e] * books[c * g + e];
-        dst[c * R] = dot * a.scale;
+        dst[c] = dot * a.scale;
       }
     }
   }
 
-  scores.assign(R * stride, 0.f);
-  std::vector<float> s(R);
-  for (int64_t t = 0; t < t_max; ++t) {
-    std::fill(s.begin(), s.end(), 0.f);
-    const C* code = kc + t * G;
-    for (int64_t j = 0; j < G; ++j) {
-      const float* row = lut.data() + (j * K + static_cast<int64_t>(code[j])) * R;
-      for (int64_t r = 0; r < R; ++r) s[r] += row[r];
+  // Scores of kBlock tokens at a time: independent sums keep the lookups from waiting on each other.
+  constexpr int64_t kBlock = 8;
+  scores.resize(R * stride);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* table = lut.data() + r * G * K;
+    float* out = scores.data() + r * stride;
+    int64_t t0 = 0;
+    for (; t0 + kBlock <= n_coded[r]; t0 += kBlock) {
+      float s[kBlock] = {};
+      const C* code = kc + t0 * G;
+      for (int64_t j = 0; j < G; ++j) {
+        const float* tj = table + j * K;
+        for (int64_t u = 0; u < kBlock; ++u) s[u] += tj[static_cast<int64_t>(code[u * G + j])];
+      }
+      for (int64_t u = 0; u < kBlock; ++u) out[t0 + u] = s[u];
     }
-    for (int64_t r = 0; r < R; ++r) scores[r * stride + t] = s[r];
+    for (; t0 < n_coded[r]; ++t0) {
+      float s = 0.f;
+      for (int64_t j = 0; j < G; ++j) s += table[j * K + static_cast<int64_t>(kc[t0 * G + j])];
+      out[t0] = s;
+    }
   }
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = a.q + r * D;
@@ -236,7 +247,7 @@ void attention_impl(const CqAttentionHead& a) {
     }
   }
 
-  // Softmax per row over the visible tokens; invisible ones get weight 0.
+  // Softmax per row over the visible tokens (the only ones read below).
   std::vector<float> total(R, 0.f);
   for (int64_t r = 0; r < R; ++r) {
     float* sr = scores.data() + r * stride;
@@ -245,27 +256,27 @@ void attention_impl(const CqAttentionHead& a) {
     for (int64_t w = 0; w < n_win[r]; ++w) m = std::max(m, sr[t_max + w]);
     if (n_coded[r] + n_win[r] == 0) continue;
     total[r] = exp_shift_sum(sr, n_coded[r], m) + exp_shift_sum(sr + t_max, n_win[r], m);
-    std::fill(sr + n_coded[r], sr + t_max, 0.f);
   }
 
   // Values: add each token's weight to its (group, code) bucket, then multiply the buckets by the codebook once.
-  acc.assign(G * K * R, 0.f);
-  for (int64_t t = 0; t < t_max; ++t) {
-    const C* code = vc + t * G;
-    for (int64_t j = 0; j < G; ++j) {
-      float* bucket = acc.data() + (j * K + static_cast<int64_t>(code[j])) * R;
-      for (int64_t r = 0; r < R; ++r) bucket[r] += scores[r * stride + t];
+  acc.assign(R * G * K, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    float* buckets = acc.data() + r * G * K;
+    const float* p = scores.data() + r * stride;
+    for (int64_t t = 0; t < n_coded[r]; ++t) {
+      const C* code = vc + t * G;
+      for (int64_t j = 0; j < G; ++j) buckets[j * K + static_cast<int64_t>(code[j])] += p[t];
     }
   }
   std::fill(a.out, a.out + R * D, 0.f);
-  for (int64_t j = 0; j < G; ++j) {
-    for (int64_t c = 0; c < K; ++c) {
-      const float* bucket = acc.data() + (j * K + c) * R;
-      const float* centroid = a.v_books + (j * K + c) * g;
-      for (int64_t r = 0; r < R; ++r) {
-        const float p = bucket[r];
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < G; ++j) {
+      const float* bucket = acc.data() + (r * G + j) * K;
+      float* o = a.out + r * D + j * g;
+      for (int64_t c = 0; c < K; ++c) {
+        const float p = bucket[c];
         if (p == 0.f) continue;
-        float* o = a.out + r * D + j * g;
+        const float* centroid = a.v_books + (j * K + c) * g;
         for (int64_t e = 0; e < g; ++e) o[e] += p * centroid[e];
       }
     }
