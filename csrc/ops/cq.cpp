@@ -77,7 +77,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const a
     return (c.stride(3) == 1 || s.G == 1) && (c.stride(2) == s.G || s.T <= 1) ? c : c.contiguous();
   };
   auto kc = dense_heads(k_codes), vc = dense_heads(v_codes);
-  auto kb = k_codebooks.to(at::kFloat).contiguous(), vb = v_codebooks.to(at::kFloat).contiguous();
+  auto kb = k_codebooks.to(at::kFloat).transpose(1, 2).contiguous();  // (Hkv * G, g, K)
+  auto vb = v_codebooks.to(at::kFloat).transpose(1, 2).contiguous();
   at::Tensor kr, vr;
   if (s.W > 0) {
     kr = k_recent->to(at::kFloat).contiguous();
@@ -103,8 +104,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const a
       a.code_bytes = static_cast<int>(code_bytes);
       a.t_coded = s.T;
       a.length = lp[b];
-      a.k_books = kb.data_ptr<float>() + h * s.G * s.K * s.g;
-      a.v_books = vb.data_ptr<float>() + h * s.G * s.K * s.g;
+      a.k_books_t = kb.data_ptr<float>() + h * s.G * s.g * s.K;
+      a.v_books_t = vb.data_ptr<float>() + h * s.G * s.g * s.K;
       a.k_recent = s.W > 0 ? kr.data_ptr<float>() + bh * s.W * s.D : nullptr;
       a.v_recent = s.W > 0 ? vr.data_ptr<float>() + bh * s.W * s.D : nullptr;
       a.w = s.W;

@@ -102,7 +102,8 @@ def kmeans_init(x: torch.Tensor, n_clusters: int, weights: torch.Tensor | None =
     """Seeds for ``kmeans``: float32 (n_clusters, c) on the CPU.
 
     ``init="k-means++"`` samples seeds with probability proportional to weight x squared distance to the chosen
-    seeds; ``"random"`` takes distinct random rows. With fewer rows than clusters the missing seeds repeat the last.
+    seeds (inverse CDF of one uniform draw per seed); ``"random"`` takes distinct random rows. With fewer rows than
+    clusters the missing seeds repeat the last.
     """
     xc = x.float().cpu()
     n = xc.shape[0]
@@ -113,14 +114,18 @@ def kmeans_init(x: torch.Tensor, n_clusters: int, weights: torch.Tensor | None =
     if init == "random":
         seeds = torch.randperm(n, generator=gen)[:n_clusters]
     elif init == "k-means++":
-        first = int(torch.multinomial(w / w.sum() if w.sum() > 0 else torch.ones(n) / n, 1, generator=gen))
+        def draw(p):
+            cdf = torch.cumsum(p, 0)
+            return min(int(torch.searchsorted(cdf, torch.rand(1, generator=gen) * cdf[-1], right=True)), n - 1)
+
+        first = draw(w if w.sum() > 0 else torch.ones(n))
         seeds = [first]
         d2 = (xc - xc[first]).pow(2).sum(1)
         for _ in range(1, min(n_clusters, n)):
             p = d2 * w
             if float(p.sum()) <= 0:
                 break
-            nxt = int(torch.multinomial(p / p.sum(), 1, generator=gen))
+            nxt = draw(p)
             seeds.append(nxt)
             d2 = torch.minimum(d2, (xc - xc[nxt]).pow(2).sum(1))
         seeds = torch.tensor(seeds)

@@ -153,6 +153,19 @@ inline VecF vexp(VecF x) {
   return vmul(y, vpow2i(n));
 }
 
+float dot(const float* a, const float* b, int64_t n) {
+  VecF acc0 = vset(0.f), acc1 = vset(0.f);
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    acc0 = vfma(vload(a + i), vload(b + i), acc0);
+    acc1 = vfma(vload(a + i + kLanes), vload(b + i + kLanes), acc1);
+  }
+  for (; i + kLanes <= n; i += kLanes) acc0 = vfma(vload(a + i), vload(b + i), acc0);
+  float sum = vsum(vadd(acc0, acc1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 float exp_shift_sum(float* s, int64_t n, float m) {
   VecF acc = vset(0.f), vm = vset(m);
   int64_t i = 0;
@@ -169,6 +182,12 @@ float exp_shift_sum(float* s, int64_t n, float m) {
   return sum;
 }
 #else
+float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 float exp_shift_sum(float* s, int64_t n, float m) {
   float sum = 0.f;
   for (int64_t i = 0; i < n; ++i) {
@@ -199,18 +218,17 @@ void attention_impl(const CqAttentionHead& a) {
   }
   const int64_t stride = t_max + W;  // one row of scores: coded tokens, then window slots
 
-  // lut[(r * G + j) * K + c] = scale * q_r[group j] . key centroid c: a row's table (G * K floats) stays in L1.
+  // lut[(r * G + j) * K + c] = q_r[group j] . key centroid c * scale: a row's table (G * K floats) stays in L1.
+  // Books come transposed, (G, g, K), so the table is built by contiguous multiply-adds over centroids.
   thread_local std::vector<float> lut, acc, scores;
-  lut.resize(R * G * K);
+  lut.assign(R * G * K, 0.f);
   for (int64_t r = 0; r < R; ++r) {
-    const float* qr = a.q + r * D;
     for (int64_t j = 0; j < G; ++j) {
-      const float* books = a.k_books + j * K * g;
       float* dst = lut.data() + (r * G + j) * K;
-      for (int64_t c = 0; c < K; ++c) {
-        float dot = 0.f;
-        for (int64_t e = 0; e < g; ++e) dot += qr[j * g + e] * books[c * g + e];
-        dst[c] = dot * a.scale;
+      for (int64_t e = 0; e < g; ++e) {
+        const float qe = a.q[r * D + j * g + e] * a.scale;
+        const float* book = a.k_books_t + (j * g + e) * K;
+        for (int64_t c = 0; c < K; ++c) dst[c] += qe * book[c];
       }
     }
   }
@@ -240,10 +258,7 @@ void attention_impl(const CqAttentionHead& a) {
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = a.q + r * D;
     for (int64_t w = 0; w < n_win[r]; ++w) {
-      const float* kr = a.k_recent + w * D;
-      float dot = 0.f;
-      for (int64_t e = 0; e < D; ++e) dot += qr[e] * kr[e];
-      scores[r * stride + t_max + w] = dot * a.scale;
+      scores[r * stride + t_max + w] = dot(qr, a.k_recent + w * D, D) * a.scale;
     }
   }
 
@@ -268,17 +283,10 @@ void attention_impl(const CqAttentionHead& a) {
       for (int64_t j = 0; j < G; ++j) buckets[j * K + static_cast<int64_t>(code[j])] += p[t];
     }
   }
-  std::fill(a.out, a.out + R * D, 0.f);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t j = 0; j < G; ++j) {
       const float* bucket = acc.data() + (r * G + j) * K;
-      float* o = a.out + r * D + j * g;
-      for (int64_t c = 0; c < K; ++c) {
-        const float p = bucket[c];
-        if (p == 0.f) continue;
-        const float* centroid = a.v_books + (j * K + c) * g;
-        for (int64_t e = 0; e < g; ++e) o[e] += p * centroid[e];
-      }
+      for (int64_t e = 0; e < g; ++e) a.out[r * D + j * g + e] = dot(bucket, a.v_books_t + (j * g + e) * K, K);
     }
   }
   for (int64_t r = 0; r < R; ++r) {

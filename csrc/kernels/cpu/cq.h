@@ -21,8 +21,8 @@ SR_SIMD_DECLARE(void cq_decode_rows(const void* codes, int code_bytes, int64_t r
 namespace sr::cpu {
 
 // One (sequence, key/value head) of cq_attention. The R = rep * tq query rows of the head's query heads are
-// contiguous in q (R, D); codes are (t_coded, G) with G = D / g; books (G, k, g) are this head's codebooks;
-// recent keys/values (w, D) may be null when w == 0. `length` coded tokens are real. Writes out (R, D).
+// contiguous in q (R, D); codes are (t_coded, G) with G = D / g; books_t (G, g, k) are this head's codebooks,
+// transposed; recent keys/values (w, D) may be null when w == 0. `length` coded tokens are real. Writes out (R, D).
 struct CqAttentionHead {
   const float* q;
   int64_t rep, tq, d, g, k;
@@ -30,8 +30,8 @@ struct CqAttentionHead {
   const void* v_codes;
   int code_bytes;
   int64_t t_coded, length;
-  const float* k_books;
-  const float* v_books;
+  const float* k_books_t;
+  const float* v_books_t;
   const float* k_recent;
   const float* v_recent;
   int64_t w;

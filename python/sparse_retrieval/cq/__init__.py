@@ -138,7 +138,7 @@ class CoupledQuantizer(torch.nn.Module):
             raise RuntimeError("CoupledQuantizer is not fitted: call fit() or load_state_dict() first")
 
     def fit(self, x: torch.Tensor, weights: torch.Tensor | None = None, iters: int = 20, init: str = "k-means++",
-            init_sample: int = 64, progress: bool = True) -> "CoupledQuantizer":
+            init_sample: int = 32, progress: bool = True) -> "CoupledQuantizer":
         """k-means per channel group on calibration rows x (..., channels); returns self.
 
         ``weights``: per token (n,) or per token and group (n, groups), e.g. summed squared gradients (Fisher).
@@ -180,10 +180,16 @@ class CoupledQuantizer(torch.nn.Module):
         rows = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:cap].sort().values
                 if n > cap else torch.arange(n))
         sub_x, sub_w = xs.cpu()[rows], w.cpu()[rows]
-        books = torch.stack([
-            reference.kmeans_init(sub_x[:, j], K, sub_w[:, j], init, self.seed + j)
-            for j in tqdm(range(G), desc=f"CQ-{g}c{self.bits}b init", disable=not progress, leave=False)
-        ]).to(x.device)
+        # k-means++ is K small sequential steps per group: extra threads only add synchronisation.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            books = torch.stack([
+                reference.kmeans_init(sub_x[:, j], K, sub_w[:, j], init, self.seed + j)
+                for j in tqdm(range(G), desc=f"CQ-{g}c{self.bits}b init", disable=not progress, leave=False)
+            ]).to(x.device)
+        finally:
+            torch.set_num_threads(threads)
 
         flat_books = books.view(G * K, g)
         weighted = (xs * w[..., None]).reshape(n * G, g)
