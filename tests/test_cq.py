@@ -82,6 +82,9 @@ def attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths=None, dtype=to
     (1, 3, 3, 3, 12, 3, 9, 17, 2, None),  # int16 codes, more queries than window slots
     (2, 2, 1, 1, 8, 8, 3, 0, 5, None),  # nothing coded yet
     (1, 1, 1, 1, 8, 4, 4, 30, 0, [0]),  # sees nothing: zeros
+    (2, 8, 2, 1, 16, 8, 8, 37, 3, [37, 20]),  # 4 rows per kv head
+    (1, 8, 1, 1, 8, 2, 6, 21, 1, None),  # 8 rows
+    (1, 9, 1, 2, 8, 4, 7, 26, 4, None),  # 18 rows: generic path
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype):

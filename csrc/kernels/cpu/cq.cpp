@@ -199,8 +199,57 @@ float exp_shift_sum(float* s, int64_t n, float m) {
 #endif
 
 // ---- attention from codes -------------------------------------------------------------------------------------
+// The R query rows of a head are interleaved in the tables and buckets ([group][code][row]), so one token's
+// lookup or bucket update for all rows is one short vector operation; RC is R when it is a small power of two
+// (known to the compiler), 0 otherwise.
 
-template <typename C>
+// scores[r * stride + t] = sum_j table[(j * K + code_tj) * R + r] for t < n_tokens.
+template <typename C, int RC>
+void coded_scores(const C* codes, int64_t n_tokens, int64_t G, int64_t K, int64_t R, const float* table,
+                  float* scores, int64_t stride) {
+  const int64_t RR = RC > 0 ? RC : R;
+  constexpr int64_t kBlock = 4;  // independent sums keep the lookups from waiting on each other
+  int64_t t0 = 0;
+  for (; t0 + kBlock <= n_tokens; t0 += kBlock) {
+    float s[kBlock][RC > 0 ? RC : 16] = {};
+    if (RC == 0 && RR > 16) break;  // generic rows beyond 16 take the token-at-a-time loop
+    const C* code = codes + t0 * G;
+    for (int64_t j = 0; j < G; ++j) {
+      const float* tj = table + j * K * RR;
+      for (int64_t u = 0; u < kBlock; ++u) {
+        const float* row = tj + static_cast<int64_t>(code[u * G + j]) * RR;
+        for (int64_t r = 0; r < RR; ++r) s[u][r] += row[r];
+      }
+    }
+    for (int64_t u = 0; u < kBlock; ++u) {
+      for (int64_t r = 0; r < RR; ++r) scores[r * stride + t0 + u] = s[u][r];
+    }
+  }
+  for (; t0 < n_tokens; ++t0) {
+    for (int64_t r = 0; r < RR; ++r) {
+      float s = 0.f;
+      for (int64_t j = 0; j < G; ++j) s += table[(j * K + static_cast<int64_t>(codes[t0 * G + j])) * RR + r];
+      scores[r * stride + t0] = s;
+    }
+  }
+}
+
+// buckets[(j * K + code_tj) * R + r] += p[t * R + r] for t < n_tokens.
+template <typename C, int RC>
+void scatter_weights(const C* codes, int64_t n_tokens, int64_t G, int64_t K, int64_t R, const float* p,
+                     float* buckets) {
+  const int64_t RR = RC > 0 ? RC : R;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const C* code = codes + t * G;
+    const float* pt = p + t * RR;
+    for (int64_t j = 0; j < G; ++j) {
+      float* b = buckets + (j * K + static_cast<int64_t>(code[j])) * RR;
+      for (int64_t r = 0; r < RR; ++r) b[r] += pt[r];
+    }
+  }
+}
+
+template <typename C, int RC>
 void attention_impl(const CqAttentionHead& a) {
   const int64_t R = a.rep * a.tq, D = a.d, g = a.g, G = D / g, K = a.k, T = a.t_coded, W = a.w;
   const C* kc = static_cast<const C*>(a.k_codes);
@@ -218,43 +267,24 @@ void attention_impl(const CqAttentionHead& a) {
   }
   const int64_t stride = t_max + W;  // one row of scores: coded tokens, then window slots
 
-  // lut[(r * G + j) * K + c] = q_r[group j] . key centroid c * scale: a row's table (G * K floats) stays in L1.
-  // Books come transposed, (G, g, K), so the table is built by contiguous multiply-adds over centroids.
-  thread_local std::vector<float> lut, acc, scores;
-  lut.assign(R * G * K, 0.f);
+  // Per-row tables q_r[group j] . key centroid c * scale, built by contiguous multiply-adds over the transposed
+  // books (G, g, K), then interleaved: lut[(j * K + c) * R + r].
+  thread_local std::vector<float> row_table, lut, acc, weights, scores;
+  row_table.resize(K);
+  lut.resize(G * K * R);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t j = 0; j < G; ++j) {
-      float* dst = lut.data() + (r * G + j) * K;
+      std::fill(row_table.begin(), row_table.end(), 0.f);
       for (int64_t e = 0; e < g; ++e) {
         const float qe = a.q[r * D + j * g + e] * a.scale;
         const float* book = a.k_books_t + (j * g + e) * K;
-        for (int64_t c = 0; c < K; ++c) dst[c] += qe * book[c];
+        for (int64_t c = 0; c < K; ++c) row_table[c] += qe * book[c];
       }
+      for (int64_t c = 0; c < K; ++c) lut[(j * K + c) * R + r] = row_table[c];
     }
   }
-
-  // Scores of kBlock tokens at a time: independent sums keep the lookups from waiting on each other.
-  constexpr int64_t kBlock = 8;
   scores.resize(R * stride);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* table = lut.data() + r * G * K;
-    float* out = scores.data() + r * stride;
-    int64_t t0 = 0;
-    for (; t0 + kBlock <= n_coded[r]; t0 += kBlock) {
-      float s[kBlock] = {};
-      const C* code = kc + t0 * G;
-      for (int64_t j = 0; j < G; ++j) {
-        const float* tj = table + j * K;
-        for (int64_t u = 0; u < kBlock; ++u) s[u] += tj[static_cast<int64_t>(code[u * G + j])];
-      }
-      for (int64_t u = 0; u < kBlock; ++u) out[t0 + u] = s[u];
-    }
-    for (; t0 < n_coded[r]; ++t0) {
-      float s = 0.f;
-      for (int64_t j = 0; j < G; ++j) s += table[j * K + static_cast<int64_t>(kc[t0 * G + j])];
-      out[t0] = s;
-    }
-  }
+  coded_scores<C, RC>(kc, t_max, G, K, R, lut.data(), scores.data(), stride);
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = a.q + r * D;
     for (int64_t w = 0; w < n_win[r]; ++w) {
@@ -274,19 +304,17 @@ void attention_impl(const CqAttentionHead& a) {
   }
 
   // Values: add each token's weight to its (group, code) bucket, then multiply the buckets by the codebook once.
-  acc.assign(R * G * K, 0.f);
+  weights.resize(t_max * R);
   for (int64_t r = 0; r < R; ++r) {
-    float* buckets = acc.data() + r * G * K;
-    const float* p = scores.data() + r * stride;
-    for (int64_t t = 0; t < n_coded[r]; ++t) {
-      const C* code = vc + t * G;
-      for (int64_t j = 0; j < G; ++j) buckets[j * K + static_cast<int64_t>(code[j])] += p[t];
-    }
+    const float* sr = scores.data() + r * stride;
+    for (int64_t t = 0; t < t_max; ++t) weights[t * R + r] = t < n_coded[r] ? sr[t] : 0.f;
   }
+  acc.assign(G * K * R, 0.f);
+  scatter_weights<C, RC>(vc, t_max, G, K, R, weights.data(), acc.data());
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t j = 0; j < G; ++j) {
-      const float* bucket = acc.data() + (r * G + j) * K;
-      for (int64_t e = 0; e < g; ++e) a.out[r * D + j * g + e] = dot(bucket, a.v_books_t + (j * g + e) * K, K);
+      for (int64_t c = 0; c < K; ++c) row_table[c] = acc[(j * K + c) * R + r];
+      for (int64_t e = 0; e < g; ++e) a.out[r * D + j * g + e] = dot(row_table.data(), a.v_books_t + (j * g + e) * K, K);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -323,6 +351,17 @@ void decode_impl(const C* codes, int64_t rows, int64_t groups, int64_t g, int64_
   }
 }
 
+template <typename C>
+void attention_rows(const CqAttentionHead& a) {
+  switch (a.rep * a.tq) {
+    case 1: return attention_impl<C, 1>(a);
+    case 2: return attention_impl<C, 2>(a);
+    case 4: return attention_impl<C, 4>(a);
+    case 8: return attention_impl<C, 8>(a);
+    default: return attention_impl<C, 0>(a);
+  }
+}
+
 }  // namespace
 
 void cq_encode_rows(const float* x, int64_t rows, int64_t groups, int64_t g, int64_t k_padded, const float* books_t,
@@ -347,9 +386,9 @@ void cq_decode_rows(const void* codes, int code_bytes, int64_t rows, int64_t gro
 
 void cq_attention_head(const CqAttentionHead& a) {
   if (a.code_bytes == 1) {
-    attention_impl<uint8_t>(a);
+    attention_rows<uint8_t>(a);
   } else {
-    attention_impl<int16_t>(a);
+    attention_rows<int16_t>(a);
   }
 }
 
