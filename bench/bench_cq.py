@@ -168,7 +168,7 @@ def calibrated(model, tok, group_size: int, bits: int, fisher: bool, texts, n_la
             pairs.append((kq, vq))
         return pairs, None
     t0 = time.perf_counter()
-    pairs = cq.calibrate(model, texts, group_size, bits, fisher=fisher, max_length=512, iters=20)
+    pairs = cq.calibrate(model, texts, group_size, bits, fisher=fisher, max_length=512, iters=10)
     seconds = time.perf_counter() - t0
     tmp = path.with_suffix(".tmp")
     torch.save([(k.state_dict(), v.state_dict()) for k, v in pairs], tmp)

@@ -12,14 +12,8 @@ namespace sr::ops::cq {
 namespace {
 
 at::Tensor encode_cpu(const at::Tensor& x, const at::Tensor& codebooks) {
-  check_codebooks(codebooks, "codebooks");
-  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  auto codes = checked_encode_output(x, codebooks);
   const int64_t groups = codebooks.size(0), k = codebooks.size(1), g = codebooks.size(2);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == groups * g, "x must have groups * group_size = ", groups * g,
-                    " channels in its last dimension, got shape ", x.sizes());
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = groups;
-  auto codes = at::empty(out_shape, x.options().dtype(code_dtype(k)));
   const int64_t rows = x.numel() / (groups * g);
   if (rows == 0) return codes;
   auto xf = x.to(at::kFloat).contiguous();
@@ -41,14 +35,8 @@ at::Tensor encode_cpu(const at::Tensor& x, const at::Tensor& codebooks) {
 }
 
 at::Tensor decode_cpu(const at::Tensor& codes, const at::Tensor& codebooks) {
-  check_codebooks(codebooks, "codebooks");
+  auto out = checked_decode_output(codes, codebooks);
   const int64_t groups = codebooks.size(0), k = codebooks.size(1), g = codebooks.size(2);
-  TORCH_CHECK_VALUE(codes.dim() >= 1 && codes.size(-1) == groups, "codes must have ", groups,
-                    " groups in their last dimension, got shape ", codes.sizes());
-  check_codes(codes, k, "codes");
-  auto out_shape = codes.sizes().vec();
-  out_shape.back() = groups * g;
-  auto out = at::empty(out_shape, codebooks.options());
   const int64_t rows = codes.numel() / groups;
   if (rows == 0) return out;
   auto c = codes.contiguous();

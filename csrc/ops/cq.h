@@ -37,6 +37,33 @@ inline void check_codes(const at::Tensor& codes, int64_t k, const char* name) {
   }
 }
 
+// Checks an encode call and allocates its codes (..., groups).
+inline at::Tensor checked_encode_output(const at::Tensor& x, const at::Tensor& codebooks) {
+  check_codebooks(codebooks, "codebooks");
+  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == codebooks.device(), "x is on ", x.device(), ", codebooks on ", codebooks.device());
+  const int64_t groups = codebooks.size(0), g = codebooks.size(2);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == groups * g, "x must have groups * group_size = ", groups * g,
+                    " channels in its last dimension, got shape ", x.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = groups;
+  return at::empty(shape, x.options().dtype(code_dtype(codebooks.size(1))));
+}
+
+// Checks a decode call (code dtype and range included) and allocates its output (..., groups * g).
+inline at::Tensor checked_decode_output(const at::Tensor& codes, const at::Tensor& codebooks) {
+  check_codebooks(codebooks, "codebooks");
+  TORCH_CHECK_VALUE(codes.device() == codebooks.device(), "codes are on ", codes.device(), ", codebooks on ",
+                    codebooks.device());
+  const int64_t groups = codebooks.size(0), g = codebooks.size(2);
+  TORCH_CHECK_VALUE(codes.dim() >= 1 && codes.size(-1) == groups, "codes must have ", groups,
+                    " groups in their last dimension, got shape ", codes.sizes());
+  check_codes(codes, codebooks.size(1), "codes");
+  auto shape = codes.sizes().vec();
+  shape.back() = groups * g;
+  return at::empty(shape, codebooks.options());
+}
+
 // Sizes of one cq_attention call, after its checks.
 struct AttentionSizes {
   int64_t B, Hq, Tq, D, Hkv, T, G, K, g, W;

@@ -14,16 +14,9 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
 }
 
 at::Tensor encode_cuda(const at::Tensor& x, const at::Tensor& codebooks) {
-  check_codebooks(codebooks, "codebooks");
-  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  check_same_device(x, codebooks, "codebooks");
+  auto codes = checked_encode_output(x, codebooks);
   const int64_t groups = codebooks.size(0), k = codebooks.size(1), g = codebooks.size(2);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == groups * g, "x must have groups * group_size = ", groups * g,
-                    " channels in its last dimension, got shape ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = groups;
-  auto codes = at::empty(out_shape, x.options().dtype(code_dtype(k)));
   auto xf = x.to(at::kFloat).contiguous();
   auto books = codebooks.to(at::kFloat).contiguous();
   sr::cuda::cq_encode(xf.data_ptr<float>(), x.numel() / (groups * g), groups, g, k, books.data_ptr<float>(),
@@ -33,16 +26,9 @@ at::Tensor encode_cuda(const at::Tensor& x, const at::Tensor& codebooks) {
 }
 
 at::Tensor decode_cuda(const at::Tensor& codes, const at::Tensor& codebooks) {
-  check_codebooks(codebooks, "codebooks");
-  check_same_device(codebooks, codes, "codes");
+  auto out = checked_decode_output(codes, codebooks);
   const int64_t groups = codebooks.size(0), k = codebooks.size(1), g = codebooks.size(2);
-  TORCH_CHECK_VALUE(codes.dim() >= 1 && codes.size(-1) == groups, "codes must have ", groups,
-                    " groups in their last dimension, got shape ", codes.sizes());
-  check_codes(codes, k, "codes");
   const c10::cuda::CUDAGuard guard(codes.device());
-  auto out_shape = codes.sizes().vec();
-  out_shape.back() = groups * g;
-  auto out = at::empty(out_shape, codebooks.options());
   auto c = codes.contiguous();
   auto books = codebooks.contiguous();
   sr::cuda::cq_decode(c.data_ptr(), static_cast<int>(c.element_size()), codes.numel() / groups, groups, g, k,

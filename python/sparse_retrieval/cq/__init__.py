@@ -96,6 +96,38 @@ def _attention_fake(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent=None
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+def _kmeans_pp_groups(x: torch.Tensor, w: torch.Tensor, K: int, seed: int, progress: bool, desc: str) -> torch.Tensor:
+    """``reference.kmeans_init(x[j], K, w[j], "k-means++", seed + j)`` for every group j at once: the same
+    operations and random draws, batched over groups. x (G, m, g), w (G, m) -> (G, K, g)."""
+    G, m, _ = x.shape
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(G)]
+    rows = torch.arange(G)
+
+    def draw(p, active):
+        cdf = torch.cumsum(p, 1)
+        u = torch.cat([torch.rand(1, generator=gen) if a else torch.zeros(1) for gen, a in zip(gens, active)])
+        return torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)[:, 0].clamp_max(m - 1)
+
+    active = [True] * G
+    first = draw(torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w)), active)
+    seeds = torch.empty(G, K, dtype=torch.long)
+    seeds[:, 0] = first
+    d2 = (x - x[rows, first][:, None]).pow(2).sum(2)
+    for i in tqdm(range(1, min(K, m)), desc=desc, disable=not progress, leave=False):
+        p = d2 * w
+        alive = p.sum(1) > 0
+        active = [a and bool(v) for a, v in zip(active, alive)]
+        if not any(active):
+            seeds[:, i:] = seeds[:, i - 1:i]
+            break
+        nxt = torch.where(torch.tensor(active), draw(p, active), seeds[:, i - 1])
+        seeds[:, i] = nxt
+        d2 = torch.minimum(d2, (x - x[rows, nxt][:, None]).pow(2).sum(2))
+    else:
+        seeds[:, min(K, m):] = seeds[:, min(K, m) - 1:min(K, m)]
+    return x[rows[:, None], seeds]
+
+
 class CoupledQuantizer(torch.nn.Module):
     """Coupled quantizer of ``channels``-wide vectors: ``channels / group_size`` groups, ``2**bits`` centroids each.
 
@@ -179,17 +211,20 @@ class CoupledQuantizer(torch.nn.Module):
         cap = init_sample * K
         rows = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:cap].sort().values
                 if n > cap else torch.arange(n))
-        sub_x, sub_w = xs.cpu()[rows], w.cpu()[rows]
-        # k-means++ is K small sequential steps per group: extra threads only add synchronisation.
+        sub_x = xs.cpu()[rows].transpose(0, 1).contiguous()  # (G, m, g)
+        sub_w = w.cpu()[rows].T.contiguous()  # (G, m)
+        # k-means++ is K small sequential steps: extra threads only add synchronisation.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            books = torch.stack([
-                reference.kmeans_init(sub_x[:, j], K, sub_w[:, j], init, self.seed + j)
-                for j in tqdm(range(G), desc=f"CQ-{g}c{self.bits}b init", disable=not progress, leave=False)
-            ]).to(x.device)
+            if init == "random":
+                books = torch.stack([reference.kmeans_init(sub_x[j], K, sub_w[j], init, self.seed + j)
+                                     for j in range(G)])
+            else:
+                books = _kmeans_pp_groups(sub_x, sub_w, K, self.seed, progress, f"CQ-{g}c{self.bits}b init")
         finally:
             torch.set_num_threads(threads)
+        books = books.to(x.device)
 
         flat_books = books.view(G * K, g)
         weighted = (xs * w[..., None]).reshape(n * G, g)
