@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 
 #include "kernels/cpu/cq.h"
@@ -77,8 +78,12 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const a
   const char* kcp = static_cast<const char*>(kc.data_ptr());
   const char* vcp = static_cast<const char*>(vc.data_ptr());
   const int64_t* lp = len.data_ptr<int64_t>();
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
+  // Heads are handed out one at a time from a shared counter, so a thread that starts late (a busy machine)
+  // leaves its share to the others instead of holding up the call.
+  const int64_t tasks = s.B * s.Hkv;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t bh; (bh = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t b = bh / s.Hkv, h = bh % s.Hkv;
       sr::cpu::CqAttentionHead a{};
       a.q = qf.data_ptr<float>() + bh * rows * s.D;
