@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import reference
 
@@ -99,6 +98,8 @@ def _attention_fake(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent=None
 def _kmeans_pp_groups(x: torch.Tensor, w: torch.Tensor, K: int, seed: int, progress: bool, desc: str) -> torch.Tensor:
     """``reference.kmeans_init(x[j], K, w[j], "k-means++", seed + j)`` for every group j at once: the same
     operations and random draws, batched over groups. x (G, m, g), w (G, m) -> (G, K, g)."""
+    from tqdm.auto import tqdm  # a declared dependency, imported only where a bar is shown
+
     G, m, _ = x.shape
     gens = [torch.Generator().manual_seed(seed + j) for j in range(G)]
     rows = torch.arange(G)
@@ -206,6 +207,8 @@ class CoupledQuantizer(torch.nn.Module):
             w = w.to(x.device)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x must be finite")
+
+        from tqdm.auto import tqdm
 
         xs = x.reshape(n, G, g)
         cap = init_sample * K
