@@ -404,9 +404,10 @@ def speed(args, results: dict) -> None:
                                      "median_s": m["median"], "min_s": m["min"]})
             del K, V
     common.add_ratios(rows, lambda r: (r["context"], r["batch"], r["threads"]), "sdpa fp32")
-    print(common.table(rows, ["context", "batch", "threads", "method", "median_s", "speedup"],
+    print(common.table(attention_pivot(rows), ["context", "batch", "threads", "sdpa_fp32_ms", "cq_1bit_ms",
+                                               "cq_speedup", "dequant_sdpa_ms", "dequant_speedup"],
                        title=f"Decode-step attention, Hq={Hq}, Hkv={Hkv}, D={D}, window {WINDOW}, CPU "
-                             "(speedup = SDPA fp32 time / method time)"))
+                             "(speedup = SDPA fp32 time / method time, medians)"))
     results["attention_cpu"] = rows
     per_token = {"fp32": 2 * Hkv * D * 4, "fp16": 2 * Hkv * D * 2,
                  "CQ-8c8b (1 bit)": 2 * Hkv * D // 8, "CQ-4c8b (2 bits)": 2 * Hkv * D // 4,
@@ -415,6 +416,20 @@ def speed(args, results: dict) -> None:
     results["bytes_per_token_per_layer"] = per_token
     if torch.cuda.is_available():
         results["attention_cuda"] = speed_cuda(args, kq, vq, Hq, Hkv, D, g)
+
+
+def attention_pivot(rows: list[dict]) -> list[dict]:
+    """One line per (context, batch, threads): milliseconds of each method and its speedup over SDPA fp32."""
+    names = {"sdpa fp32": "sdpa_fp32", "cq attention (1-bit codes)": "cq_1bit", "dequantize + sdpa": "dequant_sdpa"}
+    out = {}
+    for r in rows:
+        line = out.setdefault((r["context"], r["batch"], r["threads"]),
+                              {"context": r["context"], "batch": r["batch"], "threads": r["threads"]})
+        name = names[r["method"]]
+        line[f"{name}_ms"] = r["median_s"] * 1e3
+        if name != "sdpa_fp32":
+            line[f"{name.split('_')[0]}_speedup"] = r["speedup"]
+    return list(out.values())
 
 
 def speed_cuda(args, kq, vq, Hq, Hkv, D, g) -> list[dict]:
