@@ -139,3 +139,39 @@ def test_cache_bad_input(model, quantizers):
     with pytest.raises(ValueError, match="channels"):
         with torch.no_grad():
             model(input_ids=torch.randint(0, 97, (1, 5)), past_key_values=CoupledQuantizedCache(wrong, window=2))
+
+
+def test_beam_search_reorders_codes(model, quantizers):
+    """Beam search against a plain cache that stores decode(encode(x)) for tokens leaving the window: coding is
+    per token, so both caches feed attention the same values if the codes follow the beams."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    window = 4
+
+    class SimulatedLayer(DynamicLayer):
+        def __init__(self, kq, vq):
+            super().__init__()
+            self.kq, self.vq, self.n_coded = kq, vq, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states)
+            # As CoupledQuantizedCache: a chunk longer than the window attends in full precision.
+            returned = (keys.clone(), values.clone()) if key_states.shape[2] > window else (keys, values)
+            end = keys.shape[2] - window
+            if end > self.n_coded:
+                for x, qz in ((keys, self.kq), (values, self.vq)):
+                    part = x[:, :, self.n_coded:end]
+                    B, H, n, D = part.shape
+                    tokens = part.transpose(1, 2).reshape(B, n, H * D)
+                    x[:, :, self.n_coded:end] = qz.decode(qz.encode(tokens)).reshape(B, n, H, D).transpose(1, 2)
+                self.n_coded = end
+            return returned
+
+    ids = torch.randint(0, 97, (2, 9))
+    kwargs = dict(num_beams=3, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=window), **kwargs)
+        want = model.generate(ids, past_key_values=Cache(layers=[SimulatedLayer(k, v) for k, v in quantizers]),
+                              **kwargs)
+    assert torch.equal(got, want)
