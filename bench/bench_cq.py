@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import common
 import sparse_retrieval as sr
-from sparse_retrieval import cq, reference
+from sparse_retrieval import cq
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -154,7 +154,7 @@ def perplexity(model, sequences: list[torch.Tensor], make_cache, chunk: int) -> 
     return {"ppl": math.exp(nll_all / n_all), "ppl_after_window": math.exp(nll_late / n_late)}
 
 
-def calibrated(model, tok, group_size: int, bits: int, fisher: bool, texts, n_layers: int):
+def calibrated(model, group_size: int, bits: int, fisher: bool, texts):
     name = f"cq-{group_size}c{bits}b{'-fisher' if fisher else ''}.pt"
     path = CACHE / name
     if path.exists():
@@ -240,7 +240,7 @@ def quality(args, results: dict) -> None:
     cq_pairs, calib_seconds = {}, {}
     for g, bits, fisher in [(2, 8, False), (4, 8, False), (8, 8, False), (4, 8, True), (8, 8, True)]:
         name = f"CQ-{g}c{bits}b{' Fisher' if fisher else ''}"
-        pairs, seconds = calibrated(model, tok, g, bits, fisher, calib, n_layers)
+        pairs, seconds = calibrated(model, g, bits, fisher, calib)
         cq_pairs[name] = pairs
         bits_per_channel[name] = bits / g
         calib_seconds[name] = seconds
@@ -402,7 +402,7 @@ def speed(args, results: dict) -> None:
                         m = common.measure(fn, warmup=1, repeats=5 if T < 16384 else 3)
                         rows.append({"context": T, "batch": B, "threads": threads, "method": name,
                                      "median_s": m["median"], "min_s": m["min"]})
-            del K, V
+            K = V = None  # frees the float32 cache before the next size
     common.add_ratios(rows, lambda r: (r["context"], r["batch"], r["threads"]), "sdpa fp32")
     print(common.table(attention_pivot(rows), ["context", "batch", "threads", "sdpa_fp32_ms", "cq_1bit_ms",
                                                "cq_speedup", "dequant_sdpa_ms", "dequant_speedup"],
@@ -449,7 +449,7 @@ def speed_cuda(args, kq, vq, Hq, Hkv, D, g) -> list[dict]:
                              "cq attention (1-bit codes)": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)}.items():
                 m = common.measure(fn, warmup=3, repeats=10, cuda=True)
                 rows.append({"context": T, "batch": B, "method": name, "median_s": m["median"]})
-            del K, V
+            K = V = None  # frees the float32 cache before the next size
     common.add_ratios(rows, lambda r: (r["context"], r["batch"]), "sdpa fp16")
     print(common.table(rows, ["context", "batch", "method", "median_s", "speedup"],
                        title=f"Decode-step attention on {torch.cuda.get_device_name()}"))
