@@ -2,7 +2,7 @@
 import torch  # loads libtorch before our extension
 
 from . import _C  # registers torch.ops.sparse_retrieval.*
-from . import datasets, reference
+from . import cq, datasets, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
 from .sparse import SparseBatch
 from .topk import topk, topk_sparsify
@@ -10,6 +10,6 @@ from .topk import topk, topk_sparsify
 __version__ = _C.__version__
 
 __all__ = [
-    "SparseBatch", "build_info", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
+    "SparseBatch", "build_info", "cq", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
     "supported_simd_levels", "topk", "topk_sparsify",
 ]
