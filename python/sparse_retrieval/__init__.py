@@ -5,10 +5,12 @@ from . import _C  # registers torch.ops.sparse_retrieval.*
 from . import datasets, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
 from .sparse import SparseBatch
+from .sparse_dot import pairwise_sparse_dot, sparse_dot
+from .index import SparseIndex
 
 __version__ = _C.__version__
 
 __all__ = [
-    "SparseBatch", "build_info", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
-    "supported_simd_levels",
+    "SparseBatch", "SparseIndex", "build_info", "datasets", "get_simd_level", "pairwise_sparse_dot", "reference",
+    "set_simd_level", "simd_level", "sparse_dot", "supported_simd_levels",
 ]
