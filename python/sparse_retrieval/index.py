@@ -238,7 +238,7 @@ class SparseIndex:
             arrays = []
             for name, off, crc, count, t in zip(("ptr", "docs", "weights"), offsets, crcs, (dim + 1, nnz, nnz),
                                                 (torch.int64, torch.int32, dtype)):
-                np_dtype = np.dtype({torch.int64: np.int64, torch.int32: np.int32}.get(t, _np_dtype(t)))
+                np_dtype = _NP_DTYPES[t]
                 if off + count * np_dtype.itemsize > size:
                     raise ValueError(f"{path}: truncated (segment {s} {name} ends past the end of the file)")
                 a = _read(path, np_dtype, off, count, mmap)
@@ -256,8 +256,9 @@ class SparseIndex:
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _np_dtype(t: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[t]
+# How each stored tensor dtype is read with numpy (which has no bfloat16: its bits are read as uint16).
+_NP_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.float32: np.dtype(np.float32),
+              torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16)}
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
