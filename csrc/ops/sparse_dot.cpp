@@ -13,18 +13,6 @@
 namespace sr::ops {
 namespace {
 
-// Checks both operands (b's values always, a's when defined) and that they share index and value dtypes.
-void check_pair(const at::Tensor& a_indptr, const at::Tensor& a_indices, const at::Tensor& a_values,
-                const at::Tensor& b_indptr, const at::Tensor& b_indices, const at::Tensor& b_values, int64_t dim,
-                c10::DeviceType device) {
-  check_csr(a_indptr, a_indices, a_values, dim, "a", device);
-  check_csr(b_indptr, b_indices, b_values, dim, "b", device);
-  TORCH_CHECK_TYPE(a_indices.scalar_type() == b_indices.scalar_type(), "a_indices and b_indices: dtypes differ (",
-                   a_indices.scalar_type(), " vs ", b_indices.scalar_type(), ")");
-  TORCH_CHECK_TYPE(!a_values.defined() || a_values.scalar_type() == b_values.scalar_type(),
-                   "a_values and b_values: dtypes differ (", a_values.scalar_type(), " vs ", b_values.scalar_type(), ")");
-}
-
 at::Tensor sparse_dot_cpu(const at::Tensor& a_indptr, const at::Tensor& a_indices, const at::Tensor& a_values,
                           const at::Tensor& b_indptr, const at::Tensor& b_indices, const at::Tensor& b_values,
                           int64_t dim) {

@@ -61,7 +61,7 @@ class SparseIndex:
         self._dim = dim
         self._dtype = dtype
         self.segment_size = segment_size
-        self._device = torch.device(device)
+        self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with queries
         self._segments: list[_Segment] = []
 
     # ---- building ------------------------------------------------------------------------------------------------
