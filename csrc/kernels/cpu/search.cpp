@@ -112,6 +112,15 @@ inline void select_block(const float* acc, int64_t n, int64_t first_id, BestK& b
   }
 }
 
+// First position in [p, end) of sorted docs holding a value >= limit. Searches outwards from p: the answer is
+// usually near, in memory the scatter is about to read anyway, where a plain binary search over the whole rest
+// of a long list would miss the cache at every step.
+inline int64_t gallop(const int32_t* docs, int64_t p, int64_t end, int32_t limit) {
+  int64_t step = 1;
+  while (p + step < end && docs[p + step] < limit) step *= 2;
+  return std::lower_bound(docs + p + step / 2, docs + std::min(p + step, end), limit) - docs;
+}
+
 template <class W>
 void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo, int64_t hi, float* acc,
                     int64_t* cursor, BestK& best) {
@@ -127,7 +136,7 @@ void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo,
     const int64_t n = std::min(kSearchBlock, hi - block);
     std::fill(acc, acc + n, 0.0f);
     for (int64_t t = 0; t < q.nterms; ++t) {
-      const int64_t stop = std::lower_bound(seg.docs + pos[t], seg.docs + end[t], int32_t(block + n)) - seg.docs;
+      const int64_t stop = gallop(seg.docs, pos[t], end[t], int32_t(block + n));
       scatter_postings<W>(acc, seg.docs, w, pos[t], stop, q.weights[t], int32_t(block));
       pos[t] = stop;
     }

@@ -26,8 +26,9 @@ struct SearchQuery {
   int64_t nterms;
 };
 
-// Documents per accumulator block: 64 KiB of float32 accumulators stays in L2 while the postings stream past.
-constexpr int64_t kSearchBlock = 16384;
+// Documents per accumulator block: 128 KiB of float32 accumulators stays in L2 while the postings stream past
+// (8192 and 16384 measured no faster on the Zen 4 this was tuned on).
+constexpr int64_t kSearchBlock = 32768;
 
 }  // namespace sr::cpu
 
