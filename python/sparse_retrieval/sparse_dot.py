@@ -72,27 +72,23 @@ def _setup_context(ctx, inputs, output):
     ctx.dim = inputs[6]
 
 
-def _sparse_dot_backward(ctx, grad):
-    a_ptr, a_idx, a_val, b_ptr, b_idx, b_val = ctx.saved_tensors
-    ga = gb = None
-    if ctx.needs_input_grad[2]:
-        ga = _ops.sparse_dot_backward(grad, a_ptr, a_idx, b_ptr, b_idx, b_val, ctx.dim).to(a_val.dtype)
-    if ctx.needs_input_grad[5]:
-        gb = _ops.sparse_dot_backward(grad.t().contiguous(), b_ptr, b_idx, a_ptr, a_idx, a_val, ctx.dim)
-        gb = gb.to(b_val.dtype)
-    return None, None, ga, None, None, gb, None
+def _backward(grad_op, all_pairs: bool):
+    """Backward of an op scoring a against b: each operand's value gradient comes from grad_op with the operands
+    swapped for b (and, for all pairs, the incoming gradient transposed)."""
+    def backward(ctx, grad):
+        a_ptr, a_idx, a_val, b_ptr, b_idx, b_val = ctx.saved_tensors
+        ga = gb = None
+        if ctx.needs_input_grad[2]:
+            ga = grad_op(grad, a_ptr, a_idx, b_ptr, b_idx, b_val, ctx.dim).to(a_val.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_b = grad.t().contiguous() if all_pairs else grad
+            gb = grad_op(grad_b, b_ptr, b_idx, a_ptr, a_idx, a_val, ctx.dim).to(b_val.dtype)
+        return None, None, ga, None, None, gb, None
+
+    return backward
 
 
-def _pairwise_backward(ctx, grad):
-    a_ptr, a_idx, a_val, b_ptr, b_idx, b_val = ctx.saved_tensors
-    ga = gb = None
-    if ctx.needs_input_grad[2]:
-        ga = _ops.pairwise_sparse_dot_backward(grad, a_ptr, a_idx, b_ptr, b_idx, b_val, ctx.dim).to(a_val.dtype)
-    if ctx.needs_input_grad[5]:
-        gb = _ops.pairwise_sparse_dot_backward(grad, b_ptr, b_idx, a_ptr, a_idx, a_val, ctx.dim).to(b_val.dtype)
-    return None, None, ga, None, None, gb, None
-
-
-torch.library.register_autograd("sparse_retrieval::sparse_dot", _sparse_dot_backward, setup_context=_setup_context)
-torch.library.register_autograd("sparse_retrieval::pairwise_sparse_dot", _pairwise_backward,
+torch.library.register_autograd("sparse_retrieval::sparse_dot", _backward(_ops.sparse_dot_backward, True),
                                 setup_context=_setup_context)
+torch.library.register_autograd("sparse_retrieval::pairwise_sparse_dot",
+                                _backward(_ops.pairwise_sparse_dot_backward, False), setup_context=_setup_context)
