@@ -80,16 +80,15 @@ def _man_page(path: Path) -> tuple[str, str] | None:
     return (desc, " ".join(body)) if desc.strip() else None
 
 
-def man_pages_bm25(k1: float = 0.9, b: float = 0.4):
+def man_pages_bm25(k1: float = 0.9, b: float = 0.4, max_terms: int = 65535):
     """BM25 document vectors and binary query vectors over the English man pages installed here."""
     def make():
         pages = [p for p in (_man_page(f) for f in sorted(Path("/usr/share/man").glob("man[1-9]*/*.gz"))) if p]
-        vocab: dict[str, int] = {}
         doc_tf = [Counter(_TOKEN.findall(body.lower())) for _, body in pages]
-        for tf in doc_tf:
-            for t in tf:
-                vocab.setdefault(t, len(vocab))
         df = Counter(t for tf in doc_tf for t in tf)
+        # The most frequent max_terms terms (Seismic stores dimensions in 16 bits); rarer ones are dropped.
+        vocab = {t: i for i, (t, _) in enumerate(df.most_common(max_terms))}
+        doc_tf = [Counter({t: c for t, c in tf.items() if t in vocab}) for tf in doc_tf]
         n = len(doc_tf)
         avg = sum(sum(tf.values()) for tf in doc_tf) / max(n, 1)
         rows = []
@@ -105,7 +104,7 @@ def man_pages_bm25(k1: float = 0.9, b: float = 0.4):
         dim = len(vocab)
         return sr.SparseBatch.from_lists(rows, dim), sr.SparseBatch.from_lists(qrows, dim)
 
-    return _cached("manpages_bm25", make)
+    return _cached(f"manpages_bm25_{max_terms}", make)
 
 
 # ---- peers ---------------------------------------------------------------------------------------------------------
@@ -156,9 +155,9 @@ def seismic_search(index, queries: sr.SparseBatch, k: int, n_threads: int):
     qids = np.array([str(i) for i in range(len(queries))], dtype=kind)
     res = index.batch_search(qids, tokens, values, k=k, query_cut=10, heap_factor=0.7, num_threads=n_threads)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for r, hits in enumerate(res):
+    for hits in res:  # each hit is (query id, score, document id); rows may come back in any order
         for j, hit in enumerate(hits[:k]):
-            ids[r, j] = int(hit[2])
+            ids[int(hit[0]), j] = int(hit[2])
     return ids
 
 
@@ -344,7 +343,8 @@ def main() -> None:
     bw = bandwidth()
     print(f"single-thread read bandwidth {bw / 1e9:.2f} GB/s; threads 1 and {all_threads}; "
           f"SIMD {sr.get_simd_level()}", flush=True)
-    payload = {"args": vars(args), "bandwidth_gbs": bw / 1e9}
+    payload = {"args": vars(args), "bandwidth_gbs": bw / 1e9, "load_average_start": os.getloadavg()}
+    print(f"load average {os.getloadavg()} (other users of this machine slow every method alike)", flush=True)
     if args.msmarco:
         payload["msmarco"] = run_msmarco(args, all_threads, bw)
         print(f"wrote {write_results('search_msmarco', payload)}")
