@@ -243,12 +243,14 @@ def run_dataset(name, docs, queries, args, all_threads, bw, seismic=True):
                 index.search(q1, k, threads=t)
                 lat.append(time.perf_counter() - t0)
             lat = np.array(lat)
-            rows[-1].update(latency_ms_p50=float(np.median(lat) * 1e3), latency_ms_p99=float(np.quantile(lat, .99) * 1e3))
+            rows[-1].update(latency_ms_p50=float(np.median(lat) * 1e3),
+                            latency_ms_p99=float(np.quantile(lat, .99) * 1e3))
             if t == 1:
                 ratio = lat / floor[:lat.size]
                 facts["latency_over_floor_median"] = float(np.median(ratio))
             m = measure(lambda: topn_search(peer_sp, dt_csr, k, t), warmup=0, repeats=args.repeats)
-            rows.append({"method": "sparse_dot_topn", "threads": t, "queries": npeer, "median_s": m["median"] / npeer})
+            rows.append({"method": "sparse_dot_topn", "threads": t, "queries": npeer,
+                         "median_s": m["median"] / npeer})
             _log(rows[-1])
             m = measure(lambda: scipy_search(peer_sp, dt, k), warmup=0, repeats=args.repeats)
             rows.append({"method": "scipy", "threads": t, "queries": npeer, "median_s": m["median"] / npeer})

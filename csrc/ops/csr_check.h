@@ -46,9 +46,10 @@ inline void check_csr(const at::Tensor& indptr, const at::Tensor& indices, const
                       "_indptr: must be non-decreasing");
   }
   if (nnz > 0) {
-    auto [lo, hi] = at::aminmax(indices);
-    TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < dim, name, "_indices: column indices must lie in [0, ",
-                      dim, "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    auto [lo_t, hi_t] = at::aminmax(indices);
+    const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < dim, name, "_indices: column indices must lie in [0, ", dim, "), got [", lo,
+                      ", ", hi, "]");
   }
 }
 
@@ -67,7 +68,8 @@ inline void check_pair(const at::Tensor& a_indptr, const at::Tensor& a_indices, 
   TORCH_CHECK_TYPE(a_indices.scalar_type() == b_indices.scalar_type(), "a_indices and b_indices: dtypes differ (",
                    a_indices.scalar_type(), " vs ", b_indices.scalar_type(), ")");
   TORCH_CHECK_TYPE(!a_values.defined() || a_values.scalar_type() == b_values.scalar_type(),
-                   "a_values and b_values: dtypes differ (", a_values.scalar_type(), " vs ", b_values.scalar_type(), ")");
+                   "a_values and b_values: dtypes differ (", a_values.scalar_type(), " vs ",
+                   b_values.scalar_type(), ")");
 }
 
 }  // namespace sr::ops
