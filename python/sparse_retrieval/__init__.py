@@ -5,11 +5,13 @@ from . import _C  # registers torch.ops.sparse_retrieval.*
 from . import cq, datasets, reference
 from ._build import build_info, get_simd_level, set_simd_level, simd_level, supported_simd_levels
 from .sparse import SparseBatch
+from .sparse_dot import pairwise_sparse_dot, sparse_dot
+from .index import SparseIndex
 from .topk import topk, topk_sparsify
 
 __version__ = _C.__version__
 
 __all__ = [
-    "SparseBatch", "build_info", "cq", "datasets", "get_simd_level", "reference", "set_simd_level", "simd_level",
-    "supported_simd_levels", "topk", "topk_sparsify",
+    "SparseBatch", "SparseIndex", "build_info", "cq", "datasets", "get_simd_level", "pairwise_sparse_dot",
+    "reference", "set_simd_level", "simd_level", "sparse_dot", "supported_simd_levels", "topk", "topk_sparsify",
 ]
