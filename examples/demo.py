@@ -247,8 +247,7 @@ def main(argv=None) -> dict:
     for k in [int(v) for v in args.ks.split(",")]:
         with torch.no_grad():
             dq, qq = csr.encode(d_emb, k), csr.encode(q_test, k)
-        from sparse_retrieval import _deps  # TEMP shim
-        index = getattr(sr, "SparseIndex", _deps.SparseIndex).from_documents(dq)
+        index = sr.SparseIndex.from_documents(dq)
         (_, ids), t_index = timed(lambda: index.search(qq, 10), args.repeats)
         row = {"k": k, **quality(ids, relevant), "expected_flops_per_doc": metrics.expected_flops(qq, dq),
                "flops_suboptimality_docs": metrics.flops_suboptimality(dq),

@@ -16,8 +16,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ._deps import pairwise_sparse_dot, sparse_dot
 from .sparse import SparseBatch
+from .sparse_dot import pairwise_sparse_dot, sparse_dot
 
 Embeddings = Union[torch.Tensor, SparseBatch]
 Negatives = Union[None, Embeddings, Sequence[Embeddings]]

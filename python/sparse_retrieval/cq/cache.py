@@ -1,0 +1,320 @@
+"""Hugging Face ``transformers`` integration: a coupled-quantized KV cache and calibration of its quantizers.
+
+Needs ``transformers`` (tested with 5.23). Llama-family layouts: decoder layers at ``model.model.layers``, each with
+``self_attn.k_proj`` / ``v_proj`` and the rotary embedding at ``model.model.rotary_emb``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import CoupledQuantizer, attention
+
+__all__ = ["CoupledQuantizedCache", "CoupledQuantizedLayer", "calibrate", "enable_cq_attention"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotates x (B, H, T, D) by the RoPE angles behind cos/sin (B or 1, T, D), or back with ``inverse``."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
+
+
+def _rope_angles(rotary_emb, x: torch.Tensor, start: int, n: int):
+    positions = torch.arange(start, start + n, device=x.device)[None]
+    return rotary_emb(x, positions)
+
+
+class CoupledQuantizedLayer(DynamicLayer):
+    """One layer: ``keys``/``values`` hold the full-precision window (B, Hkv, <= window, D); tokens leaving it are
+    coded once into (B, Hkv, T, G) codes (grown by doubling, never re-encoded)."""
+
+    def __init__(self, k_quantizer: CoupledQuantizer, v_quantizer: CoupledQuantizer, window: int = 128,
+                 rotary_emb=None, codes_attention: bool = False):
+        super().__init__()
+        self.k_quantizer, self.v_quantizer, self.window = k_quantizer, v_quantizer, window
+        self.rotary_emb = rotary_emb  # set: keys are coded before RoPE
+        self.codes_attention = codes_attention
+        self.cumulative_length = 0
+        self.n_coded = 0
+        self._k_codes = self._v_codes = None
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        B, H, _, D = key_states.shape
+        if H * D != self.k_quantizer.channels:
+            raise ValueError(f"layer keys have {H} heads x {D} = {H * D} channels, the quantizer expects "
+                             f"{self.k_quantizer.channels}")
+        shape = (B, H, 0, self.k_quantizer.groups // H)
+        self._k_codes = torch.empty(shape, dtype=self.k_quantizer.code_dtype, device=key_states.device)
+        self._v_codes = torch.empty_like(self._k_codes)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    @property
+    def k_codes(self) -> torch.Tensor:
+        return self._k_codes[:, :, :self.n_coded]
+
+    @property
+    def v_codes(self) -> torch.Tensor:
+        return self._v_codes[:, :, :self.n_coded]
+
+    def _encode(self, quantizer: CoupledQuantizer, x: torch.Tensor) -> torch.Tensor:
+        B, H, n, D = x.shape
+        codes = quantizer.encode(x.transpose(1, 2).reshape(B, n, H * D))
+        return codes.reshape(B, n, H, -1).transpose(1, 2)
+
+    def _decode(self, quantizer: CoupledQuantizer, codes: torch.Tensor) -> torch.Tensor:
+        B, H, n, G = codes.shape
+        x = quantizer.decode(codes.transpose(1, 2).reshape(B, n, H * G))
+        return x.reshape(B, n, H, quantizer.channels // H).transpose(1, 2)
+
+    def _append_codes(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        if self.rotary_emb is not None:
+            keys = _rope(keys, *_rope_angles(self.rotary_emb, keys, self.n_coded, n), inverse=True)
+        need = self.n_coded + n
+        if need > self._k_codes.shape[2]:
+            capacity = max(need, 2 * self._k_codes.shape[2], 64)
+            for name in ("_k_codes", "_v_codes"):
+                old = getattr(self, name)
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, :self.n_coded] = old[:, :, :self.n_coded]
+                setattr(self, name, new)
+        self._k_codes[:, :, self.n_coded:need] = self._encode(self.k_quantizer, keys)
+        self._v_codes[:, :, self.n_coded:need] = self._encode(self.v_quantizer, values)
+        self.n_coded = need
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coded history, decoded (post-RoPE keys), in the window's dtype."""
+        keys = self._decode(self.k_quantizer, self.k_codes)
+        if self.rotary_emb is not None and self.n_coded:
+            keys = _rope(keys, *_rope_angles(self.rotary_emb, keys, 0, self.n_coded))
+        return keys.to(self.dtype), self._decode(self.v_quantizer, self.v_codes).to(self.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self.cumulative_length += n
+        self.keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.numel() else key_states
+        self.values = torch.cat([self.values, value_states], dim=-2) if self.values.numel() else value_states
+        overflow = self.keys.shape[-2] - self.window
+        # A prefill attends over its own keys in full precision; its overflow is coded afterwards.
+        full = None
+        if n > self.window:
+            hist_k, hist_v = self.dequantized()
+            full = torch.cat([hist_k, self.keys], -2), torch.cat([hist_v, self.values], -2)
+        if overflow > 0:
+            self._append_codes(self.keys[:, :, :overflow], self.values[:, :, :overflow])
+            self.keys = self.keys[:, :, overflow:].contiguous()
+            self.values = self.values[:, :, overflow:].contiguous()
+        if full is not None:
+            return full
+        if self.codes_attention and self.rotary_emb is None:
+            keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
+            keys._cq_layer = self  # read by the "cq" attention function
+            return keys, values
+        hist_k, hist_v = self.dequantized()
+        return torch.cat([hist_k, self.keys], -2), torch.cat([hist_v, self.values], -2)
+
+    def nbytes(self) -> dict:
+        """Bytes held for the tokens stored now: codes (exactly n_coded tokens) and the full-precision window."""
+        code = self.k_codes.numel() * self.k_codes.element_size() * 2 if self.is_initialized else 0
+        win = (self.keys.numel() * self.keys.element_size() * 2) if self.is_initialized else 0
+        return {"codes": code, "window": win}
+
+    def _select_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._k_codes, self._v_codes = fn(self._k_codes), fn(self._v_codes)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.keys.shape[-2]:
+            raise ValueError(f"cannot crop {n} tokens: only the {self.keys.shape[-2]} window tokens can be removed, "
+                             "coded history is final")
+        self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+        self.cumulative_length -= n
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = self.n_coded = 0
+        self._k_codes = self._v_codes = None
+
+
+class CoupledQuantizedCache(Cache):
+    """A ``transformers`` cache that keeps the last ``window`` tokens of each layer in full precision and codes
+    older tokens once with the layer's coupled quantizers (as returned by :func:`calibrate`).
+
+    Keys are coded **post-RoPE** (as transformers hands them over), which lets attention run from the codes:
+    with ``codes_attention=True`` and ``enable_cq_attention(model)``, decode steps call
+    :func:`sparse_retrieval.cq.attention` instead of dequantizing the history. ``rotary_emb=model.model.rotary_emb``
+    codes keys **pre-RoPE** instead (quantizers calibrated with ``rope="pre"``): history is then decoded and
+    re-rotated every step. Positions are taken to start at 0 (no left padding).
+    """
+
+    def __init__(self, quantizers: Sequence[tuple[CoupledQuantizer, CoupledQuantizer]], window: int = 128,
+                 rotary_emb=None, codes_attention: bool = False):
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative int, got {window!r}")
+        if not quantizers:
+            raise ValueError("quantizers must hold one (key, value) pair of CoupledQuantizer per layer")
+        for i, pair in enumerate(quantizers):
+            if len(pair) != 2 or not all(isinstance(q, CoupledQuantizer) for q in pair):
+                raise TypeError(f"quantizers[{i}] must be a (key, value) pair of CoupledQuantizer")
+            for q in pair:
+                q._require_fitted()
+        self.window = window
+        super().__init__(layers=[CoupledQuantizedLayer(k, v, window, rotary_emb, codes_attention)
+                                 for k, v in quantizers])
+
+    def nbytes(self) -> dict:
+        """Bytes of codes and of full-precision window over all layers."""
+        totals = {"codes": 0, "window": 0}
+        for layer in self.layers:
+            for k, v in layer.nbytes().items():
+                totals[k] += v
+        return totals
+
+
+def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    layer = getattr(key, "_cq_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if attention_mask is not None:  # padding: attend over the decoded history with the mask
+        hist_k, hist_v = layer.dequantized()
+        return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2), torch.cat([hist_v, value], -2),
+                                      attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = attention(query, layer.k_codes, layer.v_codes, layer.k_quantizer, layer.v_quantizer, key, value,
+                    scale=scaling)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def enable_cq_attention(model) -> None:
+    """Registers the "cq" attention implementation (attention from codes at decode steps of a
+    ``CoupledQuantizedCache(codes_attention=True)``, SDPA otherwise) and switches ``model`` to it."""
+    ALL_ATTENTION_FUNCTIONS.register("cq", _cq_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("cq", sdpa_mask)
+    model.set_attn_implementation("cq")
+
+
+def _token_batches(texts, tokenizer, max_length: int):
+    if isinstance(texts, torch.Tensor):
+        texts = list(texts) if texts.dim() == 2 else [texts]
+    for t in texts:
+        if isinstance(t, str):
+            if tokenizer is None:
+                raise ValueError("texts are strings: pass tokenizer=")
+            t = torch.tensor(tokenizer(t)["input_ids"])
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
+            raise TypeError("texts must be strings or 1-D int64 token-id tensors")
+        if t.numel():
+            yield t[:max_length][None]
+
+
+def calibrate(model, texts, group_size: int, bits: int, fisher: bool = False, tokenizer=None,
+              max_length: int = 2048, rope: str = "post", iters: int = 20, seed: int = 0,
+              progress: bool = True) -> list[tuple[CoupledQuantizer, CoupledQuantizer]]:
+    """Fits one (key, value) pair of coupled quantizers per decoder layer on the keys/values the model computes
+    for ``texts`` (strings with ``tokenizer``, or 1-D token-id tensors), captured with forward hooks on
+    ``k_proj``/``v_proj``. ``rope="post"`` fits keys after RoPE (for ``CoupledQuantizedCache``'s default),
+    ``"pre"`` before. ``fisher=True`` also runs a backward pass of the language-modelling loss and weights each
+    token's channel group by its summed squared gradient (Fisher information)."""
+    if rope not in ("post", "pre"):
+        raise ValueError(f"rope must be 'post' or 'pre', got {rope!r}")
+    layers = model.model.layers
+    attn0 = layers[0].self_attn
+    head_dim = attn0.head_dim
+    keys = [[] for _ in layers]
+    vals = [[] for _ in layers]
+    k_grads = [[] for _ in layers]
+    v_grads = [[] for _ in layers]
+
+    def capture(store, grads):
+        def hook(_module, _inp, out):
+            store.append(out.detach())
+            if fisher:
+                out.register_hook(lambda g: grads.append(g.detach()))
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.k_proj.register_forward_hook(capture(keys[i], k_grads[i])))
+        handles.append(layer.self_attn.v_proj.register_forward_hook(capture(vals[i], v_grads[i])))
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(list(_token_batches(texts, tokenizer, max_length)), desc="calibration forward",
+                        disable=not progress, leave=False):
+            ids = ids.to(next(model.parameters()).device)
+            if fisher:
+                with torch.enable_grad():
+                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not keys[0]:
+        raise ValueError("texts hold no tokens")
+
+    def heads(t):  # (1, T, H * D) -> (1, H, T, D)
+        return t.reshape(t.shape[0], t.shape[1], -1, head_dim).transpose(1, 2)
+
+    def tokens(t):  # (1, H, T, D) -> (T, H * D)
+        return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])
+
+    def rotate(chunks):
+        out = []
+        for t in chunks:
+            h = heads(t.float())
+            out.append(tokens(_rope(h, *_rope_angles(model.model.rotary_emb, h, 0, h.shape[2]))))
+        return out
+
+    quantizers = []
+    for i in tqdm(range(len(layers)), desc="fitting quantizers", disable=not progress):
+        k_chunks = rotate(keys[i]) if rope == "post" else [c.reshape(-1, c.shape[-1]) for c in keys[i]]
+        v_chunks = [c.reshape(-1, c.shape[-1]) for c in vals[i]]
+        k_w = v_w = None
+        if fisher:
+            # One gradient per text, in text order (each backward runs before the next forward); they rotate
+            # like the keys.
+            kg = rotate(k_grads[i]) if rope == "post" else [g.reshape(-1, g.shape[-1]) for g in k_grads[i]]
+            vg = [g.reshape(-1, g.shape[-1]) for g in v_grads[i]]
+            k_w = torch.cat(kg).float().pow(2).reshape(-1, kg[0].shape[-1] // group_size, group_size).sum(-1)
+            v_w = torch.cat(vg).float().pow(2).reshape(-1, vg[0].shape[-1] // group_size, group_size).sum(-1)
+        k_x, v_x = torch.cat(k_chunks).float(), torch.cat(v_chunks).float()
+        kq = CoupledQuantizer(k_x.shape[1], group_size, bits, seed).fit(k_x, k_w, iters=iters, progress=False)
+        vq = CoupledQuantizer(v_x.shape[1], group_size, bits, seed).fit(v_x, v_w, iters=iters, progress=False)
+        quantizers.append((kq, vq))
+    return quantizers

@@ -1,0 +1,215 @@
+"""Coupled quantization: encode/decode and attention-from-codes kernels against sparse_retrieval.reference,
+the quantizer's fitting, and bad input."""
+import pytest
+import torch
+
+import sparse_retrieval as sr
+from sparse_retrieval import cq, reference
+
+OPS = torch.ops.sparse_retrieval
+
+
+def random_books(groups, k, g, gen, dtype=torch.float32):
+    return torch.randn(groups, k, g, generator=gen).to(dtype)
+
+
+def assert_nearest(x, books, codes):
+    """codes equal the reference, or (float rounding of a near tie) point at a centroid just as close."""
+    ref = reference.cq_encode(x, books)
+    assert codes.dtype == ref.dtype and codes.shape == ref.shape
+    if torch.equal(codes.cpu(), ref):
+        return
+    groups, _, g = books.shape
+    xs = x.float().reshape(-1, groups, 1, g)
+    dist = (xs - books.float()[None]).pow(2).sum(-1)  # (rows, groups, K)
+    got = dist.gather(2, codes.cpu().reshape(-1, groups, 1).long())
+    want = dist.gather(2, ref.reshape(-1, groups, 1).long())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (codes.cpu() != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows,groups,k,g", [(0, 3, 16, 2), (1, 1, 1, 1), (37, 5, 37, 3), (130, 4, 256, 8),
+                                             (19, 2, 300, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_encode_decode_match_reference(simd, device, rows, groups, k, g, dtype):
+    gen = torch.Generator().manual_seed(rows * 7 + k)
+    books = random_books(groups, k, g, gen)
+    x = torch.randn(rows, groups * g, generator=gen).to(dtype)
+    codes = cq.encode(x.to(device), books.to(device))
+    assert codes.dtype == (torch.uint8 if k <= 256 else torch.int16)
+    assert_nearest(x, books, codes)
+    ref_codes = reference.cq_encode(x, books).to(device)
+    for book_dtype in (torch.float32, torch.float16):
+        b = books.to(book_dtype).to(device)
+        out = cq.decode(ref_codes, b)
+        assert out.dtype == book_dtype
+        assert torch.equal(out.cpu(), reference.cq_decode(ref_codes.cpu(), b.cpu()))
+
+
+def test_encode_keeps_leading_dims_and_ties(simd, device):
+    gen = torch.Generator().manual_seed(1)
+    books = random_books(3, 40, 2, gen)
+    books[:, 21] = books[:, 5]  # duplicated centroid: the lower code wins
+    books[1] = books[1, 7]  # every centroid of group 1 equal: code 0
+    x = books[:, 5].reshape(1, 6).repeat(4, 1).reshape(2, 2, 6)
+    codes = cq.encode(x.to(device), books.to(device)).cpu()
+    assert codes.shape == (2, 2, 3)
+    assert torch.equal(codes, reference.cq_encode(x, books))
+    assert (codes[..., 0] == 5).all() and (codes[..., 1] == 0).all() and (codes[..., 2] == 5).all()
+    # NaN input: every distance is NaN and the first code is returned, as argmin in the reference.
+    nan_x = torch.full((1, 6), float("nan"))
+    assert torch.equal(cq.encode(nan_x.to(device), books.to(device)).cpu(), reference.cq_encode(nan_x, books))
+
+
+def attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths=None, dtype=torch.float32):
+    K = 2 ** bits
+    code_dtype = reference.cq_code_dtype(K)
+    kq, vq = (cq.CoupledQuantizer(Hkv * D, g, bits) for _ in range(2))
+    for qz in (kq, vq):
+        qz.codebooks.copy_(torch.randn(qz.codebooks.shape, generator=gen))
+        qz.fitted.fill_(True)
+    q = torch.randn(B, Hq, Tq, D, generator=gen).to(dtype)
+    kc = torch.randint(0, K, (B, Hkv, T, D // g), generator=gen).to(code_dtype)
+    vc = torch.randint(0, K, (B, Hkv, T, D // g), generator=gen).to(code_dtype)
+    kr = torch.randn(B, Hkv, W, D, generator=gen).to(dtype) if W else None
+    vr = torch.randn(B, Hkv, W, D, generator=gen).to(dtype) if W else None
+    return q, kc, vc, kq, vq, kr, vr, lengths
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,D,g,bits,T,W,lengths", [
+    (2, 4, 2, 1, 16, 4, 8, 53, 0, None),  # no window, GQA
+    (3, 6, 2, 2, 16, 2, 5, 41, 7, [41, 0, 13]),  # window, varying lengths, a sequence with no coded token
+    (1, 3, 3, 3, 12, 3, 9, 17, 2, None),  # int16 codes, more queries than window slots
+    (2, 2, 1, 1, 8, 8, 3, 0, 5, None),  # nothing coded yet
+    (1, 1, 1, 1, 8, 4, 4, 30, 0, [0]),  # sees nothing: zeros
+    (2, 8, 2, 1, 16, 8, 8, 37, 3, [37, 20]),  # 4 rows per kv head
+    (1, 8, 1, 1, 8, 2, 6, 21, 1, None),  # 8 rows
+    (1, 9, 1, 2, 8, 4, 7, 26, 4, None),  # 18 rows: generic path
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype):
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    q, kc, vc, kq, vq, kr, vr, lengths = attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype)
+    want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths, scale=0.3)
+    dev = [None if t is None else t.to(device) for t in (q, kc, vc, kr, vr, lengths)]
+    got = cq.attention(dev[0], dev[1], dev[2], kq.to(device), vq.to(device), dev[3], dev[4], dev[5], scale=0.3)
+    assert got.dtype == torch.float32 and got.shape == (B, Hq, Tq, D)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_codes_inside_larger_buffer(simd):
+    gen = torch.Generator().manual_seed(5)
+    q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, 2, 4, 2, 1, 16, 4, 8, 70, 3)
+    k_view, v_view = kc[:, :, :45], vc[:, :, :45]  # what a cache with spare capacity passes
+    want = reference.cq_attention(q, k_view, v_view, kq.codebooks, vq.codebooks, kr, vr)
+    torch.testing.assert_close(cq.attention(q, k_view, v_view, kq, vq, kr, vr), want, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(3)
+    books = random_books(3, 20, 4, gen).to(device)
+    x = torch.randn(9, 12, generator=gen).to(device)
+    codes = OPS.cq_encode(x, books)
+    torch.library.opcheck(OPS.cq_encode, (x, books))
+    torch.library.opcheck(OPS.cq_decode, (codes, books))
+    q, kc, vc, kq, vq, kr, vr, lengths = attention_case(gen, 2, 4, 2, 2, 8, 2, 4, 11, 3, torch.tensor([11, 4]))
+    args = [t.to(device) for t in (q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths)]
+    torch.library.opcheck(OPS.cq_attention, (*args, 0.5))
+    torch.library.opcheck(OPS.cq_attention, (*args[:5], None, None, None, None))
+
+
+# ---- the quantizer ---------------------------------------------------------------------------------------------
+
+
+def test_fit_matches_reference_kmeans_and_is_deterministic():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 12, generator=gen)
+    w = torch.rand(300, 3, generator=gen)
+    qz = cq.CoupledQuantizer(12, 4, 4, seed=7).fit(x, w, iters=6, progress=False)
+    for j in range(3):
+        want = reference.kmeans(x[:, 4 * j:4 * j + 4], 16, iters=6, weights=w[:, j], seed=7 + j)
+        torch.testing.assert_close(qz.codebooks[j], want, rtol=1e-5, atol=1e-5)
+    again = cq.CoupledQuantizer(12, 4, 4, seed=7).fit(x, w, iters=6, progress=False)
+    assert torch.equal(qz.codebooks, again.codebooks)
+    other = cq.CoupledQuantizer(12, 4, 4, seed=8).fit(x, w, iters=6, progress=False)
+    assert not torch.equal(qz.codebooks, other.codebooks)
+
+
+def test_fit_learns_structure_and_round_trips_state(device, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    centers = torch.randn(8, 16, generator=gen) * 5
+    x = (centers[torch.randint(0, 8, (2000,), generator=gen)] + 0.01 * torch.randn(2000, 16, generator=gen))
+    qz = cq.CoupledQuantizer(16, 8, 3).to(device).fit(x.to(device), progress=False)
+    x_hat = qz.decode(qz.encode(x.to(device)))
+    assert x_hat.shape == x.shape and x_hat.dtype == torch.float32
+    assert ((x_hat.cpu() - x).norm() / x.norm()) < 0.01  # 8 well-separated clusters, 8 centroids each group
+    torch.save(qz.state_dict(), tmp_path / "cq.pt")
+    restored = cq.CoupledQuantizer(16, 8, 3).to(device)
+    restored.load_state_dict(torch.load(tmp_path / "cq.pt"))
+    assert torch.equal(restored.encode(x.to(device)), qz.encode(x.to(device)))
+    assert qz.bits_per_channel == 3 / 8 and qz.code_dtype == torch.uint8
+
+
+def test_fit_subsamples_init_and_stops_early():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(700, 4, generator=gen)
+    qz = cq.CoupledQuantizer(4, 2, 3).fit(x, init_sample=2, init="random", iters=50, progress=False)
+    assert torch.isfinite(qz.codebooks).all()
+    codes = qz.encode(x).long()
+    # Converged: every centroid is the mean of its rows.
+    for j in range(2):
+        for c in codes[:, j].unique():
+            torch.testing.assert_close(qz.codebooks[j, c], x[codes[:, j] == c, 2 * j:2 * j + 2].mean(0),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="group_size 3 does not divide channels 8"):
+        cq.CoupledQuantizer(8, 3, 4)
+    for bits in (0, 16):
+        with pytest.raises(ValueError, match="bits must be in"):
+            cq.CoupledQuantizer(8, 2, bits)
+    qz = cq.CoupledQuantizer(8, 2, 4)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        qz.encode(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        cq.attention(torch.randn(1, 1, 1, 8), torch.zeros(1, 1, 2, 4, dtype=torch.uint8),
+                     torch.zeros(1, 1, 2, 4, dtype=torch.uint8), qz, qz)
+    x = torch.randn(50, 8)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        qz.fit(x, torch.ones(50, 3), progress=False)
+    with pytest.raises(ValueError, match="8 channels"):
+        qz.fit(torch.randn(50, 6), progress=False)
+    qz.fit(x, iters=2, progress=False)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        qz.encode(x.double())
+    with pytest.raises(TypeError, match="must be torch.uint8"):
+        qz.decode(torch.zeros(2, 4, dtype=torch.int16))
+    with pytest.raises(IndexError, match=r"must lie in \[0, 16\)"):
+        qz.decode(torch.full((2, 4), 16, dtype=torch.uint8))
+    with pytest.raises(IndexError, match=r"must lie in \[0, 16\)"):  # the op itself checks too
+        OPS.cq_decode(torch.full((2, 4), 200, dtype=torch.uint8), qz.codebooks)
+    with pytest.raises(ValueError, match="4 groups"):
+        qz.decode(torch.zeros(2, 3, dtype=torch.uint8))
+    big = cq.CoupledQuantizer(8, 2, 9).fit(x, iters=1, progress=False)
+    with pytest.raises(IndexError, match=r"must lie in \[0, 512\)"):
+        big.decode(torch.full((1, 4), -1, dtype=torch.int16))
+    q = torch.randn(1, 2, 1, 4)
+    codes = torch.zeros(1, 2, 3, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        cq.attention(q, codes, codes, qz, qz, lengths=torch.tensor([4]))
+    with pytest.raises(ValueError, match="both k_recent and v_recent"):
+        cq.attention(q, codes, codes, qz, qz, k_recent=torch.randn(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        cq.attention(torch.randn(1, 3, 1, 4), codes, codes, qz, qz)
+    with pytest.raises(TypeError, match="must be torch.uint8"):
+        cq.attention(q, codes.short(), codes.short(), qz, qz)
+    with pytest.raises(IndexError, match="k_codes must lie"):  # the op checks code range
+        OPS.cq_attention(q, codes + 16, codes, qz.codebooks, qz.codebooks)
+
+
+def test_importable():
+    import sparse_retrieval.cq as module
+
+    assert module is sr.cq and callable(sr.cq.attention)

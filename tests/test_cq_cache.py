@@ -1,0 +1,177 @@
+"""CoupledQuantizedCache and calibrate on a tiny randomly initialised transformers Llama (no downloads)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sparse_retrieval import cq  # noqa: E402
+from sparse_retrieval.cq.cache import CoupledQuantizedCache, calibrate, enable_cq_attention  # noqa: E402
+
+HKV, HEAD_DIM = 2, 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=HKV, head_dim=HEAD_DIM,
+                         max_position_embeddings=256, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 97, (n,), generator=gen) for n in (40, 33, 57)]
+
+
+@pytest.fixture(scope="module")
+def quantizers(model, texts):
+    return calibrate(model, texts, group_size=4, bits=8, iters=5, progress=False)
+
+
+def test_calibrate_returns_fitted_quantizers(model, texts, quantizers):
+    assert len(quantizers) == 2
+    for kq, vq in quantizers:
+        assert kq.channels == vq.channels == HKV * HEAD_DIM and kq.bits == 8 and bool(kq.fitted)
+    fisher = calibrate(model, texts[:2], group_size=4, bits=4, fisher=True, iters=3, progress=False)
+    plain = calibrate(model, texts[:2], group_size=4, bits=4, iters=3, progress=False)
+    assert not torch.equal(fisher[0][0].codebooks, plain[0][0].codebooks)  # the weights change the fit
+    pre = calibrate(model, texts[:2], group_size=4, bits=4, rope="pre", iters=3, progress=False)
+    assert not torch.equal(pre[1][0].codebooks, plain[1][0].codebooks)
+    assert torch.equal(pre[1][1].codebooks, plain[1][1].codebooks)  # values do not rotate
+
+
+def test_window_bookkeeping_and_bytes_per_token(model, quantizers):
+    cache = CoupledQuantizedCache(quantizers, window=8)
+    ids = torch.randint(0, 97, (3, 13))
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        assert layer.n_coded == 5 and layer.keys.shape == (3, HKV, 8, HEAD_DIM)
+        assert cache.get_seq_length() == 13
+        nxt = out.logits[:, -1:].argmax(-1)
+        for step in range(1, 4):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            assert layer.n_coded == 5 + step and layer.keys.shape[2] == 8
+    assert cache.get_seq_length() == 16
+    # The coded tokens cost exactly bits / group_size bits per channel, keys and values, per layer.
+    n_layers, channels = 2, HKV * HEAD_DIM
+    bits = cache.nbytes()["codes"] * 8
+    assert bits == n_layers * 2 * 3 * layer.n_coded * channels * 8 / 4
+    assert cache.nbytes()["window"] == n_layers * 2 * 3 * 8 * channels * 4
+
+
+def test_history_is_coded_once(model, quantizers):
+    cache = CoupledQuantizedCache(quantizers, window=4)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        first = cache.layers[1].k_codes.clone()
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    assert torch.equal(cache.layers[1].k_codes[:, :, :first.shape[2]], first)
+
+
+def test_large_window_equals_full_precision(model, quantizers):
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        want = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits
+        got = model(input_ids=ids, past_key_values=CoupledQuantizedCache(quantizers, window=64)).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_generate_and_codes_attention_match_dequantized(model, quantizers):
+    ids = torch.randint(0, 97, (2, 11))
+    gen_kwargs = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    with torch.no_grad():
+        plain = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6), **gen_kwargs)
+        assert plain.shape == (2, 23)
+        # Decode-step logits with attention from codes equal those over the dequantized history.
+        caches = [CoupledQuantizedCache(quantizers, window=6), CoupledQuantizedCache(quantizers, window=6,
+                                                                                  codes_attention=True)]
+        logits = []
+        for codes_attention, cache in zip((False, True), caches):
+            if codes_attention:
+                enable_cq_attention(model)
+            try:
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+                steps = [model(input_ids=plain[:, 11 + i:12 + i], past_key_values=cache, use_cache=True).logits
+                         for i in range(5)]
+            finally:
+                model.set_attn_implementation("sdpa")
+            logits.append(torch.cat(steps, 1))
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+        enable_cq_attention(model)
+        try:
+            fast = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6,
+                                                                             codes_attention=True), **gen_kwargs)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert fast.shape == plain.shape
+
+
+def test_pre_rope_mode_rerotates_history(model, texts):
+    # Layer 0's pre-RoPE keys depend on the token only: with one channel per group and more centroids than
+    # distinct calibration values, coding calibration text is lossless, which isolates the un-rotate / re-rotate
+    # bookkeeping (a wrong position would rotate by the wrong angle).
+    pre = calibrate(model, texts, group_size=1, bits=10, rope="pre", iters=3, progress=False)
+    ids = texts[2][None, :14]
+    full = DynamicCache(config=model.config)
+    cache = CoupledQuantizedCache(pre, window=3, rotary_emb=model.model.rotary_emb)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=full, use_cache=True)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    hist_k, hist_v = cache.layers[0].dequantized()
+    want_k = full.layers[0].keys[:, :, :11]
+    scale = want_k.abs().max()
+    assert (hist_k - want_k).abs().max() < 1e-4 * scale
+    assert (hist_v - full.layers[0].values[:, :, :11]).abs().max() < 1e-4 * full.layers[0].values.abs().max()
+
+
+def test_cache_bad_input(model, quantizers):
+    with pytest.raises(ValueError, match="window"):
+        CoupledQuantizedCache(quantizers, window=-1)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CoupledQuantizedCache([(cq.CoupledQuantizer(32, 4, 4), cq.CoupledQuantizer(32, 4, 4))])
+    wrong = [(cq.CoupledQuantizer(16, 4, 2).fit(torch.randn(20, 16), progress=False),) * 2] * 2
+    with pytest.raises(ValueError, match="channels"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 97, (1, 5)), past_key_values=CoupledQuantizedCache(wrong, window=2))
+
+
+def test_beam_search_reorders_codes(model, quantizers):
+    """Beam search against a plain cache that stores decode(encode(x)) for tokens leaving the window: coding is
+    per token, so both caches feed attention the same values if the codes follow the beams."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    window = 4
+
+    class SimulatedLayer(DynamicLayer):
+        def __init__(self, kq, vq):
+            super().__init__()
+            self.kq, self.vq, self.n_coded = kq, vq, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states)
+            # As CoupledQuantizedCache: a chunk longer than the window attends in full precision.
+            returned = (keys.clone(), values.clone()) if key_states.shape[2] > window else (keys, values)
+            end = keys.shape[2] - window
+            if end > self.n_coded:
+                for x, qz in ((keys, self.kq), (values, self.vq)):
+                    part = x[:, :, self.n_coded:end]
+                    B, H, n, D = part.shape
+                    tokens = part.transpose(1, 2).reshape(B, n, H * D)
+                    x[:, :, self.n_coded:end] = qz.decode(qz.encode(tokens)).reshape(B, n, H, D).transpose(1, 2)
+                self.n_coded = end
+            return returned
+
+    ids = torch.randint(0, 97, (2, 9))
+    kwargs = dict(num_beams=3, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=window), **kwargs)
+        want = model.generate(ids, past_key_values=Cache(layers=[SimulatedLayer(k, v) for k, v in quantizers]),
+                              **kwargs)
+    assert torch.equal(got, want)

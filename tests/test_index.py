@@ -1,0 +1,210 @@
+import concurrent.futures
+import os
+
+import pytest
+import torch
+
+import sparse_retrieval as sr
+from sparse_retrieval import reference
+from sparse_retrieval.sparse import SparseBatch
+
+from test_sparse_dot import random_batch
+
+ops = torch.ops.sparse_retrieval
+
+
+def check_search(index, queries, docs, k, threads, exact):
+    """Compares index.search with reference.sparse_search. With `exact` (small-integer values, so every sum is
+    exact in float32) ids must match one for one, ties included; otherwise scores match to rounding and every
+    returned id really has its returned score."""
+    scores, ids = index.search(queries, k, threads=threads)
+    want_scores, want_ids = reference.sparse_search(queries, docs, k)
+    assert scores.shape == ids.shape == (len(queries), k) and ids.dtype == torch.int64
+    if exact:
+        assert torch.equal(ids, want_ids)
+        assert torch.equal(scores, want_scores)
+        return
+    torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-4)
+    full = reference.sparse_dot(queries, docs)
+    real = ids >= 0
+    got = torch.gather(full, 1, ids.clamp(min=0))
+    torch.testing.assert_close(got[real], scores[real], rtol=1e-4, atol=1e-4)
+    assert torch.equal(real, want_ids >= 0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 150])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_search_matches_reference_with_ties(simd, k, threads):
+    gen = torch.Generator().manual_seed(k + threads)
+    docs = random_batch(131, 57, 30, gen, integer=True)
+    queries = random_batch(9, 57, 20, gen, integer=True)
+    index = sr.SparseIndex.from_documents(docs)
+    check_search(index, queries, docs, k, threads, exact=True)
+    check_search(index, queries[:1], docs, k, threads, exact=True)  # one query over split document ranges
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_search_float_values(simd, dtype):
+    gen = torch.Generator().manual_seed(11)
+    docs = random_batch(300, 200, 40, gen, dtype)
+    queries = random_batch(12, 200, 25, gen, dtype)
+    index = sr.SparseIndex.from_documents(docs)
+    assert index.dtype == dtype
+    check_search(index, queries, docs, 10, 2, exact=False)
+
+
+def test_search_spans_blocks_and_segments(simd):
+    # Segments longer than one accumulator block (32768 documents), float16 weights, and one query split over four
+    # document ranges (one straddling the segment boundary) whose candidates are merged. Rounded weights make
+    # many exact ties, so ids must match the reference one for one.
+    docs, queries = sr.datasets.synthetic_splade(100_000, 6, dim=64, doc_nnz=5, query_nnz=4, seed=3)
+    docs = SparseBatch(docs.indptr, docs.indices, docs.values.round().to(torch.float16), 64, check=False)
+    queries = SparseBatch(queries.indptr, queries.indices, queries.values.round(), 64, check=False)
+    index = sr.SparseIndex(64, torch.float16, segment_size=70_000)
+    index.add(docs[:9_000], progress=False)
+    index.add(docs[9_000:], progress=False)
+    assert len(index) == 100_000 and [s.ndocs for s in index._segments] == [70_000, 30_000]
+    for threads in (1, 4):
+        check_search(index, queries, docs, 20, threads, exact=True)
+        check_search(index, queries[:1], docs, 20, threads, exact=True)
+
+
+def test_add_continues_ids_and_merges_segments():
+    gen = torch.Generator().manual_seed(13)
+    docs = random_batch(60, 40, 10, gen, integer=True)
+    queries = random_batch(5, 40, 8, gen, integer=True)
+    index = sr.SparseIndex(40, segment_size=25)
+    for part in (docs[:3], docs[3:4], docs[4:33], docs[33:]):
+        index.add(part)
+    assert len(index) == 60 and [s.ndocs for s in index._segments] == [25, 25, 10]
+    check_search(index, queries, docs, 60, 2, exact=True)
+    whole = sr.SparseIndex.from_documents(docs)
+    for a, b in zip(index.search(queries, 9), whole.search(queries, 9)):
+        assert torch.equal(a, b)
+
+
+def test_edge_cases(simd):
+    dim = 20
+    docs = SparseBatch.from_lists([([], []), ([2, 5], [1.0, 2.0]), ([], []), ([7], [3.0])], dim)
+    index = sr.SparseIndex.from_documents(docs)
+    queries = SparseBatch.from_lists([([], []), ([10, 11], [1.0, 1.0]), ([5, 7], [1.0, -1.0])], dim)
+    scores, ids = index.search(queries, 6)
+    # Empty and disjoint queries score every document 0: ids in order, then padding.
+    assert ids[0].tolist() == [0, 1, 2, 3, -1, -1] == ids[1].tolist()
+    assert scores[0, :4].eq(0).all() and scores[0, 4:].eq(-float("inf")).all()
+    assert ids[2].tolist() == [1, 0, 2, 3, -1, -1] and scores[2, :4].tolist() == [2.0, 0.0, 0.0, -3.0]
+    assert index.search(queries, 0)[0].shape == (3, 0)
+    assert index.search(SparseBatch.from_lists([], dim), 3)[1].shape == (0, 3)
+    empty = sr.SparseIndex(dim)
+    s, i = empty.search(queries, 2)
+    assert i.eq(-1).all() and s.eq(-float("inf")).all()
+
+
+def test_bad_inputs():
+    docs = SparseBatch.from_lists([([1], [1.0])], 10)
+    index = sr.SparseIndex.from_documents(docs)
+    with pytest.raises(ValueError, match="beyond the index's dim"):
+        index.search(SparseBatch.from_lists([([12], [1.0])], 13), 1)
+    with pytest.raises(ValueError, match="k: expected"):
+        index.search(docs, -1)
+    with pytest.raises(ValueError, match="threads"):
+        index.search(docs, 1, threads=0)
+    with pytest.raises(TypeError, match="queries"):
+        index.search(docs.to_dense(), 1)
+    with pytest.raises(ValueError, match="dim 11 differs"):
+        index.add(SparseBatch.from_lists([([1], [1.0])], 11))
+    with pytest.raises(IndexError, match="q_indices"):  # the op itself guards memory
+        ops.sparse_search(docs.indptr, torch.tensor([10], dtype=torch.int32), docs.values,
+                          [s.ptr for s in index._segments], [s.docs for s in index._segments],
+                          [s.weights for s in index._segments], [1], 1, 1)
+
+
+def test_memory_per_posting():
+    docs, _ = sr.datasets.synthetic_splade(2000, 0, dim=3000, seed=1)
+    for dtype, per in ((torch.float32, 8), (torch.float16, 6)):
+        index = sr.SparseIndex.from_documents(docs, dtype)
+        assert index.nbytes == per * docs.nnz + 8 * (docs.dim + 1)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(tmp_path, mmap, dtype):
+    gen = torch.Generator().manual_seed(14)
+    docs = random_batch(70, 30, 12, gen, dtype)
+    queries = random_batch(6, 30, 8, gen, dtype)
+    index = sr.SparseIndex(30, dtype, segment_size=32)
+    index.add(docs)
+    path = tmp_path / "x.sridx"
+    index.save(path)
+    loaded = sr.SparseIndex.load(path, mmap=mmap)
+    assert (len(loaded), loaded.dim, loaded.dtype, loaded.nbytes) == (70, 30, dtype, index.nbytes)
+    for a, b in zip(index.search(queries, 8), loaded.search(queries, 8)):
+        assert torch.equal(a, b)
+    assert os.listdir(tmp_path) == ["x.sridx"]
+
+
+def test_corrupted_files_raise(tmp_path):
+    gen = torch.Generator().manual_seed(15)
+    index = sr.SparseIndex.from_documents(random_batch(50, 30, 12, gen))
+    path = tmp_path / "x.sridx"
+    index.save(path)
+    data = path.read_bytes()
+    for cut in (10, 100, len(data) - 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated|magic|checksum"):
+            sr.SparseIndex.load(path)
+    for pos in (20, 70, len(data) // 2, len(data) - 1):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match="checksum|version|dtype"):
+            sr.SparseIndex.load(path)
+
+
+def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(16)
+    old = sr.SparseIndex.from_documents(random_batch(10, 30, 5, gen))
+    path = tmp_path / "x.sridx"
+    old.save(path)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash before rename")))
+    with pytest.raises(OSError):
+        sr.SparseIndex.from_documents(random_batch(20, 30, 5, gen)).save(path)
+    monkeypatch.undo()
+    assert len(sr.SparseIndex.load(path)) == 10 and os.listdir(tmp_path) == ["x.sridx"]
+
+
+def test_concurrent_searches():
+    gen = torch.Generator().manual_seed(17)
+    docs = random_batch(400, 100, 30, gen)
+    index = sr.SparseIndex.from_documents(docs)
+    batches = [random_batch(5, 100, 20, gen) for _ in range(8)]
+    serial = [index.search(q, 10, threads=2) for q in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda q: index.search(q, 10, threads=2), batches * 3))
+    for (a, b), (c, d) in zip(serial * 3, parallel):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(18)
+    docs = random_batch(20, 30, 10, gen)
+    queries = random_batch(4, 30, 6, gen)
+    torch.library.opcheck(ops.build_postings.default, (docs.indptr, docs.indices, docs.values, 30))
+    ptr, ids, w = ops.build_postings(docs.indptr, docs.indices, docs.values, 30)
+    torch.library.opcheck(ops.sparse_search.default,
+                          (queries.indptr, queries.indices, queries.values, [ptr], [ids], [w], [20], 5, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_search(dtype):
+    gen = torch.Generator().manual_seed(19)
+    docs = random_batch(5000, 300, 30, gen, dtype, integer=True)
+    queries = random_batch(70, 300, 20, gen, dtype, integer=True)
+    index = sr.SparseIndex(300, dtype, segment_size=3000)
+    index.add(docs)
+    gpu = index.to("cuda")
+    for k in (1, 10, 100):
+        scores, ids = gpu.search(queries.cuda(), k)
+        want_scores, want_ids = reference.sparse_search(queries, docs, k)
+        assert torch.equal(ids.cpu(), want_ids) and torch.equal(scores.cpu(), want_scores)
