@@ -23,4 +23,7 @@ assert info["cuda"], "the extension was built without CUDA"
 ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparse_retrieval::")]
 cuda_ops = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
 print(f"{len(cuda_ops)} of {len(ops)} ops have CUDA kernels: {sorted(cuda_ops)}")
+expected = {"topk", "sparse_dot", "pairwise_sparse_dot", "sparse_search", "cq_encode", "cq_decode", "cq_attention"}
+missing = sorted(op for op in expected if f"sparse_retrieval::{op}" not in cuda_ops)
+assert not missing, f"ops without a CUDA kernel: {missing}"
 PY
