@@ -74,20 +74,23 @@ class BestK {
 
 // acc[docs[p] - base] += qw * w[p] for p in [p, end). Kept scalar on every level: AVX-512 gather + scatter of
 // the (conflict-free) accumulators measured slower than scalar read-modify-writes on the Zen 4 this was tuned on;
-// unrolling by four (ids in a list are distinct, so the updates are independent) measured ~10% faster.
+// unrolling by four (ids in a list are distinct, so the updates are independent) measured ~10% faster. The
+// accumulator pointer is shifted by -base once, so each update indexes it with the stored id directly (one
+// instruction less per posting: 4-8% faster on the 1M synthetic set).
 template <class W>
-inline void scatter_postings(float* __restrict acc, const int32_t* __restrict docs,
-                             const typename W::T* __restrict w, int64_t p, int64_t end, float qw, int32_t base) {
+inline void scatter_postings(float* acc, const int32_t* __restrict docs, const typename W::T* __restrict w,
+                             int64_t p, int64_t end, float qw, int32_t base) {
+  float* __restrict a = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(acc) - uintptr_t(base) * sizeof(float));
   for (; p + 4 <= end; p += 4) {  // four independent read-modify-writes in flight
-    const int32_t d0 = docs[p] - base, d1 = docs[p + 1] - base, d2 = docs[p + 2] - base, d3 = docs[p + 3] - base;
+    const int32_t d0 = docs[p], d1 = docs[p + 1], d2 = docs[p + 2], d3 = docs[p + 3];
     const float v0 = qw * W::load(w, p), v1 = qw * W::load(w, p + 1), v2 = qw * W::load(w, p + 2),
                 v3 = qw * W::load(w, p + 3);
-    acc[d0] += v0;
-    acc[d1] += v1;
-    acc[d2] += v2;
-    acc[d3] += v3;
+    a[d0] += v0;
+    a[d1] += v1;
+    a[d2] += v2;
+    a[d3] += v3;
   }
-  for (; p < end; ++p) acc[docs[p] - base] += qw * W::load(w, p);
+  for (; p < end; ++p) a[docs[p]] += qw * W::load(w, p);
 }
 
 // Offers acc[0, n) (documents first_id, first_id + 1, ...) to `best`, skipping whole vectors below its floor.
