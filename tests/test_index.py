@@ -54,16 +54,16 @@ def test_search_float_values(simd, dtype):
 
 
 def test_search_spans_blocks_and_segments(simd):
-    # Segments longer than one accumulator block (32768 documents), float16 weights, and one query split over four
-    # document ranges (one straddling the segment boundary) whose candidates are merged. Rounded weights make
+    # A segment longer than one accumulator block (262,144 documents), float16 weights, and one query split over
+    # three document ranges (one straddling the segment boundary) whose candidates are merged. Rounded weights make
     # many exact ties, so ids must match the reference one for one.
-    docs, queries = sr.datasets.synthetic_splade(100_000, 6, dim=64, doc_nnz=5, query_nnz=4, seed=3)
+    docs, queries = sr.datasets.synthetic_splade(600_000, 6, dim=64, doc_nnz=5, query_nnz=4, seed=3)
     docs = SparseBatch(docs.indptr, docs.indices, docs.values.round().to(torch.float16), 64, check=False)
     queries = SparseBatch(queries.indptr, queries.indices, queries.values.round(), 64, check=False)
-    index = sr.SparseIndex(64, torch.float16, segment_size=70_000)
+    index = sr.SparseIndex(64, torch.float16, segment_size=420_000)
     index.add(docs[:9_000], progress=False)
     index.add(docs[9_000:], progress=False)
-    assert len(index) == 100_000 and [s.ndocs for s in index._segments] == [70_000, 30_000]
+    assert len(index) == 600_000 and [s.ndocs for s in index._segments] == [420_000, 180_000]
     for threads in (1, 4):
         check_search(index, queries, docs, 20, threads, exact=True)
         check_search(index, queries[:1], docs, 20, threads, exact=True)

@@ -26,15 +26,16 @@ struct SearchQuery {
   int64_t nterms;
 };
 
-// Documents per accumulator block: 128 KiB of float32 accumulators stays in L2 while the postings stream past
-// (8192 and 16384 measured no faster on the Zen 4 this was tuned on).
-constexpr int64_t kSearchBlock = 32768;
+// Documents per accumulator block: 1 MiB of float32 accumulators, the L2 of the AMD EPYC this was tuned on. Each
+// block restarts every query term's posting list, and a list's slice per block must be long enough for the hardware
+// prefetchers to stream it: 262144 measured 10% faster than 131072 and 20% faster than 32768 on the 1M synthetic set.
+constexpr int64_t kSearchBlock = 262144;
 
 }  // namespace sr::cpu
 
 // Top k documents of the global id range [lo, hi) for one query, best first (score descending, ties to the lower
-// id): writes min(k, hi - lo) scores and ids and returns that count. `acc` holds kSearchBlock floats and `cursor`
-// 2 * q.nterms int64s of scratch.
+// id): writes min(k, hi - lo) scores and ids and returns that count. `acc` holds min(kSearchBlock, hi - lo) floats
+// and `cursor` 2 * q.nterms int64s of scratch.
 SR_SIMD_DECLARE(int64_t search_range(const PostingSegment* segs, int64_t nsegs, const SearchQuery& q, int64_t lo,
                                      int64_t hi, int64_t k, float* acc, int64_t* cursor, float* out_scores,
                                      int64_t* out_ids))
