@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
 
   const int64_t threads = num_threads > 0 ? num_threads : at::get_num_threads();
   // Few queries for many threads: each query's documents are split into ranges searched in parallel and merged.
-  const int64_t blocks = (ndocs + sr::cpu::kSearchBlock - 1) / sr::cpu::kSearchBlock;
-  const int64_t chunks = nq >= threads ? 1 : std::min((threads + nq - 1) / nq, blocks);
+  constexpr int64_t kMinRange = 32768;  // documents per range at least, so that a range outweighs its merge
+  const int64_t chunks = nq >= threads ? 1 : std::min((threads + nq - 1) / nq, (ndocs + kMinRange - 1) / kMinRange);
   const int64_t ntasks = nq * chunks;
   const int64_t slots = std::min(k, ndocs);
   std::vector<float> cand_scores(chunks > 1 ? ntasks * slots : 0);
