@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -56,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
 
   const int64_t threads = num_threads > 0 ? num_threads : at::get_num_threads();
   // Few queries for many threads: each query's documents are split into ranges searched in parallel and merged.
-  const int64_t blocks = (ndocs + sr::cpu::kSearchBlock - 1) / sr::cpu::kSearchBlock;
-  const int64_t chunks = nq >= threads ? 1 : std::min((threads + nq - 1) / nq, blocks);
+  constexpr int64_t kMinRange = 32768;  // documents per range at least, so that a range outweighs its merge
+  const int64_t chunks = nq >= threads ? 1 : std::min((threads + nq - 1) / nq, (ndocs + kMinRange - 1) / kMinRange);
   const int64_t ntasks = nq * chunks;
   const int64_t slots = std::min(k, ndocs);
   std::vector<float> cand_scores(chunks > 1 ? ntasks * slots : 0);
@@ -68,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
 
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    std::vector<float> acc(sr::cpu::kSearchBlock);
+    // Not value-initialised: a single query over a small index should not pay for clearing a whole block.
+    std::unique_ptr<float[]> acc(new float[std::min(sr::cpu::kSearchBlock, ndocs)]);
     std::vector<int64_t> cursor(2 * max_terms);
     for (int64_t task = next++; task < ntasks; task = next++) {
       const int64_t qi = task / chunks, c = task % chunks;
@@ -76,11 +78,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
                                    qptr[qi + 1] - qptr[qi]};
       const int64_t lo = ndocs * c / chunks, hi = ndocs * (c + 1) / chunks;
       if (chunks == 1) {
-        SR_SIMD_DISPATCH(search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, acc.data(), cursor.data(),
+        SR_SIMD_DISPATCH(search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, acc.get(), cursor.data(),
                          os + qi * k, oi + qi * k);
       } else {
         cand_count[task] = SR_SIMD_DISPATCH(search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k,
-                                            acc.data(), cursor.data(), cand_scores.data() + task * slots,
+                                            acc.get(), cursor.data(), cand_scores.data() + task * slots,
                                             cand_ids.data() + task * slots);
       }
     }

@@ -72,22 +72,28 @@ class BestK {
   int64_t n_ = 0;
 };
 
-// acc[docs[p] - base] += qw * w[p] for p in [p, end). Kept scalar on every level: AVX-512 gather + scatter of
-// the (conflict-free) accumulators measured slower than scalar read-modify-writes on the Zen 4 this was tuned on;
-// unrolling by four (ids in a list are distinct, so the updates are independent) measured ~10% faster.
+// acc[docs[p] - base] += qw * w[p] for the postings from p on whose document is below `limit` (the end of the
+// block); returns the first position past them. Finding that end while scattering replaced a galloping search per
+// list and block, whose dependent probes each missed the cache on lists not read yet. Kept scalar on every level:
+// AVX-512 gather + scatter of the (conflict-free) accumulators measured slower than scalar read-modify-writes on
+// the Zen 4 this was tuned on; unrolling by four (ids in a list are distinct, so the updates are independent)
+// measured ~10% faster. The accumulator pointer is shifted by -base once, so each update indexes it with the
+// stored id directly (one instruction less per posting: 4-8% faster on the 1M synthetic set).
 template <class W>
-inline void scatter_postings(float* __restrict acc, const int32_t* __restrict docs,
-                             const typename W::T* __restrict w, int64_t p, int64_t end, float qw, int32_t base) {
-  for (; p + 4 <= end; p += 4) {  // four independent read-modify-writes in flight
-    const int32_t d0 = docs[p] - base, d1 = docs[p + 1] - base, d2 = docs[p + 2] - base, d3 = docs[p + 3] - base;
+inline int64_t scatter_postings(float* acc, const int32_t* __restrict docs, const typename W::T* __restrict w,
+                                int64_t p, int64_t end, float qw, int32_t base, int32_t limit) {
+  float* __restrict a = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(acc) - uintptr_t(base) * sizeof(float));
+  for (; p + 4 <= end && docs[p + 3] < limit; p += 4) {  // four independent read-modify-writes in flight
+    const int32_t d0 = docs[p], d1 = docs[p + 1], d2 = docs[p + 2], d3 = docs[p + 3];
     const float v0 = qw * W::load(w, p), v1 = qw * W::load(w, p + 1), v2 = qw * W::load(w, p + 2),
                 v3 = qw * W::load(w, p + 3);
-    acc[d0] += v0;
-    acc[d1] += v1;
-    acc[d2] += v2;
-    acc[d3] += v3;
+    a[d0] += v0;
+    a[d1] += v1;
+    a[d2] += v2;
+    a[d3] += v3;
   }
-  for (; p < end; ++p) acc[docs[p] - base] += qw * W::load(w, p);
+  for (; p < end && docs[p] < limit; ++p) a[docs[p]] += qw * W::load(w, p);
+  return p;
 }
 
 // Offers acc[0, n) (documents first_id, first_id + 1, ...) to `best`, skipping whole vectors below its floor.
@@ -122,15 +128,6 @@ inline void select_block(const float* acc, int64_t n, int64_t first_id, BestK& b
   }
 }
 
-// First position in [p, end) of sorted docs holding a value >= limit. Searches outwards from p: the answer is
-// usually near, in memory the scatter is about to read anyway, where a plain binary search over the whole rest
-// of a long list would miss the cache at every step.
-inline int64_t gallop(const int32_t* docs, int64_t p, int64_t end, int32_t limit) {
-  int64_t step = 1;
-  while (p + step < end && docs[p + step] < limit) step *= 2;
-  return std::lower_bound(docs + p + step / 2, docs + std::min(p + step, end), limit) - docs;
-}
-
 template <class W>
 void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo, int64_t hi, float* acc,
                     int64_t* cursor, BestK& best) {
@@ -146,9 +143,8 @@ void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo,
     const int64_t n = std::min(kSearchBlock, hi - block);
     std::fill(acc, acc + n, 0.0f);
     for (int64_t t = 0; t < q.nterms; ++t) {
-      const int64_t stop = gallop(seg.docs, pos[t], end[t], int32_t(block + n));
-      scatter_postings<W>(acc, seg.docs, w, pos[t], stop, q.weights[t], int32_t(block));
-      pos[t] = stop;
+      pos[t] = scatter_postings<W>(acc, seg.docs, w, pos[t], end[t], q.weights[t], int32_t(block),
+                                   int32_t(block + n));
     }
     select_block(acc, n, seg.base + block, best);
   }
