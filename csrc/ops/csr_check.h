@@ -72,4 +72,9 @@ inline void check_pair(const at::Tensor& a_indptr, const at::Tensor& a_indices, 
                    b_values.scalar_type(), ")");
 }
 
+// The incoming gradient of a dot op must have the shape of that op's output.
+inline void check_grad(const at::Tensor& grad, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(grad.sizes() == expected, "grad: expected shape ", expected, ", got ", grad.sizes());
+}
+
 }  // namespace sr::ops

@@ -35,8 +35,7 @@ at::Tensor sparse_dot_backward_cpu(const at::Tensor& grad, const at::Tensor& a_i
                                    const at::Tensor& b_values, int64_t dim) {
   check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCPU);
   const int64_t na = a_indptr.numel() - 1, nb = b_indptr.numel() - 1;
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == na && grad.size(1) == nb, "grad: expected shape (", na, ", ",
-                    nb, "), got ", grad.sizes());
+  check_grad(grad, {na, nb});
   auto g = grad.to(at::kFloat).contiguous();
   auto ap = a_indptr.contiguous(), ai = a_indices.contiguous();
   auto bp = b_indptr.contiguous(), bi = b_indices.contiguous(), bv = b_values.contiguous();
@@ -73,7 +72,7 @@ at::Tensor pairwise_sparse_dot_backward_cpu(const at::Tensor& grad, const at::Te
   check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCPU);
   const int64_t n = a_indptr.numel() - 1;
   TORCH_CHECK_VALUE(b_indptr.numel() == n + 1, "a and b: row counts differ");
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == n, "grad: expected shape (", n, "), got ", grad.sizes());
+  check_grad(grad, {n});
   auto g = grad.to(at::kFloat).contiguous();
   auto ap = a_indptr.contiguous(), ai = a_indices.contiguous();
   auto bp = b_indptr.contiguous(), bi = b_indices.contiguous(), bv = b_values.contiguous();

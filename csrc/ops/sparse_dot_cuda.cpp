@@ -39,8 +39,7 @@ at::Tensor sparse_dot_backward_cuda(const at::Tensor& grad, const at::Tensor& a_
                                     const at::Tensor& b_values, int64_t dim) {
   check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCUDA);
   const int64_t na = a_indptr.numel() - 1, nb = b_indptr.numel() - 1;
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == na && grad.size(1) == nb, "grad: expected shape (", na, ", ",
-                    nb, "), got ", grad.sizes());
+  check_grad(grad, {na, nb});
   const c10::cuda::CUDAGuard guard(b_values.device());
   auto g = grad.to(at::kFloat).contiguous();
   auto t = contiguous(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values);
@@ -72,7 +71,7 @@ at::Tensor pairwise_sparse_dot_backward_cuda(const at::Tensor& grad, const at::T
   check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCUDA);
   const int64_t n = a_indptr.numel() - 1;
   TORCH_CHECK_VALUE(b_indptr.numel() == n + 1, "a and b: row counts differ");
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == n, "grad: expected shape (", n, "), got ", grad.sizes());
+  check_grad(grad, {n});
   const c10::cuda::CUDAGuard guard(b_values.device());
   auto g = grad.to(at::kFloat).contiguous();
   auto t = contiguous(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values);
