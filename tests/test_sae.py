@@ -57,6 +57,22 @@ def test_encode_has_exactly_k_nonzeros(k):
     torch.testing.assert_close(codes.to_dense(), manual_topk_relu(m.pre_activation(x), k))
 
 
+def test_codes_are_differentiable_encode_without_accounting():
+    m = make(k=5)
+    m.train()
+    x = torch.randn(8, 19)
+    before = m.steps_since_active.clone()
+    z = m.codes(x, k=7)
+    torch.testing.assert_close(z.detach(), m.encode(x, k=7).to_dense())
+    assert torch.equal(m.steps_since_active, before)  # extra loss terms are not training steps
+    (z * torch.randn_like(z)).sum().backward()
+    kept = (z != 0).any(0)
+    grad_rows = m.encoder.weight.grad.abs().sum(1) != 0
+    assert torch.equal(grad_rows, kept)  # gradient reaches exactly the latents some row kept
+    with pytest.raises(ValueError, match="k: must be <= hidden_dim"):
+        m.codes(x, k=68)
+
+
 def test_encode_has_fewer_only_where_fewer_are_positive():
     m = make(k=6)
     positive = [0, 2, 5, 6, 7, 7, 7]  # per row: how many latents get a positive pre-activation

@@ -106,13 +106,18 @@ class SparseAutoEncoder(torch.nn.Module):
                 self.steps_since_active[(z > 0).any(0)] = 0
         return SAEOutput(z, z4, self.decode(z), self.decode(z4), aux)
 
-    def encode(self, x: torch.Tensor, k: int | None = None) -> SparseBatch:
-        """Sparse codes as a SparseBatch (float32 values, int32 indices): the top ``k`` (default: the trained k)
-        latents of each row, fewer only where fewer than k pre-activations are positive."""
+    def codes(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Differentiable k-sparse codes as a dense (batch, hidden) tensor: the top ``k`` (default: the trained k)
+        latents of each row after ReLU, without a step of dead-latent accounting (for extra loss terms)."""
         k = self.k if k is None else _check_positive_int(k, "k")
         if k > self.hidden_dim:
             raise ValueError(f"k: must be <= hidden_dim ({self.hidden_dim}), got {k}")
-        return SparseBatch.from_dense(self._sparse(self.pre_activation(x), k).float())
+        return self._sparse(self.pre_activation(x), k)
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> SparseBatch:
+        """Sparse codes as a SparseBatch (float32 values, int32 indices): the top ``k`` (default: the trained k)
+        latents of each row, fewer only where fewer than k pre-activations are positive."""
+        return SparseBatch.from_dense(self.codes(x, k).float())
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, hidden_dim={self.hidden_dim}, k={self.k}, k_aux={self.k_aux}, "
