@@ -117,6 +117,13 @@ def pseudo_queries(bodies: list[str], per_doc: int, seed: int) -> tuple[list[str
     return texts, torch.tensor(docs)
 
 
+def renumbering(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Map from section row (of ``n``) to its position in the sub-corpus ``rows``; -1 outside it."""
+    out = torch.full((n,), -1, dtype=torch.long)
+    out[rows] = torch.arange(len(rows))
+    return out
+
+
 def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.SparseAutoEncoder:
     """CSR head at ``k`` over (training query, section) pairs and (pseudo-query, section) pairs, with a listwise
     distillation term: each anchor's sparse scores against *every* section follow MiniLM's."""
@@ -151,7 +158,7 @@ def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.
             loss = loss_fn(model, anchors, positives)
             if args.distill_weight:
                 # Listwise over the whole corpus (its codes recomputed with gradients each step): in-batch
-                # distillation only ranks a few hundred sections, and was 6-10 points worse on validation.
+                # distillation only ranks a few hundred sections, and was about 10 points worse on validation.
                 z_a = loss_fn.last_output.latents[:len(anchors)]
                 z_docs = model.codes(d_emb)
                 student = F.log_softmax(z_a @ z_docs.T / args.distill_temperature, 1)
@@ -227,6 +234,8 @@ def main(argv=None) -> dict:
     p.add_argument("--validate", action="store_true",
                    help="report on a validation fifth of the training queries instead of the held-out ones")
     args = p.parse_args(argv)
+    if args.pseudo_per_doc < 1:
+        p.error(f"--pseudo-per-doc: must be >= 1, got {args.pseudo_per_doc}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -273,11 +282,7 @@ def main(argv=None) -> dict:
         keep = in_train[p_doc]
         p_emb, p_doc = p_emb[keep], p_doc[keep]
         n_test = len(test)
-    # Section rows renumbered within the training / evaluation corpora.
-    to_train = torch.full((len(bodies),), -1, dtype=torch.long)
-    to_train[train_docs] = torch.arange(len(train_docs))
-    to_eval = torch.full((len(bodies),), -1, dtype=torch.long)
-    to_eval[eval_docs] = torch.arange(len(eval_docs))
+    to_train, to_eval = renumbering(train_docs, len(bodies)), renumbering(eval_docs, len(bodies))
     relevant = to_eval[query_docs[test]]
     pairs = torch.stack([train, to_train[query_docs[train]]], 1)  # (query row, training-corpus row)
     p_doc = to_train[p_doc]
@@ -358,7 +363,7 @@ def plot(result: dict, path: Path) -> None:
     bx.set_xlabel("k (non-zeros per code)")
     bx.set_ylabel(f"queries/s, top-10, {result['threads']} threads")
     bx.legend(fontsize=8)
-    fig.suptitle(f"Python 3.11 docs: {result['corpus']['documents']} sections, "
+    fig.suptitle(f"Python 3.11 docs: {result['corpus']['indexed_documents']} sections indexed, "
                  f"{result['corpus']['held_out_queries']} {result['corpus']['evaluated_on']} queries")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
