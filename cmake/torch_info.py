@@ -1,5 +1,6 @@
 """Print the facts about the installed torch that CMakeLists.txt needs, as `KEY=VALUE` lines."""
 import os
+import re
 import sys
 
 import torch
@@ -18,7 +19,11 @@ print(f"TORCH_VERSION={torch.__version__}")
 print(f"TORCH_DIR={os.path.dirname(torch.__file__)}")
 print(f"TORCH_CUDA={torch.version.cuda or ''}")
 print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
-print(f"TORCH_CXX_STANDARD={20 if (major, minor) >= (2, 13) else 17}")
+# The C++ standard torch's own CMake config asks of its consumers: compiling against a torch built as C++20 with
+# another standard breaks the layout of c10's exception classes (a crash whenever an op throws, seen with 2.11).
+config = os.path.join(os.path.dirname(torch.__file__), "share", "cmake", "Torch", "TorchConfig.cmake")
+found = re.search(r"CXX_STANDARD\s+(\d+)", open(config).read()) if os.path.isfile(config) else None
+print(f"TORCH_CXX_STANDARD={found.group(1) if found else (20 if (major, minor) >= (2, 13) else 17)}")
 print("TORCH_NVIDIA_INCLUDE=" + ",".join(os.path.join(d, "include") for d in cu_dirs))
 print("TORCH_NVIDIA_LIB=" + ",".join(os.path.join(d, "lib") for d in cu_dirs if os.path.isdir(os.path.join(d, "lib"))))
 sys.stdout.flush()

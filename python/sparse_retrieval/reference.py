@@ -73,9 +73,10 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True,
     if x.dim() == 0:  # a row of one; k=1 keeps the 0-dim shape as torch.topk does, k=0 gives shape (0,)
         values, indices = topk(x.reshape(1), k, 0, largest)
         return (values.reshape(()), indices.reshape(())) if k == 1 else (values, indices)
-    # A stable sort keeps equal values in index order; torch.sort ranks NaN above every number.
-    values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
-    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+    # A stable sort keeps equal values in index order; torch.sort on the CPU ranks every NaN above every number
+    # (the CUDA sort ranks a NaN with its sign bit set below -inf, so the definition sorts on the CPU).
+    values, indices = torch.sort(x.cpu(), dim=dim, descending=largest, stable=True)
+    return values.narrow(dim, 0, k).to(x.device), indices.narrow(dim, 0, k).to(x.device)
 
 
 def topk_sparsify(x: torch.Tensor, k: int, by: str = "value") -> torch.Tensor:
