@@ -1,4 +1,4 @@
-"""Exact sparse search: SparseIndex against scipy, sparse_dot_topn and Seismic (approximate), same inputs.
+"""Exact sparse search: SparseIndex against scipy, sparse_dot_topn, Seismic (approximate) and cuSPARSE, same inputs.
 
     python bench/bench_search.py                    # 1M synthetic SPLADE-like docs + BM25 man pages (~10 min)
     python bench/bench_search.py --docs 100000      # smaller synthetic set
@@ -9,7 +9,9 @@ dimension popularity) and BM25 vectors of the man pages installed on the machine
 removed from the document). Generated data is cached under .cache/bench_search/ (git-ignored). The slow exact
 peers (scipy, sparse_dot_topn) run on the first --peer-queries queries; SparseIndex and Seismic on all of them.
 Seismic (approximate) runs on the man pages by default; its build on the 1M set takes about 10 minutes on two
-busy cores, so it runs there only with --seismic-synthetic.
+busy cores, so it runs there only with --seismic-synthetic. With CUDA available, the index also runs on the GPU
+against cuSPARSE (``torch.sparse.mm`` of the document CSR matrix and the dense queries, then ``torch.topk``) at
+1, 64 and 1,000 queries per call.
 The floor is the bytes of posting lists a query touches over the single-thread memory bandwidth measured here.
 """
 from __future__ import annotations
