@@ -128,7 +128,8 @@ def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.
     """CSR head at ``k`` over (training query, section) pairs and (pseudo-query, section) pairs, with a listwise
     distillation term: each anchor's sparse scores against *every* section follow MiniLM's."""
     torch.manual_seed(seed)
-    model = sr.SparseAutoEncoder(d_emb.shape[1], args.hidden, k, tied=args.tied, dead_after_steps=args.dead_after)
+    model = sr.SparseAutoEncoder(d_emb.shape[1], args.hidden, k, tied=args.tied,
+                                 dead_after_steps=args.dead_after).to(d_emb.device)
     with torch.no_grad():
         # Data-driven start: the bias at the mean, the dictionary on random centred sections (tried: random
         # unit rows reconstruct far worse within this small training budget; a pre-bias fixed at 0, which keeps
@@ -136,7 +137,7 @@ def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.
         model.pre_bias.copy_(d_emb.mean(0))
         atoms = d_emb[torch.randperm(len(d_emb))[:args.hidden]] - model.pre_bias
         if len(atoms) < args.hidden:
-            atoms = torch.cat([atoms, torch.randn(args.hidden - len(atoms), d_emb.shape[1]) * atoms.std()])
+            atoms = torch.cat([atoms, torch.randn(args.hidden - len(atoms), d_emb.shape[1], device=d_emb.device) * atoms.std()])
         model.encoder.weight.copy_(torch.nn.functional.normalize(atoms, dim=1))
         if model.decoder_weight is not None:
             model.decoder_weight.copy_(model.encoder.weight.T)
@@ -152,7 +153,7 @@ def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.
         order = torch.randperm(len(pairs))
         for s in range(steps_per_epoch):
             idx = pairs[order[s * args.batch_size:(s + 1) * args.batch_size]]
-            extra = torch.randint(len(p_emb), (idx.shape[0] // 2,))
+            extra = torch.randint(len(p_emb), (idx.shape[0] // 2,), device=p_emb.device)
             anchors = torch.cat([q_emb[idx[:, 0]], p_emb[extra]])
             positives = torch.cat([d_emb[idx[:, 1]], d_emb[p_doc[extra]]])
             loss = loss_fn(model, anchors, positives)
@@ -203,7 +204,7 @@ def quality(ids: torch.Tensor, relevant: torch.Tensor) -> dict:
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="folder for demo.json and demo.png")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo", help="corpus and embedding cache")
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ks", default="8,16,32,64,128", help="comma-separated k values to encode with at inference")
     p.add_argument("--hidden", type=int, default=4096, help="CSR latent size")
     p.add_argument("--tied", action="store_true", help="decoder = encoder transposed (default: untied)")
-    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature of the CSR loss")
@@ -233,6 +234,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validate", action="store_true",
                    help="report on a validation fifth of the training queries instead of the held-out ones")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     if args.pseudo_per_doc < 1:
         p.error(f"--pseudo-per-doc: must be >= 1, got {args.pseudo_per_doc}")
