@@ -208,11 +208,12 @@ class SparseBatch:
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
                 raise ValueError(f"k: expected an int >= 0, got {k!r}")
-            from . import reference
-            kk = min(k, x.shape[1])
+            from .topk import topk  # the library's kernel (CPU or CUDA); topk imports this module
+
+            kk = min(int(k), x.shape[1])
             # Zeros rank below every non-zero, so a row with fewer than k non-zeros keeps all of them.
             score = (x.abs() if by == "abs" else x).masked_fill(~keep, -math.inf)
-            _, top = reference.topk(score, kk, dim=1)
+            _, top = topk(score, kk, dim=1, sorted=False)
             mask = torch.zeros_like(keep)
             mask.scatter_(1, top, True)
             keep &= mask
