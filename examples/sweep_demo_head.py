@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_retrieval import metrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 
@@ -37,9 +39,7 @@ def dump(path: Path) -> None:
 
 
 def mrr_at_10(scores: torch.Tensor, relevant: torch.Tensor) -> float:
-    hit = scores.topk(10, dim=1).indices == relevant[:, None]
-    rank = hit.float().argmax(1) + 1
-    return torch.where(hit.any(1), 1.0 / rank, torch.zeros_like(rank, dtype=torch.float)).mean().item()
+    return metrics.mrr_at_k(scores.topk(10, dim=1).indices.cpu(), relevant.cpu(), 10)
 
 
 def run(data: Path, grid: list[dict], out: Path) -> None:
