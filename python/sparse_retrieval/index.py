@@ -5,6 +5,9 @@ postings of dimension ``t`` in ``docs`` (int32 document ids local to the segment
 (float32, float16 or bfloat16), so a posting costs 8 bytes or less. Documents are stored in segments of at most
 ``segment_size`` documents (a large collection is added chunk by chunk without rebuilding what is there); searching
 visits every segment. The file format of ``save``/``load`` is described in docs/index_format.md.
+
+``optimize()`` (or ``from_documents(..., block_max=True)``) adds the block-max structure of ``block_max.py``, which
+``search(mode="safe")`` (exact results, most postings skipped) and ``search(mode="approximate", alpha=...)`` use.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .block_max import BlockMax, build_block_max, validate_block_max
 from .sparse import SparseBatch
 
 _ops = torch.ops.sparse_retrieval
@@ -24,10 +28,16 @@ _ops = torch.ops.sparse_retrieval
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _MAGIC = b"SRSPIDX\x00"
-_VERSION = 1
-_HEADER = struct.Struct("<8sIIQQQQ")  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
-_HEADER_SIZE = 64  # _HEADER, table crc32, header crc32, zero padding
+_VERSION = 2  # 2 adds named extra arrays (the block-max structure); version 1 files still load
+_HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
+            2: struct.Struct("<8sIIQQQQQ")}  # ... and the number of extra arrays
+_HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
+_EXTRA = struct.Struct("<32sIQQI12x")  # name, dtype code, offset, count, crc32
+_EXTRA_DTYPES = {0: torch.int64, 1: torch.int32, 2: torch.int16, 3: torch.uint8, 4: torch.float32, 5: torch.float16,
+                 6: torch.bfloat16}
+_EXTRA_CODES = {v: k for k, v in _EXTRA_DTYPES.items()}
+_MODES = ("exact", "safe", "approximate")
 _ALIGN = 64
 
 
@@ -48,6 +58,11 @@ class SparseIndex:
     ``SparseIndex(dim)`` is empty; ``from_documents(docs)`` builds one; ``add(docs)`` appends documents, their ids
     continuing from ``len(index)``. Searches may run concurrently from several threads; ``add`` must not run
     concurrently with anything else on the same index.
+
+    Search modes: ``"exact"`` reads every posting of every query term; ``"safe"`` returns the same results (scores
+    bit for bit) reading far fewer, and ``"approximate"`` stops earlier (``alpha``), both through the block-max
+    structure that ``optimize()`` builds. Documents added after ``optimize()`` sit in an exhaustive tail that
+    safe and approximate searches scan in full and merge; call ``optimize()`` again to fold them in.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, segment_size: int = 1 << 20,
@@ -63,17 +78,34 @@ class SparseIndex:
         self.segment_size = segment_size
         self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with queries
         self._segments: list[_Segment] = []
+        self._block_max: BlockMax | None = None  # over documents [0, _block_max.ndocs)
+        self._tail: SparseIndex | None = None  # documents added after optimize(), searched exhaustively
 
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
     def from_documents(cls, docs: SparseBatch, dtype: torch.dtype | None = None, *, segment_size: int = 1 << 20,
+                       block_max: bool = False, block_size: int = 32, reorder: bool = True,
                        progress: bool = True) -> "SparseIndex":
-        """An index over ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype`` (default: docs' dtype)."""
+        """An index over ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype`` (default: docs' dtype).
+        ``block_max=True`` also builds the structure of safe and approximate search (see ``optimize``)."""
         if not isinstance(docs, SparseBatch):
             raise TypeError(f"docs: expected a SparseBatch, got {type(docs).__name__}")
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
         index.add(docs, progress=progress)
+        if block_max:
+            index.optimize(block_size=block_size, reorder=reorder, progress=progress)
         return index
+
+    def optimize(self, *, block_size: int = 32, reorder: bool = True, progress: bool = True) -> None:
+        """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
+        documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
+        blocks of ``block_size`` with 8-bit per-term block maxima, and a forward index. Needs finite,
+        non-negative document weights; memory: about the size of the postings again."""
+        if self._device.type != "cpu":
+            raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
+        self._block_max = build_block_max(self._documents(0, len(self)), self._dtype, block_size=block_size,
+                                          reorder=reorder, progress=progress)
+        self._tail = None
 
     def add(self, docs: SparseBatch, *, progress: bool = True) -> None:
         """Appends ``docs``; they get ids ``len(self)`` .. ``len(self) + len(docs) - 1``."""
@@ -97,6 +129,10 @@ class SparseIndex:
                     self._segments.append(seg)
                 start += take
                 bar.update(take)
+        if self._block_max is not None and n:
+            if self._tail is None:
+                self._tail = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
+            self._tail.add(docs, progress=False)
 
     def _build(self, docs: SparseBatch) -> _Segment:
         # Postings are built on the CPU (a counting sort) and then moved to the index's device.
@@ -104,6 +140,28 @@ class SparseIndex:
         ptr, ids, weights = _ops.build_postings(cpu.indptr, cpu.indices, cpu.values.detach().to(self._dtype),
                                                 self._dim)
         return _Segment(ptr, ids, weights, len(docs)).to(self._device)
+
+    def _documents(self, lo: int, hi: int) -> SparseBatch:
+        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending)."""
+        rows, cols, vals, base = [], [], [], 0
+        for s in self._segments:
+            if base < hi and base + s.ndocs > lo:
+                ptr = s.ptr.cpu()
+                cols.append(torch.repeat_interleave(torch.arange(self._dim), ptr.diff(), output_size=s.docs.numel()))
+                rows.append(s.docs.cpu().long() + base)
+                vals.append(s.weights.cpu())
+            base += s.ndocs
+        row = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        col = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64)
+        val = torch.cat(vals) if vals else torch.zeros(0, dtype=self._dtype)
+        keep = (row >= lo) & (row < hi)
+        row, col, val = row[keep] - lo, col[keep], val[keep]
+        order = torch.argsort(row * self._dim + col)
+        counts = torch.bincount(row, minlength=hi - lo)
+        indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        return SparseBatch(indptr, col[order].to(torch.int32 if self._dim < 2**31 else torch.int64), val[order],
+                           self._dim, check=False)
 
     # ---- facts -----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -129,24 +187,40 @@ class SparseIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's tensors."""
-        return sum(t.numel() * t.element_size() for s in self._segments for t in (s.ptr, s.docs, s.weights))
+        own = sum(t.numel() * t.element_size() for s in self._segments for t in (s.ptr, s.docs, s.weights))
+        return own + (self._block_max.nbytes if self._block_max else 0) + (self._tail.nbytes if self._tail else 0)
+
+    @property
+    def block_max(self) -> BlockMax | None:
+        """The block-max structure of safe and approximate search (None before ``optimize``)."""
+        return self._block_max
 
     def __repr__(self) -> str:
         return (f"SparseIndex(docs={len(self)}, dim={self._dim}, postings={self.nnz}, weights={self._dtype}, "
-                f"segments={len(self._segments)}, device={self._device})")
+                f"segments={len(self._segments)}, device={self._device}, block_max="
+                + (f"{self._block_max.ndocs} docs in blocks of {self._block_max.block_size})" if self._block_max
+                   else "None)"))
 
     def to(self, device) -> "SparseIndex":
         """A copy of the index on ``device`` (searches then run there)."""
         out = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=device)
         out._segments = [s.to(out._device) for s in self._segments]
+        out._block_max = self._block_max  # CPU only: safe/approximate search refuse other devices
+        out._tail = self._tail.to(device) if self._tail is not None else None
         return out
 
     # ---- search ----------------------------------------------------------------------------------------------------
-    def search(self, queries: SparseBatch, k: int, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k documents of each query by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
+    def search(self, queries: SparseBatch, k: int, threads: int | None = None, *, mode: str | None = None,
+               alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents of each query by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
 
         Scores descending, ties to the lower document id; with fewer than k documents the rest is score -inf and
         id -1. ``threads`` (CPU) defaults to ``torch.get_num_threads()``. Definition: ``reference.sparse_search``.
+
+        ``mode``: ``"exact"`` (exhaustive), ``"safe"`` (the same results through block-max pruning) or
+        ``"approximate"`` (pruning stops once the k-th score beats ``alpha`` times the best bound left; ``alpha`` in
+        (0, 1], default 0.9; recall rises with alpha and is exact at 1). Default: ``"safe"`` once ``optimize()``
+        has run, else ``"exact"``. Safe and approximate search run on the CPU and use one thread per query.
         """
         if not isinstance(queries, SparseBatch):
             raise TypeError(f"queries: expected a SparseBatch, got {type(queries).__name__}")
@@ -156,11 +230,40 @@ class SparseIndex:
             threads = torch.get_num_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+        threads = min(threads, 1 << 16)
+        if mode is None:
+            mode = "safe" if self._block_max is not None else "exact"
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        if alpha is not None and mode != "approximate":
+            raise ValueError(f"alpha: only for mode='approximate' (mode is {mode!r})")
+        if mode == "approximate":
+            alpha = 0.9 if alpha is None else alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+                raise ValueError(f"alpha: expected a number in (0, 1], got {alpha!r}")
         if queries.device != self._device:
             raise ValueError(f"queries: on {queries.device}, the index is on {self._device}")
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
+        if mode == "exact":
+            return self._exact(queries, k, threads)
+        if self._block_max is None:
+            raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
+                             f"with SparseIndex.from_documents(docs, block_max=True))")
+        if self._device.type != "cpu":
+            raise ValueError(f"mode={mode!r}: block-max search runs on the CPU; the index is on {self._device}")
+        scores, ids, complete, _ = self._block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha), threads)
+        if self._tail is not None:
+            tail_scores, tail_ids = self._tail._exact(queries, k, threads)
+            scores, ids = merge_top_k(scores, ids, tail_scores, torch.where(tail_ids >= 0, tail_ids +
+                                                                            self._block_max.ndocs, -1), k)
+        if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
+            redo = (~complete).nonzero().flatten()
+            scores[redo], ids[redo] = self._exact(queries[redo], k, threads)
+        return scores, ids
+
+    def _exact(self, queries: SparseBatch, k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         segs = self._segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype))]
         return _ops.sparse_search(queries.indptr, queries.indices, queries.values.detach(),
                                   [s.ptr for s in segs], [s.docs for s in segs], [s.weights for s in segs],
@@ -168,23 +271,30 @@ class SparseIndex:
 
     # ---- files -----------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the index to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
+        """Writes the index (with its block-max structure, if any) to ``path`` atomically: a temporary file in the
+        same folder, fsync, then rename."""
         path = Path(path)
         segs = [s.to("cpu") for s in self._segments]
-        sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs)
+        extras = self._extras()
+        sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs) + _EXTRA.size * len(extras)
+
+        def place(a: np.ndarray) -> int:
+            nonlocal offset
+            offset = -(-offset // _ALIGN) * _ALIGN
+            sections.append((offset, a))
+            at, offset = offset, offset + a.nbytes
+            return at
+
         for s in segs:
             arrays = [_as_numpy(s.ptr), _as_numpy(s.docs), _as_numpy(s.weights)]
-            offsets = []
-            for a in arrays:
-                offset = -(-offset // _ALIGN) * _ALIGN
-                offsets.append(offset)
-                sections.append((offset, a))
-                offset += a.nbytes
-            crcs = [zlib.crc32(a) for a in arrays]
-            entries.append(_ENTRY.pack(s.ndocs, s.docs.numel(), *offsets, *crcs))
+            offsets = [place(a) for a in arrays]
+            entries.append(_ENTRY.pack(s.ndocs, s.docs.numel(), *offsets, *(zlib.crc32(a) for a in arrays)))
+        for name, t in extras.items():
+            a = _as_numpy(t)
+            entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        head = _HEADER.pack(_MAGIC, _VERSION, _DTYPE_CODES[self._dtype], self._dim, len(self), len(segs),
-                            self.segment_size)
+        head = _HEADERS[_VERSION].pack(_MAGIC, _VERSION, _DTYPE_CODES[self._dtype], self._dim, len(self), len(segs),
+                                       self.segment_size, len(extras))
         head += struct.pack("<I", zlib.crc32(table))
         head += struct.pack("<I", zlib.crc32(head))
         head = head.ljust(_HEADER_SIZE, b"\0")
@@ -207,57 +317,113 @@ class SparseIndex:
         finally:
             os.close(dir_fd)
 
+    def _extras(self) -> dict[str, torch.Tensor]:
+        """Named arrays saved beside the segments: the block-max structure (the tail is rebuilt on load)."""
+        bm = self._block_max
+        if bm is None:
+            return {}
+        out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs], dtype=torch.int64)}
+        out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
+        return out
+
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
-        """Reads an index written by ``save``; with ``mmap`` its arrays map the file instead of being read.
-        Checksums and structure are verified; a truncated or corrupted file raises ``ValueError``."""
+        """Reads an index written by ``save`` (format version 1 or 2); with ``mmap`` its arrays map the file
+        instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
+        ``ValueError``."""
         path = Path(path)
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(_HEADER_SIZE)
             if len(head) < _HEADER_SIZE or head[:8] != _MAGIC:
                 raise ValueError(f"{path}: not a sparse_retrieval index file (bad magic or shorter than a header)")
-            magic, version, code, dim, ndocs, nseg, segment_size = _HEADER.unpack_from(head)
-            table_crc, head_crc = struct.unpack_from("<II", head, _HEADER.size)
-            if zlib.crc32(head[:_HEADER.size + 4]) != head_crc:
+            version = struct.unpack_from("<I", head, 8)[0]
+            if version not in _HEADERS:
+                raise ValueError(f"{path}: format version {version}, this library reads versions 1 and {_VERSION}")
+            fmt = _HEADERS[version]
+            magic, version, code, dim, ndocs, nseg, segment_size, *rest = fmt.unpack_from(head)
+            nextra = rest[0] if rest else 0
+            table_crc, head_crc = struct.unpack_from("<II", head, fmt.size)
+            if zlib.crc32(head[:fmt.size + 4]) != head_crc:
                 raise ValueError(f"{path}: header checksum mismatch (corrupted file)")
-            if version != _VERSION:
-                raise ValueError(f"{path}: format version {version}, this library reads version {_VERSION}")
             if code not in _CODE_DTYPES:
                 raise ValueError(f"{path}: unknown weight dtype code {code}")
-            table = f.read(_ENTRY.size * nseg)
-        if len(table) != _ENTRY.size * nseg:
+            table_size = _ENTRY.size * nseg + _EXTRA.size * nextra
+            if table_size > size:
+                raise ValueError(f"{path}: truncated (segment table incomplete)")
+            table = f.read(table_size)
+        if len(table) != table_size:
             raise ValueError(f"{path}: truncated (segment table incomplete)")
         if zlib.crc32(table) != table_crc:
             raise ValueError(f"{path}: segment table checksum mismatch (corrupted file)")
         dtype = _CODE_DTYPES[code]
+        if dim < 1 or not 1 <= segment_size < 2**31:
+            raise ValueError(f"{path}: invalid dim {dim} or segment size {segment_size}")
         index = cls(dim, dtype, segment_size=segment_size)
+
+        def array(name: str, off: int, crc: int, count: int, t: torch.dtype) -> torch.Tensor:
+            np_dtype = _NP_DTYPES[t]
+            if off + count * np_dtype.itemsize > size:
+                raise ValueError(f"{path}: truncated ({name} ends past the end of the file)")
+            a = _read(path, np_dtype, off, count, mmap)
+            if zlib.crc32(a) != crc:
+                raise ValueError(f"{path}: checksum mismatch in {name} (corrupted file)")
+            return torch.from_numpy(a).view(t) if t == torch.bfloat16 else torch.from_numpy(a)
+
         for s in range(nseg):
             seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
-            offsets, crcs = rest[:3], rest[3:]
-            arrays = []
-            for name, off, crc, count, t in zip(("ptr", "docs", "weights"), offsets, crcs, (dim + 1, nnz, nnz),
-                                                (torch.int64, torch.int32, dtype)):
-                np_dtype = _NP_DTYPES[t]
-                if off + count * np_dtype.itemsize > size:
-                    raise ValueError(f"{path}: truncated (segment {s} {name} ends past the end of the file)")
-                a = _read(path, np_dtype, off, count, mmap)
-                if zlib.crc32(a) != crc:
-                    raise ValueError(f"{path}: checksum mismatch in segment {s} {name} (corrupted file)")
-                arrays.append(torch.from_numpy(a).view(t) if t == torch.bfloat16 else torch.from_numpy(a))
+            arrays = [array(f"segment {s} {name}", off, crc, count, t) for name, off, crc, count, t in
+                      zip(("ptr", "docs", "weights"), rest[:3], rest[3:], (dim + 1, nnz, nnz),
+                          (torch.int64, torch.int32, dtype))]
             seg = _Segment(arrays[0], arrays[1], arrays[2], seg_docs)
             _validate(seg, dim, f"{path}: segment {s}")
             index._segments.append(seg)
         if len(index) != ndocs:
             raise ValueError(f"{path}: segments hold {len(index)} documents, the header says {ndocs}")
+        extras = {}
+        for e in range(nextra):
+            name, tcode, off, count, crc = _EXTRA.unpack_from(table, _ENTRY.size * nseg + e * _EXTRA.size)
+            name = name.rstrip(b"\0").decode("utf-8", "replace")
+            if tcode not in _EXTRA_DTYPES:
+                raise ValueError(f"{path}: unknown dtype code {tcode} of {name}")
+            extras[name] = array(name, off, crc, count, _EXTRA_DTYPES[tcode])
+        if extras:
+            index._load_block_max(extras, f"{path}")
         return index
+
+    def _load_block_max(self, extras: dict[str, torch.Tensor], where: str) -> None:
+        names = {f"block_max.{f}" for f in ("meta", *BlockMax.__dataclass_fields__)} - {"block_max.block_size",
+                                                                                       "block_max.ndocs"}
+        if set(extras) != names or extras["block_max.meta"].numel() != 2:
+            raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
+        block_size, ndocs = extras["block_max.meta"].tolist()
+        if not 1 <= block_size <= 1 << 20 or not 0 <= ndocs <= len(self):
+            raise ValueError(f"{where}: invalid block-max block size {block_size} or document count {ndocs}")
+        bm = BlockMax(block_size, ndocs, **{k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"})
+        if bm.fwd_weights.dtype != self._dtype:
+            raise ValueError(f"{where}: block-max weights are {bm.fwd_weights.dtype}, the index's {self._dtype}")
+        validate_block_max(bm, self._dim, f"{where}: block_max")
+        self._block_max = bm
+        if ndocs < len(self):
+            self._tail = SparseIndex.from_documents(self._documents(ndocs, len(self)), self._dtype,
+                                                    segment_size=self.segment_size, progress=False)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
+def merge_top_k(s1: torch.Tensor, i1: torch.Tensor, s2: torch.Tensor, i2: torch.Tensor, k: int):
+    """Row-wise top k of two (scores, ids) results: score descending, ties to the lower id, padding (-1) last."""
+    s, i = torch.cat([s1, s2], 1), torch.cat([i1, i2], 1)
+    key = torch.where(i >= 0, i, torch.iinfo(torch.int64).max)
+    order = torch.sort(key, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(s.gather(1, order), dim=1, descending=True, stable=True).indices)
+    return s.gather(1, order[:, :k]).contiguous(), i.gather(1, order[:, :k]).contiguous()
+
+
 # How each stored tensor dtype is read with numpy (which has no bfloat16: its bits are read as uint16).
-_NP_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.float32: np.dtype(np.float32),
+_NP_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int16: np.dtype(np.int16),
+              torch.uint8: np.dtype(np.uint8), torch.float32: np.dtype(np.float32),
               torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16)}
 
 

@@ -4,73 +4,11 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/cpu/best_k.h"
 #include "kernels/cpu/value_load.h"
 
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
-
-inline bool better(float s1, int64_t id1, float s2, int64_t id2) { return s1 > s2 || (s1 == s2 && id1 < id2); }
-
-// The k best (score, id) pairs seen so far, kept as a binary heap whose root is the worst of them, in storage
-// supplied by the caller. Once full, only a score above `floor()` can enter.
-class BestK {
- public:
-  BestK(float* s, int64_t* id, int64_t k) : s_(s), id_(id), k_(k) {}
-
-  bool full() const { return n_ == k_; }
-  float floor() const { return full() ? s_[0] : -std::numeric_limits<float>::infinity(); }
-
-  void offer(float s, int64_t id) {
-    if (n_ < k_) {
-      int64_t i = n_++;
-      while (i > 0) {  // sift up past better parents
-        const int64_t parent = (i - 1) / 2;
-        if (!better(s_[parent], id_[parent], s, id)) break;
-        s_[i] = s_[parent];
-        id_[i] = id_[parent];
-        i = parent;
-      }
-      s_[i] = s;
-      id_[i] = id;
-    } else if (k_ > 0 && better(s, id, s_[0], id_[0])) {
-      sift_down(0, s, id, n_);
-    }
-  }
-
-  // Sorts the kept pairs best first in place (heap sort: the worst goes to the back) and returns their count.
-  int64_t finish() {
-    const int64_t n = n_;
-    for (int64_t end = n - 1; end > 0; --end) {
-      const float s = s_[end];
-      const int64_t id = id_[end];
-      s_[end] = s_[0];
-      id_[end] = id_[0];
-      sift_down(0, s, id, end);
-    }
-    return n;
-  }
-
- private:
-  // Places (s, id) at hole i of the heap of size n, moving worse children up.
-  void sift_down(int64_t i, float s, int64_t id, int64_t n) {
-    for (;;) {
-      int64_t c = 2 * i + 1;
-      if (c >= n) break;
-      if (c + 1 < n && better(s_[c], id_[c], s_[c + 1], id_[c + 1])) ++c;  // the worse child
-      if (!better(s, id, s_[c], id_[c])) break;
-      s_[i] = s_[c];
-      id_[i] = id_[c];
-      i = c;
-    }
-    s_[i] = s;
-    id_[i] = id;
-  }
-
-  float* s_;
-  int64_t* id_;
-  int64_t k_;
-  int64_t n_ = 0;
-};
 
 // acc[docs[p] - base] += qw * w[p] for the postings from p on whose document is below `limit` (the end of the
 // block); returns the first position past them. Finding that end while scattering replaced a galloping search per

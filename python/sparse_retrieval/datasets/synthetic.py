@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .sparse import SparseBatch
+from ..sparse import SparseBatch
 
 
 def _popularity(dim: int, exponent: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,57 @@
+// Block-max pruned top-k search (torch-free), after BMP (Mallia, Suel, Tonellotto, SIGIR 2024): documents, stored in
+// a clustered order, are cut into blocks of `block_size`; each term keeps an 8-bit upper bound of its weight per
+// block. A query bounds every block's score, visits blocks in decreasing bound order, scores their documents from
+// a forward index and stops when its k-th score beats alpha x the largest bound left (alpha = 1: exact).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/search.h"
+#include "kernels/cpu/simd.h"
+#include "kernels/cpu/sparse_dot.h"
+
+namespace sr::cpu {
+
+struct BlockMaxIndex {
+  int64_t ndocs, dim, block_size, nblocks;
+  // Forward index in stored order: document d's terms (ascending, uint16 when `terms16`, else int32) and weights
+  // of `wtype` at [fwd_ptr[d], fwd_ptr[d + 1]); doc_ids[d] is its user-facing id.
+  const int64_t* fwd_ptr;
+  const void* fwd_terms;
+  bool terms16;
+  const void* fwd_weights;
+  ValueType wtype;
+  const int64_t* doc_ids;
+  // Block maxima of term t, weight <= bm * scale[t]: a dense row of nblocks bytes at bm_dense + nblocks *
+  // dense_row[t] when dense_row[t] >= 0, else the sparse entries [bm_ptr[t], bm_ptr[t + 1]) of (block, bm).
+  const float* scale;
+  const int64_t* dense_row;
+  const uint8_t* bm_dense;
+  const int64_t* bm_ptr;
+  const int32_t* bm_blocks;
+  const uint8_t* bm_values;
+};
+
+// Blocks are visited bucket by bucket (the bound range cut into kBoundBuckets equal parts), in id order inside one.
+constexpr int64_t kBoundBuckets = 4096;
+
+// Per-thread scratch: q holds dim zeroed floats (left zeroed); ub nblocks floats; order nblocks int32s;
+// bucket_start kBoundBuckets + 1 int32s; bucket_max kBoundBuckets floats.
+struct BlockScratch {
+  float* q;
+  float* ub;
+  int32_t* order;
+  int32_t* bucket_start;
+  float* bucket_max;
+};
+
+}  // namespace sr::cpu
+
+// Top k of one query (terms ascending, unique) over the index, best first (score descending, ties to the lower
+// user id), written to out_scores/out_ids (k slots; unfilled slots untouched). Returns true when the result is
+// final: k documents found and the k-th score > 0. Otherwise (fewer matching documents, a non-finite query weight)
+// the caller must search exhaustively, since exhaustive search also ranks documents that score 0. `blocks_visited`
+// receives the number of blocks scored.
+SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
+                                        const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
+                                        int64_t* blocks_visited))
