@@ -43,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
   const int64_t ndocs = fwd_ptr.numel() - 1;
   TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
-  const int64_t dim = scale.numel();
+  TORCH_CHECK_VALUE(bm_ptr.dim() == 1 && bm_ptr.numel() >= 1, "bm_ptr: expected dim + 1 >= 1 entries");
+  const int64_t dim = bm_ptr.numel() - 1;
   const int64_t nblocks = (ndocs + block_size - 1) / block_size;
   check_1d(fwd_ptr, at::kLong, ndocs + 1, "fwd_ptr");
   TORCH_CHECK_TYPE(fwd_terms.scalar_type() == at::kShort || fwd_terms.scalar_type() == at::kInt,

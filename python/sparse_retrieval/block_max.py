@@ -206,3 +206,11 @@ def _csr(x: SparseBatch) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(x.indptr, x.indices.long(), x.values.float(), (len(x), x.dim))
+
+
+@torch.library.register_fake("sparse_retrieval::block_search")
+def _(q_indptr, q_indices, q_values, fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, dense_row, bm_dense, bm_ptr,
+      bm_blocks, bm_values, block_size, k, alpha, num_threads):
+    nq = q_indptr.shape[0] - 1
+    return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
+            q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

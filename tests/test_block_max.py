@@ -1,0 +1,267 @@
+"""Block-max pruned search (SparseIndex modes "safe" and "approximate"): safe results equal exhaustive ones bit for
+bit, on random and clustered data of awkward sizes, every SIMD level, after add and after save/load; approximate
+recall only grows with alpha; bad parameters and damaged structures raise."""
+import struct
+import zlib
+
+import pytest
+import torch
+
+import sparse_retrieval as sr
+from sparse_retrieval.block_max import build_block_max, cluster_order, validate_block_max
+from sparse_retrieval.sparse import SparseBatch
+
+ops = torch.ops.sparse_retrieval
+
+
+def clustered(n, dim, topics, gen, dtype=torch.float32, duplicates=0.1, coarse=False):
+    """Documents drawn from `topics` topics (each a random set of terms), non-negative weights, a share of exact
+    duplicates (ties), about one row in twenty empty. `coarse` rounds weights to quarters (many equal scores)."""
+    vocab = [torch.randperm(dim, generator=gen)[:max(2, dim // 6)] for _ in range(topics)]
+    rows = []
+    for _ in range(n):
+        if rows and torch.rand((), generator=gen) < duplicates:
+            rows.append(rows[int(torch.randint(len(rows), (), generator=gen))])
+            continue
+        if torch.rand((), generator=gen) < 0.05:
+            rows.append(([], []))
+            continue
+        t = vocab[int(torch.randint(topics, (), generator=gen))]
+        m = int(torch.randint(1, t.numel() + 1, (), generator=gen))
+        cols = torch.cat([t[torch.randperm(t.numel(), generator=gen)[:m]],
+                          torch.randint(dim, (2,), generator=gen)]).unique()
+        vals = torch.rand(cols.numel(), generator=gen) * 3
+        if coarse:
+            vals = (vals * 4).round() / 4
+        rows.append((cols.tolist(), vals.tolist()))
+    return SparseBatch.from_lists(rows, dim, dtype=dtype)
+
+
+def queries_for(docs, n, gen, negative=False):
+    """Queries made of terms of random documents plus noise terms; some empty; optionally negative weights."""
+    rows = []
+    for i in range(n):
+        if i % 11 == 3:
+            rows.append(([], []))
+            continue
+        d = docs[int(torch.randint(len(docs), (), generator=gen))]
+        cols = torch.cat([d.indices.long()[torch.randperm(d.nnz, generator=gen)[:6]],
+                          torch.randint(docs.dim, (3,), generator=gen)]).unique()
+        vals = torch.rand(cols.numel(), generator=gen) + 0.1
+        if negative:
+            vals = torch.where(torch.rand(cols.numel(), generator=gen) < 0.3, -vals, vals)
+        rows.append((cols.tolist(), vals.tolist()))
+    return SparseBatch.from_lists(rows, docs.dim)
+
+
+def assert_same(a, b):
+    assert torch.equal(a[1], b[1]), "ids differ"
+    assert torch.equal(a[0], b[0]), "scores differ"
+
+
+@pytest.mark.parametrize("n,block_size,k", [(1, 1, 1), (97, 8, 5), (1000, 32, 10), (777, 7, 40), (300, 64, 400)])
+@pytest.mark.parametrize("kind", ["random", "clustered", "coarse"])
+def test_safe_equals_exhaustive(simd, n, block_size, k, kind):
+    gen = torch.Generator().manual_seed(n * 31 + block_size + len(kind))
+    if kind == "random":
+        docs = SparseBatch(*(lambda b: (b.indptr, b.indices, b.values.abs()))(
+            __import__("test_sparse_dot").random_batch(n, 300, 40, gen)), 300)
+    else:
+        docs = clustered(n, 400, 6, gen, coarse=kind == "coarse")
+    queries = queries_for(docs, 40, gen, negative=kind == "random")
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=block_size, progress=False)
+    exact = index.search(queries, k, mode="exact")
+    for threads in (1, 3):
+        assert_same(index.search(queries, k, threads, mode="safe"), exact)
+    assert_same(index.search(queries, k), exact)  # safe is the default once optimized
+    assert_same(index.search(queries, k, mode="approximate", alpha=1.0), exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_safe_equals_exhaustive_half_weights(simd, dtype):
+    gen = torch.Generator().manual_seed(5)
+    docs = clustered(2000, 3000, 12, gen, dtype=dtype)
+    queries = queries_for(docs, 60, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, progress=False)
+    assert index.block_max.fwd_weights.dtype == dtype
+    assert_same(index.search(queries, 10, mode="safe"), index.search(queries, 10, mode="exact"))
+
+
+def test_wide_dimension_uses_int32_terms():
+    gen = torch.Generator().manual_seed(6)
+    small = clustered(400, 300, 4, gen)
+    docs = SparseBatch(small.indptr, small.indices.long() * 300, small.values, 100_000)  # terms above 65535
+    queries = SparseBatch(*(lambda q: (q.indptr, q.indices.long() * 300, q.values))(queries_for(small, 30, gen)),
+                          100_000)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    assert index.block_max.fwd_terms.dtype == torch.int32
+    assert_same(index.search(queries, 7), index.search(queries, 7, mode="exact"))
+
+
+def test_safe_prunes_clustered_data():
+    gen = torch.Generator().manual_seed(7)
+    docs = clustered(4000, 2000, 40, gen, duplicates=0.0)
+    queries = queries_for(docs, 50, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, progress=False)
+    _, _, complete, visited = index.block_max.search(queries, 10, 1.0, 1)
+    assert bool(complete[queries.row_nnz() > 0].all())
+    # Reordering groups each topic's documents: a query scores a small share of the blocks.
+    assert visited[complete].float().mean() < 0.25 * index.block_max.nblocks
+
+
+def test_documents_added_after_optimize_are_found_then_folded_in():
+    gen = torch.Generator().manual_seed(8)
+    docs = clustered(900, 500, 8, gen)
+    queries = queries_for(docs, 40, gen)
+    index = sr.SparseIndex.from_documents(docs[:600], block_max=True, block_size=8, progress=False)
+    index.add(docs[600:750])
+    index.add(docs[750:])
+    whole = sr.SparseIndex.from_documents(docs)
+    assert_same(index.search(queries, 12, mode="safe"), whole.search(queries, 12))
+    index.optimize(block_size=8, progress=False)
+    assert index.block_max.ndocs == 900
+    assert_same(index.search(queries, 12, mode="safe"), whole.search(queries, 12))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_keeps_block_max_and_tail(tmp_path, mmap):
+    gen = torch.Generator().manual_seed(9)
+    docs = clustered(500, 300, 5, gen)
+    queries = queries_for(docs, 30, gen)
+    index = sr.SparseIndex.from_documents(docs[:400], block_max=True, block_size=16, progress=False)
+    index.add(docs[400:])
+    index.save(tmp_path / "x.sridx")
+    loaded = sr.SparseIndex.load(tmp_path / "x.sridx", mmap=mmap)
+    assert loaded.block_max.ndocs == 400 and len(loaded) == 500
+    assert_same(loaded.search(queries, 9, mode="safe"), index.search(queries, 9, mode="exact"))
+
+
+def test_version_1_files_still_load(tmp_path):
+    gen = torch.Generator().manual_seed(10)
+    docs = clustered(50, 60, 3, gen)
+    sr.SparseIndex.from_documents(docs).save(tmp_path / "v2")
+    raw = (tmp_path / "v2").read_bytes()
+    magic, _, code, dim, ndocs, nseg, segment_size, nextra = struct.unpack_from("<8sIIQQQQQ", raw)
+    table_crc = struct.unpack_from("<I", raw, 56)[0]
+    head = struct.pack("<8sIIQQQQ", magic, 1, code, dim, ndocs, nseg, segment_size) + struct.pack("<I", table_crc)
+    head = (head + struct.pack("<I", zlib.crc32(head))).ljust(64, b"\0")
+    (tmp_path / "v1").write_bytes(head + raw[64:])
+    v1 = sr.SparseIndex.load(tmp_path / "v1")
+    assert v1.block_max is None and len(v1) == 50
+    queries = queries_for(docs, 10, gen)
+    assert_same(v1.search(queries, 5), sr.SparseIndex.from_documents(docs).search(queries, 5))
+
+
+def test_approximate_recall_grows_with_alpha():
+    gen = torch.Generator().manual_seed(11)
+    docs = clustered(3000, 1500, 30, gen, duplicates=0.0)
+    queries = queries_for(docs, 80, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, progress=False)
+    exact = index.search(queries, 10, mode="exact")[1]
+    previous, means = None, []
+    for alpha in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0):
+        ids = index.search(queries, 10, mode="approximate", alpha=alpha)[1]
+        per_query = torch.tensor([len(set(a.tolist()) & set(b.tolist()) - {-1}) / max(1, int((b >= 0).sum()))
+                                  for a, b in zip(ids, exact)])
+        if previous is not None:  # blocks visited at a smaller alpha are a prefix of those at a larger one
+            assert bool((per_query >= previous).all())
+        previous = per_query
+        means.append(float(per_query.mean()))
+    assert means[-1] == 1.0 and means[0] < 1.0
+
+
+def test_bad_parameters_raise():
+    gen = torch.Generator().manual_seed(12)
+    docs = clustered(100, 50, 3, gen)
+    queries = queries_for(docs, 5, gen)
+    plain = sr.SparseIndex.from_documents(docs)
+    with pytest.raises(ValueError, match="optimize"):
+        plain.search(queries, 3, mode="safe")
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=4, progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        index.search(queries, 3, mode="fast")
+    for alpha in (0, -0.5, 1.5, float("nan"), "x", True):
+        with pytest.raises(ValueError, match="alpha"):
+            index.search(queries, 3, mode="approximate", alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        index.search(queries, 3, mode="safe", alpha=0.5)
+    with pytest.raises(ValueError, match="block_size"):
+        sr.SparseIndex.from_documents(docs, block_max=True, block_size=0, progress=False)
+    negative = SparseBatch(docs.indptr, docs.indices, -docs.values, docs.dim)
+    with pytest.raises(ValueError, match="non-negative"):
+        sr.SparseIndex.from_documents(negative, block_max=True, progress=False)
+
+
+def test_nonfinite_and_unsorted_queries_fall_back_to_exhaustive():
+    gen = torch.Generator().manual_seed(13)
+    docs = clustered(200, 80, 4, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    q = SparseBatch(torch.tensor([0, 2, 4]), torch.tensor([1, 5, 2, 9], dtype=torch.int32),
+                    torch.tensor([float("inf"), 1.0, float("nan"), 2.0]), 80, check=False)
+    got, want = index.search(q, 4, mode="safe"), index.search(q, 4, mode="exact")
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert torch.equal(got[1], want[1])
+    bm = index.block_max
+    unsorted = SparseBatch(torch.tensor([0, 2]), torch.tensor([9, 1], dtype=torch.int32), torch.ones(2), 80,
+                           check=False)
+    assert not bool(bm.search(unsorted, 3, 1.0, 1)[2].any())  # the raw op leaves it to exhaustive search
+
+
+def test_raw_op_rejects_inconsistent_structures():
+    gen = torch.Generator().manual_seed(14)
+    docs = clustered(100, 50, 3, gen)
+    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    q = queries_for(docs, 3, gen)
+    args = dict(bm.tensors())
+
+    def call(**change):
+        a = dict(args, **change)
+        return ops.block_search(q.indptr, q.indices, q.values, a["fwd_ptr"], a["fwd_terms"], a["fwd_weights"],
+                                a["doc_ids"], a["scale"], a["dense_row"], a["bm_dense"], a["bm_ptr"], a["bm_blocks"],
+                                a["bm_values"], change.pop("block_size", 8), 3, change.pop("alpha", 1.0), 1)
+
+    call()
+    bad = {"fwd_ptr": args["fwd_ptr"][:-1], "fwd_weights": args["fwd_weights"][:-1],
+           "doc_ids": args["doc_ids"].int(), "scale": args["scale"][:-1], "bm_values": args["bm_values"][:-1],
+           "dense_row": torch.full_like(args["dense_row"], 10**6), "bm_ptr": args["bm_ptr"] + 1,
+           "bm_dense": torch.zeros(args["bm_dense"].numel() + 1, dtype=torch.uint8)}
+    for name, value in bad.items():
+        with pytest.raises((ValueError, TypeError), match=name):
+            call(**{name: value})
+    with pytest.raises(ValueError, match="alpha"):
+        ops.block_search(q.indptr, q.indices, q.values, *[args[k] for k in list(args)], 8, 3, 1.5, 1)
+
+
+def test_validate_rejects_damaged_structures():
+    gen = torch.Generator().manual_seed(15)
+    docs = clustered(120, 50, 3, gen)
+    good = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    validate_block_max(good, 50, "x")
+    for field, damage in [("fwd_terms", lambda t: t.fill_(60)), ("doc_ids", lambda t: t.fill_(0)),
+                          ("bm_blocks", lambda t: t.fill_(10**6)), ("fwd_weights", lambda t: t.fill_(-1.0)),
+                          ("fwd_ptr", lambda t: t.flip(0))]:
+        bm = build_block_max(docs, torch.float32, block_size=8, dense_fraction=1.0, progress=False)
+        assert bm.bm_blocks.numel() > 0
+        t = getattr(bm, field)
+        setattr(bm, field, damage(t.clone()))
+        with pytest.raises(ValueError):
+            validate_block_max(bm, 50, "x")
+
+
+def test_cluster_order_is_a_permutation_that_groups_topics():
+    gen = torch.Generator().manual_seed(16)
+    docs = clustered(600, 600, 10, gen, duplicates=0.0)
+    order = cluster_order(docs, leaf=16, progress=False)
+    assert torch.equal(torch.sort(order).values, torch.arange(600))
+    # neighbours in the order share more terms than random pairs
+    dense = docs.to_dense() > 0
+    overlap = lambda a, b: float((dense[a] & dense[b]).sum(1).float().mean())
+    assert overlap(order[:-1], order[1:]) > 2 * overlap(torch.arange(599), torch.randperm(600, generator=gen)[:599])
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(17)
+    docs = clustered(64, 40, 3, gen)
+    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    q = queries_for(docs, 4, gen)
+    torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, *bm.tensors().values(), 8, 5, 1.0, 1))
