@@ -216,20 +216,20 @@ def test_raw_op_rejects_inconsistent_structures():
 
     def call(**change):
         a = dict(args, **change)
-        return ops.block_search(q.indptr, q.indices, q.values, a["fwd_ptr"], a["fwd_terms"], a["fwd_weights"],
-                                a["doc_ids"], a["scale"], a["dense_row"], a["bm_dense"], a["bm_ptr"], a["bm_blocks"],
-                                a["bm_values"], change.pop("block_size", 8), 3, change.pop("alpha", 1.0), 1)
+        return ops.block_search(q.indptr, q.indices, q.values, list(a.values()), 8, 3, 1.0, 1)
 
     call()
     bad = {"fwd_ptr": args["fwd_ptr"][:-1], "fwd_weights": args["fwd_weights"][:-1],
            "doc_ids": args["doc_ids"].int(), "scale": args["scale"][:-1], "bm_values": args["bm_values"][:-1],
-           "dense_row": torch.full_like(args["dense_row"], 10**6), "bm_ptr": args["bm_ptr"] + 1,
+           "bm_dense_row": torch.full_like(args["bm_dense_row"], 10**6), "bm_ptr": args["bm_ptr"] + 1,
            "bm_dense": torch.zeros(args["bm_dense"].numel() + 1, dtype=torch.uint8)}
     for name, value in bad.items():
         with pytest.raises((ValueError, TypeError), match=name):
             call(**{name: value})
     with pytest.raises(ValueError, match="alpha"):
-        ops.block_search(q.indptr, q.indices, q.values, *[args[k] for k in list(args)], 8, 3, 1.5, 1)
+        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.5, 1)
+    with pytest.raises(ValueError, match="10 tensors"):
+        ops.block_search(q.indptr, q.indices, q.values, list(args.values())[:9], 8, 3, 1.0, 1)
 
 
 def test_validate_rejects_damaged_structures():
@@ -264,4 +264,5 @@ def test_opcheck():
     docs = clustered(64, 40, 3, gen)
     bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
     q = queries_for(docs, 4, gen)
-    torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, *bm.tensors().values(), 8, 5, 1.0, 1))
+    torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 5, 1.0,
+                                             1))

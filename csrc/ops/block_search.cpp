@@ -31,15 +31,18 @@ void check_offsets(const at::Tensor& ptr, int64_t total, const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
-    const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, const at::Tensor& fwd_ptr,
-    const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& doc_ids, const at::Tensor& scale,
-    const at::Tensor& dense_row, const at::Tensor& bm_dense, const at::Tensor& bm_ptr, const at::Tensor& bm_blocks,
-    const at::Tensor& bm_values, int64_t block_size, int64_t k, double alpha, int64_t num_threads) {
+    const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
+    int64_t block_size, int64_t k, double alpha, int64_t num_threads) {
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
   TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= 1.0, "alpha: must lie in (0, 1], got ", alpha);
   TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
                     block_size);
   TORCH_CHECK_VALUE(num_threads >= 0, "num_threads: must be >= 0 (0: all), got ", num_threads);
+  TORCH_CHECK_VALUE(index.size() == 10, "index: expected 10 tensors (fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, "
+                    "bm_dense_row, bm_dense, bm_ptr, bm_blocks, bm_values), got ", index.size());
+  const auto &fwd_ptr = index[0], &fwd_terms = index[1], &fwd_weights = index[2], &doc_ids = index[3],
+             &scale = index[4], &dense_row = index[5], &bm_dense = index[6], &bm_ptr = index[7],
+             &bm_blocks = index[8], &bm_values = index[9];
   TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
   const int64_t ndocs = fwd_ptr.numel() - 1;
   TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
@@ -56,14 +59,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
   check_1d(doc_ids, at::kLong, ndocs, "doc_ids");
   check_1d(scale, at::kFloat, dim, "scale");
-  check_1d(dense_row, at::kLong, dim, "dense_row");
+  check_1d(dense_row, at::kLong, dim, "bm_dense_row");
   check_1d(bm_dense, at::kByte, -1, "bm_dense");
   TORCH_CHECK_VALUE(nblocks == 0 ? bm_dense.numel() == 0 : bm_dense.numel() % nblocks == 0,
                     "bm_dense: expected a multiple of ", nblocks, " bytes (one row per dense term)");
+  const int64_t rows = nblocks ? bm_dense.numel() / nblocks : 0;
   if (dim > 0) {
     auto [lo, hi] = at::aminmax(dense_row);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && (nblocks == 0 || hi.item<int64_t>() < bm_dense.numel() / nblocks),
-                      "dense_row: rows must lie in [-1, ", nblocks ? bm_dense.numel() / nblocks : 0, ")");
+    TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "bm_dense_row: rows must lie in [-1, ",
+                      rows, ")");
   }
   check_1d(bm_ptr, at::kLong, dim + 1, "bm_ptr");
   check_1d(bm_blocks, at::kInt, -1, "bm_blocks");
@@ -95,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   const int64_t threads = std::min(num_threads > 0 ? num_threads : int64_t(at::get_num_threads()), nq);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> q(dim, 0.0f), ub(nblocks), bucket_max(sr::cpu::kBoundBuckets);
-    std::vector<int32_t> order(nblocks), bucket_start(sr::cpu::kBoundBuckets + 1);
-    const sr::cpu::BlockScratch scratch{q.data(), ub.data(), order.data(), bucket_start.data(), bucket_max.data()};
+    std::vector<float> q(dim, 0.0f), ub(nblocks);
+    std::vector<int32_t> order(nblocks);
+    const sr::cpu::BlockScratch scratch{q.data(), ub.data(), order.data()};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
@@ -111,10 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
-  m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor fwd_ptr, Tensor fwd_terms, "
-        "Tensor fwd_weights, Tensor doc_ids, Tensor scale, Tensor dense_row, Tensor bm_dense, Tensor bm_ptr, "
-        "Tensor bm_blocks, Tensor bm_values, int block_size, int k, float alpha, int num_threads) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, int k, "
+        "float alpha, int num_threads) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) { m.impl("block_search", &block_search_cpu); }

@@ -32,7 +32,9 @@ _ops = torch.ops.sparse_retrieval
 
 @dataclass
 class BlockMax:
-    """The forward index (stored order) and the block maxima of the first ``ndocs`` documents of an index."""
+    """The forward index (stored order) and the block maxima of the first ``ndocs`` documents of an index: term
+    t's bound on block b is ``value * scale[t]``, from a dense row (``bm_dense_row[t] >= 0``: that row of
+    ``bm_dense``, one byte per block) or from the sparse (block, value) entries ``bm_ptr[t]:bm_ptr[t + 1]``."""
     block_size: int
     ndocs: int
     fwd_ptr: torch.Tensor      # int64 (ndocs + 1,)
@@ -40,18 +42,19 @@ class BlockMax:
     fwd_weights: torch.Tensor  # the index's weight dtype (nnz,)
     doc_ids: torch.Tensor      # int64 (ndocs,): the id of the document stored at each position
     scale: torch.Tensor        # float32 (dim,)
-    dense_row: torch.Tensor    # int64 (dim,): row in bm_dense, or -1 for a term with sparse entries
-    bm_dense: torch.Tensor     # uint8 (rows * nblocks,)
-    bm_ptr: torch.Tensor       # int64 (dim + 1,)
-    bm_blocks: torch.Tensor    # int32 (entries,)
-    bm_values: torch.Tensor    # uint8 (entries,)
+    bm_dense_row: torch.Tensor  # int64 (dim,)
+    bm_dense: torch.Tensor      # uint8 (rows * nblocks,)
+    bm_ptr: torch.Tensor        # int64 (dim + 1,)
+    bm_blocks: torch.Tensor     # int32 (entries,)
+    bm_values: torch.Tensor     # uint8 (entries,)
 
     @property
     def nblocks(self) -> int:
         return -(-self.ndocs // self.block_size)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("block_size", "ndocs")}
+        """The tensors, in the order the op takes them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SIZES}
 
     @property
     def nbytes(self) -> int:
@@ -60,13 +63,14 @@ class BlockMax:
     def search(self, queries: SparseBatch, k: int, alpha: float, threads: int):
         """(scores, ids, complete, blocks_visited) of the kernel; rows whose ``complete`` is False must be
         searched exhaustively."""
-        return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(), self.fwd_ptr,
-                                 self.fwd_terms, self.fwd_weights, self.doc_ids, self.scale, self.dense_row,
-                                 self.bm_dense, self.bm_ptr, self.bm_blocks, self.bm_values, self.block_size, k,
-                                 alpha, threads)
+        return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
+                                 list(self.tensors().values()), self.block_size, k, alpha, threads)
 
 
-def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 32, reorder: bool = True,
+_SIZES = ("block_size", "ndocs")
+
+
+def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 8, reorder: bool = True,
                     dense_fraction: float = 0.125, seed: int = 0, progress: bool = True) -> BlockMax:
     """The block-max structure of ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype``.
 
@@ -94,10 +98,7 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     tmax = torch.zeros(dim).scatter_reduce_(0, cols, w, "amax", include_self=True)
     # scale slightly above max / 255 so that the largest weight still quantizes to at most 255
     scale = torch.where(tmax > 0, tmax / 255 * (1 + 2**-20), torch.ones(()))
-    key = cols * nblocks + block
-    uniq, inv = torch.unique(key, sorted=True, return_inverse=True)
-    bmax = torch.zeros(uniq.numel()).scatter_reduce_(0, inv, w, "amax", include_self=True)
-    uterm, ublock = uniq // nblocks, (uniq % nblocks).to(torch.int32)
+    uterm, ublock, bmax = _group_max(cols, block, w, nblocks)
     q = torch.ceil(bmax / scale[uterm]).clamp_(0, 255)
     while True:  # the kernel dequantizes as q * scale in float32: make that an upper bound exactly
         low = q * scale[uterm] < bmax
@@ -106,20 +107,32 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
         q[low] += 1
     if bool((q > 255).any()):
         raise AssertionError("block maxima: quantized bound above 255")  # scale makes this impossible
+    return BlockMax(block_size, n, fwd.indptr.clone(), terms, fwd.values, order.long(), scale.float(),
+                    *_dense_and_sparse(uterm, ublock, q, dim, nblocks, dense_fraction))
+
+
+def _group_max(term: torch.Tensor, unit: torch.Tensor, value: torch.Tensor, units: int):
+    """(term, unit, max value) over the distinct (term, unit) pairs, sorted by term then unit."""
+    uniq, inv = torch.unique(term * units + unit, sorted=True, return_inverse=True)
+    mx = torch.zeros(uniq.numel()).scatter_reduce_(0, inv, value.float(), "amax", include_self=True)
+    return uniq // units, uniq % units, mx
+
+
+def _dense_and_sparse(term: torch.Tensor, unit: torch.Tensor, q: torch.Tensor, dim: int, units: int,
+                      dense_fraction: float):
+    """(dense_row, dense, ptr, unit, value) from sorted (term, unit, 8-bit bound) triples."""
     q = q.to(torch.uint8)
-    count = torch.bincount(uterm, minlength=dim)
-    dense = count >= max(1, math.ceil(dense_fraction * nblocks))
+    count = torch.bincount(term, minlength=dim)
+    dense = count >= max(1, math.ceil(dense_fraction * units))
     dense_row = torch.full((dim,), -1, dtype=torch.int64)
     dense_terms = dense.nonzero().flatten()
     dense_row[dense_terms] = torch.arange(dense_terms.numel())
-    bm_dense = torch.zeros(dense_terms.numel() * nblocks, dtype=torch.uint8)
-    in_dense = dense[uterm]
-    bm_dense[dense_row[uterm[in_dense]] * nblocks + ublock[in_dense].long()] = q[in_dense]
-    sparse_count = torch.where(dense, 0, count)
-    bm_ptr = torch.zeros(dim + 1, dtype=torch.int64)
-    torch.cumsum(sparse_count, 0, out=bm_ptr[1:])
-    return BlockMax(block_size, n, fwd.indptr.clone(), terms, fwd.values, order.long(), scale.float(), dense_row,
-                    bm_dense, bm_ptr, ublock[~in_dense].contiguous(), q[~in_dense].contiguous())
+    rows = torch.zeros(dense_terms.numel() * units, dtype=torch.uint8)
+    in_dense = dense[term]
+    rows[dense_row[term[in_dense]] * units + unit[in_dense]] = q[in_dense]
+    ptr = torch.zeros(dim + 1, dtype=torch.int64)
+    torch.cumsum(torch.where(dense, 0, count), 0, out=ptr[1:])
+    return dense_row, rows, ptr, unit[~in_dense].to(torch.int32), q[~in_dense].contiguous()
 
 
 def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
@@ -144,49 +157,82 @@ def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
         raise ValueError(f"{where}: forward index weights must be finite and non-negative")
     if bm.scale.numel() != dim or not bool((torch.isfinite(bm.scale) & (bm.scale > 0)).all()):
         raise ValueError(f"{where}: block maxima scales are invalid")
-    rows = bm.bm_dense.numel() // max(nb, 1)
-    if bm.dense_row.numel() != dim or (nb and bm.bm_dense.numel() != rows * nb) or \
-            (dim and (int(bm.dense_row.min()) < -1 or int(bm.dense_row.max()) >= rows)):
-        raise ValueError(f"{where}: dense block maxima rows are inconsistent")
-    bp = bm.bm_ptr
-    if bp.numel() != dim + 1 or int(bp[0]) != 0 or int(bp[-1]) != bm.bm_blocks.numel() or \
-            bool((bp.diff() < 0).any()) or bm.bm_values.numel() != bm.bm_blocks.numel():
-        raise ValueError(f"{where}: sparse block maxima offsets are inconsistent")
-    if bm.bm_blocks.numel() and (int(bm.bm_blocks.min()) < 0 or int(bm.bm_blocks.max()) >= nb):
-        raise ValueError(f"{where}: block numbers out of range [0, {nb})")
+    for level, units in (("bm", nb),):
+        dense_row, dense, ptr, unit, value = (bm.bm_dense_row, bm.bm_dense, bm.bm_ptr, bm.bm_blocks, bm.bm_values)
+        rows = dense.numel() // max(units, 1)
+        if dense_row.numel() != dim or (units and dense.numel() != rows * units) or \
+                (dim and (int(dense_row.min()) < -1 or int(dense_row.max()) >= rows)):
+            raise ValueError(f"{where}: dense {level} maxima rows are inconsistent")
+        if ptr.numel() != dim + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != unit.numel() or \
+                bool((ptr.diff() < 0).any()) or value.numel() != unit.numel():
+            raise ValueError(f"{where}: sparse {level} maxima offsets are inconsistent")
+        if unit.numel():
+            if int(unit.min()) < 0 or int(unit.max()) >= units:
+                raise ValueError(f"{where}: {level} unit numbers out of range [0, {units})")
+            starts = torch.zeros(unit.numel(), dtype=torch.bool)
+            starts[ptr[:-1][ptr.diff() > 0]] = True
+            if bool(((unit[1:] <= unit[:-1]) & ~starts[1:]).any()):
+                raise ValueError(f"{where}: {level} unit numbers not ascending within a term")
 
 
 def cluster_order(docs: SparseBatch, leaf: int = 32, fanout: int = 64, iters: int = 6, sample: int = 65536,
                   seed: int = 0, progress: bool = True) -> torch.Tensor:
     """A permutation of ``docs``' rows that puts similar documents next to each other: hierarchical spherical
-    k-means (cosine similarity of the sparse vectors against dense centroids), ``fanout`` clusters per level fitted
-    on up to ``sample`` rows for ``iters`` rounds, recursing until a group holds at most ``leaf`` documents.
-    A cheaper stand-in for recursive graph bisection: O(levels x iters x nnz x fanout) work."""
+    k-means (cosine similarity against dense centroids), ``fanout`` clusters per level fitted on up to ``sample``
+    rows for ``iters`` rounds, recursing until a group holds at most ``leaf`` documents. Groups of at most 2,048
+    documents are finished on a dense matrix over their own terms (``fanout`` 8). A cheaper stand-in for recursive
+    graph bisection: O(levels x iters x nnz x fanout) work."""
     from tqdm.auto import tqdm
 
     n = len(docs)
     gen = torch.Generator().manual_seed(seed)
-    norms = torch.zeros(n).index_add_(0, docs.row_ids(), docs.values.float() ** 2).sqrt_().clamp_(min=1e-30)
-    unit = SparseBatch(docs.indptr, docs.indices, docs.values.float() / norms[docs.row_ids()], docs.dim, check=False)
+    rows = docs.row_ids()
+    norms = torch.zeros(n).index_add_(0, rows, docs.values.float() ** 2).sqrt_().clamp_(min=1e-30)
+    unit = SparseBatch(docs.indptr, docs.indices, docs.values.float() / norms[rows], docs.dim, check=False)
     out = []
     stack = [torch.arange(n)]
     with tqdm(total=n, desc="clustering documents", unit="doc", disable=not progress) as bar:
         while stack:
             ids = stack.pop()
-            if ids.numel() <= leaf:
-                out.append(ids)
+            if ids.numel() <= _DENSE_GROUP:
+                sub = unit[ids]
+                terms, local = torch.unique(sub.indices.long(), return_inverse=True)
+                dense = torch.zeros(len(sub), terms.numel())
+                dense[sub.row_ids(), local] = sub.values
+                out.append(ids[_cluster_dense(dense, leaf, iters, gen)])
                 bar.update(ids.numel())
                 continue
-            labels = _spherical_kmeans(unit[ids], min(fanout, -(-ids.numel() // leaf)), iters, sample, gen)
-            order = torch.argsort(labels, stable=True)
+            labels = _spherical_kmeans(unit[ids], fanout, iters, sample, gen)
             counts = torch.bincount(labels).tolist()
-            if max(counts) == ids.numel():  # identical vectors: no split possible
-                out.append(ids)
-                bar.update(ids.numel())
+            if max(counts) == ids.numel():  # no split found (identical vectors): cut in id order instead
+                stack.extend(reversed(torch.split(ids, _DENSE_GROUP)))
                 continue
-            parts = [p for p in torch.split(ids[order], counts) if p.numel()]
+            parts = [p for p in torch.split(ids[torch.argsort(labels, stable=True)], counts) if p.numel()]
             stack.extend(reversed(parts))  # depth first, so that the output keeps sibling clusters together
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+_DENSE_GROUP = 2048
+
+
+def _cluster_dense(x: torch.Tensor, leaf: int, iters: int, gen: torch.Generator, fanout: int = 8) -> torch.Tensor:
+    """Order of the rows of a small dense matrix of unit vectors, by recursive k-means with ``fanout`` clusters."""
+    n = x.shape[0]
+    if n <= leaf:
+        return torch.arange(n)
+    c = min(fanout, -(-n // leaf))
+    cent = x[torch.randperm(n, generator=gen)[:c]]
+    for _ in range(iters):
+        labels = (x @ cent.T).argmax(1)
+        cent = torch.zeros_like(cent).index_add_(0, labels, x)
+        cent /= cent.norm(dim=1, keepdim=True).clamp_(min=1e-30)
+    labels = (x @ cent.T).argmax(1)
+    counts = torch.bincount(labels, minlength=c)
+    if int(counts.max()) == n:  # no split: keep the order
+        return torch.arange(n)
+    order = torch.argsort(labels, stable=True)
+    parts = [p for p in torch.split(order, counts.tolist()) if p.numel()]
+    return torch.cat([p[_cluster_dense(x[p], leaf, iters, gen, fanout)] for p in parts])
 
 
 def _spherical_kmeans(x: SparseBatch, c: int, iters: int, sample: int, gen: torch.Generator) -> torch.Tensor:
@@ -197,9 +243,9 @@ def _spherical_kmeans(x: SparseBatch, c: int, iters: int, sample: int, gen: torc
     cent = _csr(fit[torch.randperm(len(fit), generator=gen)[:c]]).to_dense()
     for _ in range(iters):
         labels = torch.sparse.mm(mat, cent.T).argmax(1)
-        cent = torch.zeros(c, x.dim).index_put_((labels[rows], cols), vals, accumulate=True)
+        cent = torch.zeros(cent.shape[0], x.dim).index_put_((labels[rows], cols), vals, accumulate=True)
         cent /= cent.norm(dim=1, keepdim=True).clamp_(min=1e-30)
-    return torch.sparse.mm(_csr(x), cent.T).argmax(1) if fit is not x else labels
+    return torch.sparse.mm(_csr(x), cent.T).argmax(1)
 
 
 def _csr(x: SparseBatch) -> torch.Tensor:
@@ -209,8 +255,7 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 
 @torch.library.register_fake("sparse_retrieval::block_search")
-def _(q_indptr, q_indices, q_values, fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, dense_row, bm_dense, bm_ptr,
-      bm_blocks, bm_values, block_size, k, alpha, num_threads):
+def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, num_threads):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

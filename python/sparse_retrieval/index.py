@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .block_max import _SIZES as _BLOCK_MAX_SIZES
 from .block_max import BlockMax, build_block_max, validate_block_max
 from .sparse import SparseBatch
 
@@ -84,7 +85,7 @@ class SparseIndex:
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
     def from_documents(cls, docs: SparseBatch, dtype: torch.dtype | None = None, *, segment_size: int = 1 << 20,
-                       block_max: bool = False, block_size: int = 32, reorder: bool = True,
+                       block_max: bool = False, block_size: int = 8, reorder: bool = True,
                        progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype`` (default: docs' dtype).
         ``block_max=True`` also builds the structure of safe and approximate search (see ``optimize``)."""
@@ -96,7 +97,7 @@ class SparseIndex:
             index.optimize(block_size=block_size, reorder=reorder, progress=progress)
         return index
 
-    def optimize(self, *, block_size: int = 32, reorder: bool = True, progress: bool = True) -> None:
+    def optimize(self, *, block_size: int = 8, reorder: bool = True, progress: bool = True) -> None:
         """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
         blocks of ``block_size`` with 8-bit per-term block maxima, and a forward index. Needs finite,
@@ -392,14 +393,14 @@ class SparseIndex:
         return index
 
     def _load_block_max(self, extras: dict[str, torch.Tensor], where: str) -> None:
-        names = {f"block_max.{f}" for f in ("meta", *BlockMax.__dataclass_fields__)} - {"block_max.block_size",
-                                                                                       "block_max.ndocs"}
+        names = {f"block_max.{f}" for f in ("meta", *BlockMax.__dataclass_fields__) if f not in _BLOCK_MAX_SIZES}
         if set(extras) != names or extras["block_max.meta"].numel() != 2:
             raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
         block_size, ndocs = extras["block_max.meta"].tolist()
         if not 1 <= block_size <= 1 << 20 or not 0 <= ndocs <= len(self):
-            raise ValueError(f"{where}: invalid block-max block size {block_size} or document count {ndocs}")
-        bm = BlockMax(block_size, ndocs, **{k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"})
+            raise ValueError(f"{where}: invalid block-max sizes (block {block_size}, documents {ndocs})")
+        bm = BlockMax(block_size, ndocs,
+                      **{k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"})
         if bm.fwd_weights.dtype != self._dtype:
             raise ValueError(f"{where}: block-max weights are {bm.fwd_weights.dtype}, the index's {self._dtype}")
         validate_block_max(bm, self._dim, f"{where}: block_max")

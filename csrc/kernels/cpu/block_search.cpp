@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kernels/cpu/best_k.h"
 #include "kernels/cpu/value_load.h"
@@ -52,6 +53,47 @@ inline void add_dense_row(float* __restrict ub, const uint8_t* __restrict row, i
   for (int64_t b = 0; b < n; ++b) ub[b] += qs * float(row[b]);
 }
 
+// The largest of ub[0, n) (all >= 0).
+inline float max_bound(const float* ub, int64_t n) {
+  int64_t b = 0;
+  float mx = 0.0f;
+#if SR_SIMD_LEVEL == 3
+  __m512 m = _mm512_setzero_ps();
+  for (; b + 16 <= n; b += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(ub + b));
+  mx = _mm512_reduce_max_ps(m);
+#elif SR_SIMD_LEVEL == 2
+  __m256 m = _mm256_setzero_ps();
+  for (; b + 8 <= n; b += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(ub + b));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  for (float v : lanes) mx = std::max(mx, v);
+#endif
+  for (; b < n; ++b) mx = std::max(mx, ub[b]);
+  return mx;
+}
+
+// Writes the blocks b with lo <= ub[b] < hi and ub[b] > 0 to out, in increasing order; returns their count.
+inline int64_t collect_band(const float* ub, int64_t n, float lo, float hi, int32_t* out) {
+  int64_t b = 0, m = 0;
+#if SR_SIMD_LEVEL == 3
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; b + 16 <= n; b += 16, ids = _mm512_add_epi32(ids, step)) {
+    const __m512 u = _mm512_loadu_ps(ub + b);
+    const __mmask16 in = _mm512_cmp_ps_mask(u, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(u, vhi, _CMP_LT_OQ) &
+                         _mm512_cmp_ps_mask(u, zero, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(out + m, in, ids);
+    m += __builtin_popcount(in);
+  }
+#endif
+  for (; b < n; ++b) {
+    const float u = ub[b];
+    if (u >= lo && u < hi && u > 0.0f) out[m++] = int32_t(b);
+  }
+  return m;
+}
+
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, const BlockScratch& s,
                   float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
@@ -73,44 +115,32 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
       for (int64_t e = ix.bm_ptr[term]; e < ix.bm_ptr[term + 1]; ++e) s.ub[ix.bm_blocks[e]] += qs * float(ix.bm_values[e]);
     }
   }
-  float mx = 0.0f;
-  for (int64_t b = 0; b < nb; ++b) mx = std::max(mx, s.ub[b]);
+  const float mx = max_bound(s.ub, nb);
   if (!(mx > 0.0f)) return false;
-
-  // Bucket sort of the blocks with a positive bound, best bucket first; bucket_max keeps each bucket's real maximum.
-  const float inv = float(kBoundBuckets) / mx;
-  int32_t* start = s.bucket_start;
-  std::fill(start, start + kBoundBuckets + 1, 0);
-  std::fill(s.bucket_max, s.bucket_max + kBoundBuckets, 0.0f);
-  auto bucket_of = [&](float u) {
-    return kBoundBuckets - 1 - std::min<int64_t>(kBoundBuckets - 1, int64_t(u * inv));  // 0 = best
-  };
-  for (int64_t b = 0; b < nb; ++b) {
-    if (s.ub[b] > 0.0f) {
-      const int64_t bk = bucket_of(s.ub[b]);
-      ++start[bk + 1];
-      s.bucket_max[bk] = std::max(s.bucket_max[bk], s.ub[b]);
-    }
-  }
-  for (int64_t i = 0; i < kBoundBuckets; ++i) start[i + 1] += start[i];
-  const int32_t ncand = start[kBoundBuckets];
-  for (int64_t b = 0; b < nb; ++b) {  // start[bk] ends up at the end of bucket bk, i.e. the start of bk + 1
-    if (s.ub[b] > 0.0f) s.order[start[bucket_of(s.ub[b])]++] = int32_t(b);
-  }
   for (int64_t t = 0; t < q.nterms; ++t) s.q[q.terms[t]] = q.weights[t];
 
-  // Bounds and scores round differently: the bounds get a margin of 4 units in the last place per added term.
+  // Blocks are visited in decreasing bound order (ties to the lower block): bands [hi / 4, hi) of bounds, from
+  // hi = max, are collected with one pass over the bounds each and sorted. Most queries stop in the first band.
+  // The visiting order depends on the bounds only and alpha only on where it stops, so a smaller alpha visits a
+  // prefix of the blocks a larger one visits. Bounds and scores round differently: the bounds get a margin of
+  // 4 units in the last place per added term.
   const float margin = 1.0f + float(q.nterms + 4) * 2.4e-7f;
   BestK best(out_scores, out_ids, k);
   int64_t visited = 0;
-  int32_t pos = 0;
-  for (int64_t bk = 0; bk < kBoundBuckets && pos < ncand; ++bk) {
-    const int32_t end = start[bk];  // after the placement pass start[bk] is this bucket's end
-    if (pos == end) continue;
-    if (best.full() && best.floor() > alpha * s.bucket_max[bk] * margin) break;
-    for (; pos < end; ++pos) {
-      const int32_t b = s.order[pos];
-      if (best.full() && best.floor() > s.ub[b] * margin) continue;  // cannot hold a better document
+  bool stopped = false;
+  float hi = std::numeric_limits<float>::infinity();
+  for (float lo = mx * 0.25f; !stopped && hi > 0.0f; hi = lo, lo = lo > mx * 1e-6f ? lo * 0.25f : 0.0f) {
+    if (best.full() && best.floor() > alpha * std::min(hi, mx) * margin) break;
+    const int64_t m = collect_band(s.ub, nb, lo, hi, s.order);
+    std::sort(s.order, s.order + m, [&](int32_t a, int32_t b) {
+      return s.ub[a] > s.ub[b] || (s.ub[a] == s.ub[b] && a < b);
+    });
+    for (int64_t j = 0; j < m; ++j) {
+      const int32_t b = s.order[j];
+      if (best.full() && best.floor() > alpha * s.ub[b] * margin) {
+        stopped = true;
+        break;
+      }
       const int64_t d = int64_t(b) * ix.block_size;
       score_docs<W, Term>(ix, s.q, d, std::min(ix.ndocs, d + ix.block_size), best);
       ++visited;

@@ -32,17 +32,11 @@ struct BlockMaxIndex {
   const uint8_t* bm_values;
 };
 
-// Blocks are visited bucket by bucket (the bound range cut into kBoundBuckets equal parts), in id order inside one.
-constexpr int64_t kBoundBuckets = 4096;
-
-// Per-thread scratch: q holds dim zeroed floats (left zeroed); ub nblocks floats; order nblocks int32s;
-// bucket_start kBoundBuckets + 1 int32s; bucket_max kBoundBuckets floats.
+// Per-thread scratch: q holds dim zeroed floats (left zeroed); ub nblocks floats; order nblocks int32s.
 struct BlockScratch {
   float* q;
   float* ub;
   int32_t* order;
-  int32_t* bucket_start;
-  float* bucket_max;
 };
 
 }  // namespace sr::cpu
