@@ -1,23 +1,21 @@
-"""Exact sparse search: SparseIndex against scipy, sparse_dot_topn, Seismic (approximate) and cuSPARSE, same inputs.
+"""Sparse search on real learned-sparse vectors: SparseIndex (exact, safe and approximate block-max search) against
+Seismic, BMP, sparse_dot_topn and scipy, same inputs, same process; plus exact-search runs on synthetic data.
 
-    python bench/bench_search.py                    # 1M synthetic SPLADE-like docs + BM25 man pages (~10 min)
-    python bench/bench_search.py --docs 100000      # smaller synthetic set
-    python bench/bench_search.py --msmarco          # 8.8M documents: build incrementally, memory, search
+    python bench/bench_search.py                      # real splade-tiny collection (~203k passages), all methods
+    python bench/bench_search.py --scale 8841823      # the same grown to MS MARCO size (derive_documents)
+    python bench/bench_search.py --synthetic          # exact search: 1M synthetic docs + BM25 man pages
 
-Data: ``sparse_retrieval.datasets.synthetic_splade`` (30,522 dims, ~120 nnz per document, ~50 per query, Zipf-like
-dimension popularity) and BM25 vectors of the man pages installed on the machine (query = the page's NAME line,
-removed from the document). Generated data is cached under .cache/bench_search/ (git-ignored). The slow exact
-peers (scipy, sparse_dot_topn) run on the first --peer-queries queries; SparseIndex and Seismic on all of them.
-Seismic (approximate) runs on the man pages by default; its build on the 1M set takes about 10 minutes on two
-busy cores, so it runs there only with --seismic-synthetic. With CUDA available, the index also runs on the GPU
-against cuSPARSE (``torch.sparse.mm`` of the document CSR matrix and the dense queries, then ``torch.topk``) at
-1, 64 and 1,000 queries per call.
-The floor is the bytes of posting lists a query touches over the single-thread memory bandwidth measured here.
+Data: ``sparse_retrieval.datasets.splade_collection`` (WordNet glosses + man-page passages encoded with splade-tiny,
+4,000 held-out known-item queries; the first build encodes for about an hour and is cached under .cache/), or
+``synthetic_splade`` / BM25 man pages with ``--synthetic``. Every method runs at 1 thread and at all threads; QPS is
+the median over --repeats batch calls. Recall@10 is against exact search; MRR@10 against the known relevant
+passages. Seismic is swept over query_cut x heap_factor, BMP (8-bit weights: round(255 w / max w)) over alpha,
+SparseIndex approximate over alpha. The slow exact peers (scipy, sparse_dot_topn) run on --peer-queries queries.
+Writes bench/results/search*.json and a QPS-recall plot (search_real.png).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
 import math
 import os
@@ -32,10 +30,10 @@ import scipy.sparse as sp
 import torch
 
 import sparse_retrieval as sr
+from sparse_retrieval.datasets.text import man_page
 from common import add_ratios, measure, table, threads, write_results
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench_search"
-MSMARCO_DOCS = 8_841_823
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -60,33 +58,13 @@ def synthetic(n_docs: int, n_queries: int, seed: int = 0):
                    lambda: sr.datasets.synthetic_splade(n_docs, n_queries, seed=seed))
 
 
-_ESCAPES = re.compile(r"\\f[BIRP1-4]|\\f\(..|\\f\[[^]]*\]|\\\(..|\\\[[^]]*\]|\\[-&e|^%]")
 _TOKEN = re.compile(r"[a-z][a-z0-9_]+")
-
-
-def _man_page(path: Path) -> tuple[str, str] | None:
-    """(NAME description, body without the NAME section) of a man page, troff escapes and requests removed."""
-    try:
-        text = gzip.decompress(path.read_bytes()).decode("utf-8", "replace")
-    except (OSError, EOFError):
-        return None
-    lines, body, name, in_name = text.splitlines(), [], [], False
-    for line in lines:
-        if line.startswith(".SH") or line.startswith(".Sh"):
-            in_name = line.split(None, 1)[-1].strip().strip('"').upper() == "NAME"
-            continue
-        if line.startswith(".\\\"") or line.startswith("'\\\""):
-            continue
-        clean = _ESCAPES.sub(" ", line.lstrip(".") if line.startswith(".") else line)
-        (name if in_name else body).append(clean)
-    desc = " ".join(name).split(" - ", 1)[-1] if " - " in " ".join(name) else " ".join(name)
-    return (desc, " ".join(body)) if desc.strip() else None
 
 
 def man_pages_bm25(k1: float = 0.9, b: float = 0.4, max_terms: int = 65535):
     """BM25 document vectors and binary query vectors over the English man pages installed here."""
     def make():
-        pages = [p for p in (_man_page(f) for f in sorted(Path("/usr/share/man").glob("man[1-9]*/*.gz"))) if p]
+        pages = [p for p in (man_page(f) for f in sorted(Path("/usr/share/man").glob("man[1-9]*/*.gz"))) if p]
         doc_tf = [Counter(_TOKEN.findall(body.lower())) for _, body in pages]
         df = Counter(t for tf in doc_tf for t in tf)
         # The most frequent max_terms terms (Seismic stores dimensions in 16 bits); rarer ones are dropped.
@@ -138,29 +116,72 @@ def topn_search(q: sp.csr_matrix, dt_csr: sp.csr_matrix, k: int, n_threads: int)
     return ids
 
 
-def seismic_build(docs: sr.SparseBatch, n_threads: int):
+def seismic_build(docs: sr.SparseBatch, n_threads: int, n_postings: int = 3500):
     import seismic
 
     ds = seismic.SeismicDataset()
     ds.add_documents_by_id([str(i) for i in range(len(docs))], docs.indices.long().numpy(),
                            docs.values.float().numpy(), docs.indptr.numpy())
-    return seismic.SeismicIndex.build_from_dataset(ds, n_postings=3500, centroid_fraction=0.1, summary_energy=0.4,
-                                                   doc_cut=15, num_threads=n_threads)
+    return seismic.SeismicIndex.build_from_dataset(ds, n_postings=n_postings, centroid_fraction=0.1,
+                                                   summary_energy=0.4, doc_cut=15, num_threads=n_threads)
 
 
-def seismic_search(index, queries: sr.SparseBatch, k: int, n_threads: int):
+def seismic_bytes(index) -> int:
+    """Bytes of a Seismic index: the size of its saved file(s)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
+        index.save(os.path.join(tmp, "seismic"))
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+def seismic_queries(queries: sr.SparseBatch):
     import seismic
 
     kind = seismic.get_seismic_string()
     ptr = queries.indptr.tolist()
     tokens = [queries.indices[a:b].numpy().astype(str).astype(kind) for a, b in zip(ptr[:-1], ptr[1:])]
     values = [queries.values[a:b].float().numpy() for a, b in zip(ptr[:-1], ptr[1:])]
-    qids = np.array([str(i) for i in range(len(queries))], dtype=kind)
-    res = index.batch_search(qids, tokens, values, k=k, query_cut=10, heap_factor=0.7, num_threads=n_threads)
-    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    return np.array([str(i) for i in range(len(queries))], dtype=kind), tokens, values
+
+
+def seismic_search(index, queries, k: int, n_threads: int, query_cut: int = 10, heap_factor: float = 0.7):
+    """``queries``: a SparseBatch or the output of seismic_queries (converted once outside timed loops)."""
+    qids, tokens, values = seismic_queries(queries) if isinstance(queries, sr.SparseBatch) else queries
+    res = index.batch_search(qids, tokens, values, k=k, query_cut=query_cut, heap_factor=heap_factor,
+                             num_threads=n_threads)
+    ids = np.full((len(qids), k), -1, dtype=np.int64)
     for hits in res:  # each hit is (query id, score, document id); rows may come back in any order
         for j, hit in enumerate(hits[:k]):
             ids[int(hit[0]), j] = int(hit[2])
+    return ids
+
+
+def bmp_build(docs: sr.SparseBatch, path: Path, bsize: int = 32):
+    """A BMP index of ``docs`` with 8-bit weights round(255 w / max w) (at least 1), and its Searcher."""
+    import bmp
+
+    scale = 255.0 / max(float(docs.values.float().max()), 1e-30)
+    ptr, idx = docs.indptr.tolist(), docs.indices.tolist()
+    val = (docs.values.float() * scale).round().clamp(min=1).int().tolist()
+    indexer = bmp.Indexer(str(path), bsize=bsize, compress_range=False)
+    for d in range(len(docs)):
+        a, b = ptr[d], ptr[d + 1]
+        indexer.add_document(str(d), {str(t): w for t, w in zip(idx[a:b], val[a:b])})
+    indexer.finish()
+    return bmp.Searcher(str(path))
+
+
+def bmp_queries(queries: sr.SparseBatch) -> list[dict]:
+    ptr, idx, val = queries.indptr.tolist(), queries.indices.tolist(), queries.values.float().tolist()
+    return [{str(t): w for t, w in zip(idx[a:b], val[a:b])} for a, b in zip(ptr[:-1], ptr[1:])]
+
+
+def bmp_search(searcher, qdicts: list[dict], k: int, alpha: float) -> np.ndarray:
+    ids = np.full((len(qdicts), k), -1, dtype=np.int64)
+    for i, q in enumerate(qdicts):
+        got, _ = searcher.search(q, k=k, alpha=alpha, beta=1.0)
+        ids[i, :len(got)] = [int(x) for x in got]
     return ids
 
 
@@ -322,67 +343,206 @@ def run_cuda(index, docs, queries, k, repeats, facts) -> list[dict]:
     return rows
 
 
-def run_msmarco(args, all_threads, bw):
-    """8.8M documents: the cached 1M synthetic documents repeated with fresh weights per chunk (generating 8.8M
-    fresh ones with datasets.synthetic_splade takes about an hour on 2 cores), added chunk by chunk."""
-    from tqdm.auto import tqdm
+def mrr(ids: np.ndarray, relevant: list[list[int]], k: int = 10) -> float:
+    return sr.metrics.mrr_at_k(torch.as_tensor(ids), [{d: 1 for d in rel} for rel in relevant], k)
 
-    base, queries = synthetic(1_000_000, args.queries)
-    gen = torch.Generator().manual_seed(1)
-    index = sr.SparseIndex(base.dim, segment_size=1 << 20)
+
+def _timed(rows, method, t, nq, fn, repeats, **extra):
+    m = measure(fn, warmup=1, repeats=repeats)
+    times = np.array(m["times"]) / nq
+    rows.append({"method": method, "threads": t, "queries": nq, "median_s": m["median"] / nq,
+                 "qps": nq / m["median"], "ms_per_query": m["median"] / nq * 1e3,
+                 "spread_ms": float((times.max() - times.min()) * 1e3), **extra})
+    _log(rows[-1])
+    return rows[-1]
+
+
+def latency(index, queries, k, n, **kw) -> dict:
+    """p50 / p99 of single-query calls at 1 thread."""
+    lat = []
+    for i in range(min(n, len(queries))):
+        q1 = queries[i]
+        t0 = time.perf_counter()
+        index.search(q1, k, 1, **kw)
+        lat.append(time.perf_counter() - t0)
+    lat = np.array(lat) * 1e3
+    return {"latency_ms_p50": float(np.median(lat)), "latency_ms_p99": float(np.quantile(lat, .99))}
+
+
+def run_real(docs, queries, relevant, args, all_threads, name="real"):
+    """Every method on one collection: QPS at 1 and all threads, recall@k against exact, MRR@10 against the
+    relevance judgements (when given), build time and bytes."""
+    k, nq = args.k, len(queries)
+    npeer = min(args.peer_queries, nq)
+    rows, facts = [], {"docs": len(docs), "queries": nq, "dim": docs.dim, "doc_nnz": docs.nnz / max(1, len(docs)),
+                       "query_nnz": queries.nnz / max(1, nq), "k": k}
+    print(f"\n== {name}: {len(docs)} docs ({facts['doc_nnz']:.1f} nnz), {nq} queries ({facts['query_nnz']:.1f} nnz)",
+          flush=True)
     t0 = time.perf_counter()
-    with tqdm(total=MSMARCO_DOCS, desc="indexing", unit="doc") as bar:
-        while len(index) < MSMARCO_DOCS:
-            n = min(len(base), MSMARCO_DOCS - len(index))
-            chunk = base[:n]
-            weights = torch.log1p(torch.exp(torch.randn(chunk.nnz, generator=gen) * 0.8 + 0.3))
-            index.add(sr.SparseBatch(chunk.indptr, chunk.indices, weights, base.dim, check=False), progress=False)
-            bar.update(n)
-    facts = {"docs": len(index), "build_s": time.perf_counter() - t0, "index_bytes": index.nbytes,
-             "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    floor = touched_bytes(index, queries) / bw
-    facts["touched_mb_per_query"] = float(touched_bytes(index, queries).mean() / 1e6)
-    rows = []
-    nq = min(len(queries), args.peer_queries)
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    facts["exact_build_s"], facts["exact_bytes"] = time.perf_counter() - t0, index.nbytes
+    t0 = time.perf_counter()
+    index.optimize(block_size=args.block_size, progress=True)
+    facts["block_max_build_s"], facts["block_max_bytes"] = time.perf_counter() - t0, index.block_max.nbytes
+    _log(f"exact index {facts['exact_build_s']:.1f} s {index.nbytes / 1e9:.3f} GB; block-max "
+         f"{facts['block_max_build_s']:.1f} s +{facts['block_max_bytes'] / 1e9:.3f} GB")
+    exact = index.search(queries, k, all_threads, mode="exact")[1].numpy()
+
+    def quality(ids):
+        out = {"recall": recall(ids, exact)}
+        if relevant is not None:
+            out["mrr10"] = mrr(ids, relevant)
+        return out
+
+    def ours(mode, alpha=None):
+        kw = {"mode": mode} if alpha is None else {"mode": mode, "alpha": alpha}
+        return lambda t: index.search(queries, k, t, **kw)[1].numpy()
+
+    configs = [("SparseIndex exact", {}, ours("exact")), ("SparseIndex safe", {}, ours("safe"))]
+    configs += [("SparseIndex approx", {"alpha": a}, ours("approximate", a)) for a in args.alphas]
     for t in sorted({1, all_threads}):
-        lat = []
-        for i in range(nq):
+        for method, param, fn in configs:
+            with threads(t):
+                row = _timed(rows, method, t, nq, lambda: fn(t), args.repeats, **param, **quality(fn(t)))
+                if t == 1 and method != "SparseIndex approx":
+                    kw = {"mode": method.split()[1]}
+                    row.update(latency(index, queries, k, args.latency_queries, **kw))
+        _, _, _, visited = index.block_max.search(queries, k, 1.0, t)
+        facts["safe_blocks_visited_mean"] = float(visited.float().mean())
+        facts["blocks"] = index.block_max.nblocks
+    if not args.no_seismic:
+        try:
+            for n_postings in args.seismic_postings:
+                t0 = time.perf_counter()
+                sidx = seismic_build(docs, all_threads, n_postings)
+                facts[f"seismic_{n_postings}_build_s"] = time.perf_counter() - t0
+                facts[f"seismic_{n_postings}_bytes"] = seismic_bytes(sidx)
+                _log(f"seismic n_postings={n_postings} built in {facts[f'seismic_{n_postings}_build_s']:.1f} s")
+                sq = seismic_queries(queries)
+                for cut in args.seismic_query_cut:
+                    for hf in args.seismic_heap_factor:
+                        ids = seismic_search(sidx, sq, k, all_threads, cut, hf)
+                        for t in sorted({1, all_threads}):
+                            _timed(rows, "seismic", t, nq, lambda: seismic_search(sidx, sq, k, t, cut, hf),
+                                   args.repeats, n_postings=n_postings, query_cut=cut, heap_factor=hf, **quality(ids))
+                del sidx
+        except ImportError as exc:
+            print(f"seismic not installed ({exc}); pip install pyseismic-lsr==0.5.4", flush=True)
+    if not args.no_bmp:
+        try:
+            path = CACHE / f"bmp_{name}_{len(docs)}"
+            CACHE.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            index.search(queries[i], args.k, threads=t)
-            lat.append(time.perf_counter() - t0)
-        m = measure(lambda: index.search(queries[:nq], args.k, threads=t), warmup=0, repeats=1)
-        rows.append({"method": "SparseIndex", "threads": t, "queries": nq, "qps": nq / m["median"],
-                     "latency_ms_p50": float(np.median(lat) * 1e3),
-                     "floor_ms": float(floor[:nq].mean() * 1e3)})
-    print(table(rows, ["method", "threads", "queries", "qps", "latency_ms_p50", "floor_ms"]))
-    print(facts, flush=True)
+            searcher = bmp_build(docs, path)
+            facts["bmp_build_s"], facts["bmp_bytes"] = time.perf_counter() - t0, path.stat().st_size
+            qd = bmp_queries(queries)
+            for alpha in args.bmp_alphas:  # BMP's Python API searches one query at a time: 1 thread only
+                ids = bmp_search(searcher, qd, k, alpha)
+                _timed(rows, "bmp", 1, nq, lambda: bmp_search(searcher, qd, k, alpha), args.repeats, alpha=alpha,
+                       **quality(ids))
+            del searcher
+            path.unlink()
+        except ImportError as exc:
+            print(f"bmp not installed ({exc}); pip install bmp==0.2.8", flush=True)
+    if npeer and not args.no_exact_peers:
+        peer_sp, d_sp = queries[:npeer].to_scipy(), docs.to_scipy()
+        dt, dt_csr = d_sp.T.tocsc(), d_sp.T.tocsr()
+        for t in sorted({1, all_threads}):
+            if importlib.util.find_spec("sparse_dot_topn") is not None:
+                _timed(rows, "sparse_dot_topn", t, npeer, lambda: topn_search(peer_sp, dt_csr, k, t), args.repeats)
+            if t == 1:
+                _timed(rows, "scipy", t, npeer, lambda: scipy_search(peer_sp, dt, k), args.repeats)
+    add_ratios(rows, key=lambda r: r["threads"], baseline="SparseIndex exact", out_col="vs_exact")
+    print(table(rows, ["method", "threads", "alpha", "n_postings", "query_cut", "heap_factor", "qps", "spread_ms",
+                       "recall", "mrr10", "latency_ms_p50", "latency_ms_p99", "vs_exact"]))
+    print("  ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items()),
+          flush=True)
+    plot(rows, RESULTS_PLOT.with_name(f"search_{name}.png"), f"{name}: {len(docs):,} docs, k={k}")
     return {"rows": rows, "facts": facts}
+
+
+RESULTS_PLOT = Path(__file__).resolve().parent / "results" / "search_real.png"
+
+
+def plot(rows, path: Path, title: str) -> None:
+    """QPS against recall at 1 thread, one series per method (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["recall"], r["qps"]) for r in rows if r["method"] == method and r["threads"] == 1
+                     and "recall" in r)
+        if method == "seismic":  # the best QPS at each recall: the upper envelope of the sweep
+            env, best = [], 0.0
+            for rc, q in sorted(pts, reverse=True):
+                if q > best:
+                    env.append((rc, q))
+                    best = q
+            pts = sorted(env)
+        if pts:
+            ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "o", label=method)
+    ax.set_xlabel("recall@10 against exact search")
+    ax.set_ylabel("queries per second, 1 thread")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=1_000_000)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--peer-queries", type=int, default=100, help="queries for scipy and sparse_dot_topn")
-    ap.add_argument("--latency-queries", type=int, default=100, help="single-query calls timed for latency")
+    ap.add_argument("--synthetic", action="store_true", help="exact search on synthetic SPLADE-like data and BM25 "
+                    "man pages instead of the real collection")
+    ap.add_argument("--scale", type=int, help="grow the real collection to this many documents (derive_documents)")
+    ap.add_argument("--docs", type=int, default=1_000_000, help="synthetic documents (--synthetic)")
+    ap.add_argument("--queries", type=int, default=4000)
+    ap.add_argument("--peer-queries", type=int, default=200, help="queries for scipy and sparse_dot_topn")
+    ap.add_argument("--latency-queries", type=int, default=200, help="single-query calls timed for latency")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block-size", type=int, default=8)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
+    ap.add_argument("--bmp-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6])
+    ap.add_argument("--seismic-postings", type=int, nargs="+", default=[3500])
+    ap.add_argument("--seismic-query-cut", type=int, nargs="+", default=[3, 5, 8, 12, 20])
+    ap.add_argument("--seismic-heap-factor", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0])
     ap.add_argument("--no-seismic", action="store_true")
+    ap.add_argument("--no-bmp", action="store_true")
+    ap.add_argument("--no-exact-peers", action="store_true", help="skip scipy and sparse_dot_topn")
     ap.add_argument("--seismic-synthetic", action="store_true",
                     help="also build Seismic on the synthetic set (about 10 minutes on 2 busy cores)")
     ap.add_argument("--no-manpages", action="store_true")
-    ap.add_argument("--msmarco", action="store_true", help="only the 8.8M-document run")
     args = ap.parse_args()
     all_threads = torch.get_num_threads()
-    bw = bandwidth()
-    print(f"single-thread read bandwidth {bw / 1e9:.2f} GB/s; threads 1 and {all_threads}; "
-          f"SIMD {sr.get_simd_level()}", flush=True)
-    payload = {"args": vars(args), "bandwidth_gbs": bw / 1e9, "load_average_start": os.getloadavg()}
-    print(f"load average {os.getloadavg()} (other users of this machine slow every method alike)", flush=True)
-    if args.msmarco:
-        payload["msmarco"] = run_msmarco(args, all_threads, bw)
-        print(f"wrote {write_results('search_msmarco', payload)}")
+    print(f"threads 1 and {all_threads}; SIMD {sr.get_simd_level()}; load average {os.getloadavg()}", flush=True)
+    payload = {"args": vars(args), "load_average_start": os.getloadavg()}
+    if not args.synthetic:
+        coll = sr.datasets.splade_collection(CACHE.parent / "splade_collection", n_queries=args.queries)
+        payload["collection"] = coll.info
+        if args.scale:
+            t0 = time.perf_counter()
+            docs = sr.datasets.derive_documents(coll.docs, args.scale)
+            payload["derive_s"] = time.perf_counter() - t0
+            payload["scaled"] = run_real(docs, coll.queries, None, args, all_threads, name=f"scaled_{args.scale}")
+            payload["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"max RSS {payload['max_rss_gb']:.1f} GB")
+            print(f"wrote {write_results('search_scaled', payload)}")
+        else:
+            payload["real"] = run_real(coll.docs, coll.queries, coll.relevant, args, all_threads)
+            print(f"wrote {write_results('search_real', payload)}")
         return
+    bw = bandwidth()
+    payload["bandwidth_gbs"] = bw / 1e9
+    print(f"single-thread read bandwidth {bw / 1e9:.2f} GB/s", flush=True)
     docs, queries = synthetic(args.docs, args.queries)
     payload["synthetic"] = run_dataset("synthetic_splade", docs, queries, args, all_threads, bw,
                                        seismic=args.seismic_synthetic)

@@ -192,7 +192,7 @@ def test_bad_parameters_raise():
         sr.SparseIndex.from_documents(negative, block_max=True, progress=False)
 
 
-def test_nonfinite_and_unsorted_queries_fall_back_to_exhaustive():
+def test_nonfinite_unsorted_and_dense_queries_fall_back_to_exhaustive():
     gen = torch.Generator().manual_seed(13)
     docs = clustered(200, 80, 4, gen)
     index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
@@ -205,6 +205,19 @@ def test_nonfinite_and_unsorted_queries_fall_back_to_exhaustive():
     unsorted = SparseBatch(torch.tensor([0, 2]), torch.tensor([9, 1], dtype=torch.int32), torch.ones(2), 80,
                            check=False)
     assert not bool(bm.search(unsorted, 3, 1.0, 1)[2].any())  # the raw op leaves it to exhaustive search
+    wide = SparseBatch(torch.tensor([0, 80]), torch.arange(80, dtype=torch.int32), torch.rand(80) + 0.1, 80)
+    assert_same(index.search(wide, 5, mode="safe"), index.search(wide, 5, mode="exact"))
+
+
+def test_queries_with_more_than_255_terms_are_answered_exhaustively():
+    gen = torch.Generator().manual_seed(18)
+    docs = clustered(300, 1000, 4, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    cols = torch.randperm(1000, generator=gen)[:400].sort().values
+    q = SparseBatch(torch.tensor([0, 400, 655]), torch.cat([cols, cols[:255]]).int(), torch.rand(655) + 0.1, 1000)
+    complete = index.block_max.search(q, 5, 1.0, 1)[2]
+    assert complete.tolist() == [False, True]
+    assert_same(index.search(q, 5, mode="safe"), index.search(q, 5, mode="exact"))
 
 
 def test_raw_op_rejects_inconsistent_structures():

@@ -99,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   const int64_t threads = std::min(num_threads > 0 ? num_threads : int64_t(at::get_num_threads()), nq);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> q(dim, 0.0f), ub(nblocks);
+    std::vector<uint8_t> slot(dim, 0);
+    std::vector<float> qslot(256), ub(nblocks);
     std::vector<int32_t> order(nblocks);
-    const sr::cpu::BlockScratch scratch{q.data(), ub.data(), order.data()};
+    const sr::cpu::BlockScratch scratch{slot.data(), qslot.data(), ub.data(), order.data()};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};

@@ -10,42 +10,42 @@
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// Scores documents [d, end) against the dense query q. Each document's products are added in ascending term order,
-// one rounding per product and per sum (this file and search.cpp are compiled without FMA contraction), which is
-// the order exhaustive search adds a sorted query's terms in: scores are bit-identical to it. Four documents are
-// interleaved to hide the latency of the dependent additions.
+// Scores documents [d, end) against the query and offers them to `best`. slot[t] is the position of term t in
+// qslot (0, whose weight is 0, for terms outside the query): both stay in L1, where a dense query vector of dim
+// floats does not. Each document's products are added in ascending term order, one rounding per product and per
+// sum (this file and search.cpp are compiled without FMA contraction), which is how exhaustive search adds a
+// sorted query's terms; products of terms outside the query are +0 and leave a sum unchanged. So scores are
+// bit-identical to exhaustive search. Four documents are interleaved to hide the latency of the additions.
 template <class W, class Term>
-void score_docs(const BlockMaxIndex& ix, const float* __restrict q, int64_t d, int64_t end, BestK& best) {
+void score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
+                int64_t end, BestK& best) {
   const auto* __restrict terms = static_cast<const Term*>(ix.fwd_terms);
   const auto* __restrict w = static_cast<const typename W::T*>(ix.fwd_weights);
   const int64_t* ptr = ix.fwd_ptr;
+  auto term_product = [&](int64_t p) { return qslot[slot[terms[p]]] * W::load(w, p); };
   auto tail = [&](int64_t p, int64_t e, float s) {
-    for (; p < e; ++p) s += q[terms[p]] * W::load(w, p);
+    for (; p < e; ++p) s += term_product(p);
     return s;
+  };
+  auto offer = [&](float s, int64_t doc) {
+    if (!best.full() || s >= best.floor()) best.offer(s, ix.doc_ids[doc]);
   };
   for (; d + 4 <= end; d += 4) {
     const int64_t p0 = ptr[d], p1 = ptr[d + 1], p2 = ptr[d + 2], p3 = ptr[d + 3], e3 = ptr[d + 4];
     const int64_t m = std::min(std::min(p1 - p0, p2 - p1), std::min(p3 - p2, e3 - p3));
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
     for (int64_t i = 0; i < m; ++i) {
-      s0 += q[terms[p0 + i]] * W::load(w, p0 + i);
-      s1 += q[terms[p1 + i]] * W::load(w, p1 + i);
-      s2 += q[terms[p2 + i]] * W::load(w, p2 + i);
-      s3 += q[terms[p3 + i]] * W::load(w, p3 + i);
+      s0 += term_product(p0 + i);
+      s1 += term_product(p1 + i);
+      s2 += term_product(p2 + i);
+      s3 += term_product(p3 + i);
     }
-    s0 = tail(p0 + m, p1, s0);
-    s1 = tail(p1 + m, p2, s1);
-    s2 = tail(p2 + m, p3, s2);
-    s3 = tail(p3 + m, e3, s3);
-    const float s[4] = {s0, s1, s2, s3};
-    for (int j = 0; j < 4; ++j) {
-      if (!best.full() || s[j] >= best.floor()) best.offer(s[j], ix.doc_ids[d + j]);
-    }
+    offer(tail(p0 + m, p1, s0), d);
+    offer(tail(p1 + m, p2, s1), d + 1);
+    offer(tail(p2 + m, p3, s2), d + 2);
+    offer(tail(p3 + m, e3, s3), d + 3);
   }
-  for (; d < end; ++d) {
-    const float s = tail(ptr[d], ptr[d + 1], 0.0f);
-    if (!best.full() || s >= best.floor()) best.offer(s, ix.doc_ids[d]);
-  }
+  for (; d < end; ++d) offer(tail(ptr[d], ptr[d + 1], 0.0f), d);
 }
 
 // ub[b] += qs * row[b] over a dense row of block maxima (vectorised by the compiler at each level).
@@ -94,6 +94,8 @@ inline int64_t collect_band(const float* ub, int64_t n, float lo, float hi, int3
   return m;
 }
 
+constexpr int64_t kSortChunk = 32;
+
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, const BlockScratch& s,
                   float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
@@ -117,10 +119,16 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   }
   const float mx = max_bound(s.ub, nb);
   if (!(mx > 0.0f)) return false;
-  for (int64_t t = 0; t < q.nterms; ++t) s.q[q.terms[t]] = q.weights[t];
+  // Up to 255 query terms get a slot each (more would need a wider slot map: those queries go exhaustive).
+  if (q.nterms > 255) return false;
+  s.qslot[0] = 0.0f;
+  for (int64_t t = 0; t < q.nterms; ++t) {
+    s.slot[q.terms[t]] = uint8_t(t + 1);
+    s.qslot[t + 1] = q.weights[t];
+  }
 
   // Blocks are visited in decreasing bound order (ties to the lower block): bands [hi / 4, hi) of bounds, from
-  // hi = max, are collected with one pass over the bounds each and sorted. Most queries stop in the first band.
+  // hi = max, are collected with one pass over the bounds each and put in order a chunk at a time.
   // The visiting order depends on the bounds only and alpha only on where it stops, so a smaller alpha visits a
   // prefix of the blocks a larger one visits. Bounds and scores round differently: the bounds get a margin of
   // 4 units in the last place per added term.
@@ -132,21 +140,24 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   for (float lo = mx * 0.25f; !stopped && hi > 0.0f; hi = lo, lo = lo > mx * 1e-6f ? lo * 0.25f : 0.0f) {
     if (best.full() && best.floor() > alpha * std::min(hi, mx) * margin) break;
     const int64_t m = collect_band(s.ub, nb, lo, hi, s.order);
-    std::sort(s.order, s.order + m, [&](int32_t a, int32_t b) {
-      return s.ub[a] > s.ub[b] || (s.ub[a] == s.ub[b] && a < b);
-    });
-    for (int64_t j = 0; j < m; ++j) {
+    const auto before = [&](int32_t a, int32_t b) { return s.ub[a] > s.ub[b] || (s.ub[a] == s.ub[b] && a < b); };
+    for (int64_t j = 0; j < m && !stopped; ++j) {
+      if (j % kSortChunk == 0) {  // order the band lazily, a chunk at a time: most queries stop in the first
+        const int64_t e = std::min(m, j + kSortChunk);
+        std::nth_element(s.order + j, s.order + e - 1, s.order + m, before);
+        std::sort(s.order + j, s.order + e, before);
+      }
       const int32_t b = s.order[j];
       if (best.full() && best.floor() > alpha * s.ub[b] * margin) {
         stopped = true;
-        break;
+        continue;
       }
       const int64_t d = int64_t(b) * ix.block_size;
-      score_docs<W, Term>(ix, s.q, d, std::min(ix.ndocs, d + ix.block_size), best);
+      score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best);
       ++visited;
     }
   }
-  for (int64_t t = 0; t < q.nterms; ++t) s.q[q.terms[t]] = 0.0f;
+  for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
   *blocks_visited = visited;
   const bool complete = best.full() && best.floor() > 0.0f;
   best.finish();

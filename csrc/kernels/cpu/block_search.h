@@ -32,9 +32,11 @@ struct BlockMaxIndex {
   const uint8_t* bm_values;
 };
 
-// Per-thread scratch: q holds dim zeroed floats (left zeroed); ub nblocks floats; order nblocks int32s.
+// Per-thread scratch: slot holds dim zeroed bytes (left zeroed); qslot 256 floats; ub nblocks floats; order nblocks
+// int32s.
 struct BlockScratch {
-  float* q;
+  uint8_t* slot;
+  float* qslot;
   float* ub;
   int32_t* order;
 };
