@@ -279,3 +279,31 @@ def test_opcheck():
     q = queries_for(docs, 4, gen)
     torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 5, 1.0,
                                              1))
+
+
+def test_block_maxima_are_tight_upper_bounds(simd):
+    gen = torch.Generator().manual_seed(19)
+    docs = clustered(203, 90, 5, gen, dtype=torch.bfloat16)
+    bm = build_block_max(docs, torch.bfloat16, block_size=6, dense_fraction=0.3, progress=False)
+    fwd = SparseBatch(bm.fwd_ptr, bm.fwd_terms.int(), bm.fwd_weights, 90, check=False).to_dense().float()
+    true = torch.nn.functional.pad(fwd, (0, 0, 0, -len(docs) % 6)).view(-1, 6, 90).amax(1)  # (nblocks, dim)
+    bound = torch.zeros_like(true)
+    dense_terms = (bm.bm_dense_row >= 0).nonzero().flatten()
+    bound[:, dense_terms] = bm.bm_dense.view(-1, bm.nblocks)[bm.bm_dense_row[dense_terms]].T.float()
+    for t in (bm.bm_dense_row < 0).nonzero().flatten().tolist():
+        a, b = bm.bm_ptr[t], bm.bm_ptr[t + 1]
+        bound[bm.bm_blocks[a:b].long(), t] = bm.bm_values[a:b].float()
+    assert bool((bound * bm.scale >= true).all())
+    assert bool(((bound - 1).clamp(min=0) * bm.scale < true)[true > 0].all())  # one step lower would not bound
+    assert bool((bound[true == 0] == 0).all())
+
+
+def test_block_maxima_op_checks_its_inputs():
+    gen = torch.Generator().manual_seed(20)
+    docs = clustered(50, 40, 3, gen)
+    ptr, terms, w = docs.indptr, docs.indices.short(), docs.values
+    for args, match in [((ptr, terms, w, 30, 4, 0.1), "fwd_terms"), ((ptr, terms, -w, 40, 4, 0.1), "fwd_weights"),
+                        ((ptr.flip(0), terms, w, 40, 4, 0.1), "fwd_ptr"), ((ptr, terms, w, 40, 0, 0.1), "block_size"),
+                        ((ptr, terms, w, 40, 4, 0.0), "dense_fraction"), ((ptr, terms, w[:-1], 40, 4, 0.1), "fwd_weights")]:
+        with pytest.raises((ValueError, IndexError, TypeError), match=match):
+            ops.block_maxima(*args)

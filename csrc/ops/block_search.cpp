@@ -113,13 +113,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   return {out_scores, out_ids, complete, visited};
 }
 
+// The block maxima of a forward index (see block_maxima in the kernel header): (scale, dense_row, dense, ptr,
+// blocks, values). Checks everything it reads: it runs once per build.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_maxima_cpu(
+    const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, int64_t dim,
+    int64_t block_size, double dense_fraction) {
+  TORCH_CHECK_VALUE(dim >= 1 && dim < (int64_t(1) << 40), "dim: must lie in [1, 2^40), got ", dim);
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
+                    block_size);
+  TORCH_CHECK_VALUE(dense_fraction > 0.0 && dense_fraction <= 1.0, "dense_fraction: must lie in (0, 1], got ",
+                    dense_fraction);
+  TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
+  const int64_t ndocs = fwd_ptr.numel() - 1;
+  TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
+  check_1d(fwd_ptr, at::kLong, ndocs + 1, "fwd_ptr");
+  TORCH_CHECK_TYPE(fwd_terms.scalar_type() == at::kShort || fwd_terms.scalar_type() == at::kInt,
+                   "fwd_terms: expected int16 (read as uint16) or int32, got ", fwd_terms.scalar_type());
+  check_1d(fwd_terms, fwd_terms.scalar_type(), -1, "fwd_terms");
+  TORCH_CHECK_VALUE(fwd_terms.scalar_type() == at::kInt || dim <= 65536, "fwd_terms: int16 terms need dim <= 65536");
+  check_offsets(fwd_ptr, fwd_terms.numel(), "fwd_ptr");
+  if (ndocs > 0) {
+    TORCH_CHECK_VALUE(!(fwd_ptr.slice(0, 1) < fwd_ptr.slice(0, 0, -1)).any().item<bool>(),
+                      "fwd_ptr: must be non-decreasing");
+  }
+  const auto wtype = value_type(fwd_weights, "fwd_weights");
+  check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
+  if (fwd_terms.numel() > 0) {
+    const auto t = fwd_terms.scalar_type() == at::kShort ? fwd_terms.to(at::kInt).bitwise_and(0xFFFF) : fwd_terms;
+    auto [lo, hi] = at::aminmax(t);
+    TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < dim, "fwd_terms: terms must lie in [0, ", dim,
+                      ")");
+    const auto w = fwd_weights.to(at::kFloat);
+    TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
+                      "fwd_weights: must be finite and non-negative");
+  }
+  const int64_t nblocks = (ndocs + block_size - 1) / block_size;
+  const int64_t min_dense = std::max<int64_t>(1, int64_t(std::ceil(dense_fraction * double(nblocks))));
+  auto scale = at::empty({dim}, fwd_ptr.options().dtype(at::kFloat));
+  auto dense_row = at::empty({dim}, fwd_ptr.options());
+  auto ptr = at::empty({dim + 1}, fwd_ptr.options());
+  const bool t16 = fwd_terms.scalar_type() == at::kShort;
+  const int64_t rows = SR_SIMD_DISPATCH(block_maxima, fwd_ptr.data_ptr<int64_t>(), fwd_terms.data_ptr(), t16,
+                                        fwd_weights.data_ptr(), wtype, ndocs, dim, block_size, min_dense,
+                                        scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(),
+                                        nullptr, nullptr, nullptr);
+  const int64_t entries = ptr[-1].item<int64_t>();
+  auto dense = at::zeros({rows * nblocks}, fwd_ptr.options().dtype(at::kByte));
+  auto blocks = at::empty({entries}, fwd_ptr.options().dtype(at::kInt));
+  auto values = at::empty({entries}, fwd_ptr.options().dtype(at::kByte));
+  SR_SIMD_DISPATCH(block_maxima, fwd_ptr.data_ptr<int64_t>(), fwd_terms.data_ptr(), t16, fwd_weights.data_ptr(),
+                   wtype, ndocs, dim, block_size, min_dense, scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(),
+                   ptr.data_ptr<int64_t>(), dense.data_ptr<uint8_t>(), blocks.data_ptr<int32_t>(),
+                   values.data_ptr<uint8_t>());
+  return {scale, dense_row, dense, ptr, blocks, values};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, int k, "
         "float alpha, int num_threads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, "
+        "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) { m.impl("block_search", &block_search_cpu); }
+TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) {
+  m.impl("block_search", &block_search_cpu);
+  m.impl("block_maxima", &block_maxima_cpu);
+}
 
 }  // namespace sr::ops

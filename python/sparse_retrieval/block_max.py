@@ -19,7 +19,6 @@ The kernel is csrc/kernels/cpu/block_search.cpp (op ``torch.ops.sparse_retrieval
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, fields
 
@@ -91,48 +90,8 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
         else torch.arange(n)
     fwd = docs[order]
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
-    nblocks = -(-n // block_size)
-    w = fwd.values.float()
-    cols = fwd.indices.long()
-    block = torch.repeat_interleave(torch.arange(n) // block_size, fwd.row_nnz(), output_size=fwd.nnz)
-    tmax = torch.zeros(dim).scatter_reduce_(0, cols, w, "amax", include_self=True)
-    # scale slightly above max / 255 so that the largest weight still quantizes to at most 255
-    scale = torch.where(tmax > 0, tmax / 255 * (1 + 2**-20), torch.ones(()))
-    uterm, ublock, bmax = _group_max(cols, block, w, nblocks)
-    q = torch.ceil(bmax / scale[uterm]).clamp_(0, 255)
-    while True:  # the kernel dequantizes as q * scale in float32: make that an upper bound exactly
-        low = q * scale[uterm] < bmax
-        if not bool(low.any()):
-            break
-        q[low] += 1
-    if bool((q > 255).any()):
-        raise AssertionError("block maxima: quantized bound above 255")  # scale makes this impossible
-    return BlockMax(block_size, n, fwd.indptr.clone(), terms, fwd.values, order.long(), scale.float(),
-                    *_dense_and_sparse(uterm, ublock, q, dim, nblocks, dense_fraction))
-
-
-def _group_max(term: torch.Tensor, unit: torch.Tensor, value: torch.Tensor, units: int):
-    """(term, unit, max value) over the distinct (term, unit) pairs, sorted by term then unit."""
-    uniq, inv = torch.unique(term * units + unit, sorted=True, return_inverse=True)
-    mx = torch.zeros(uniq.numel()).scatter_reduce_(0, inv, value.float(), "amax", include_self=True)
-    return uniq // units, uniq % units, mx
-
-
-def _dense_and_sparse(term: torch.Tensor, unit: torch.Tensor, q: torch.Tensor, dim: int, units: int,
-                      dense_fraction: float):
-    """(dense_row, dense, ptr, unit, value) from sorted (term, unit, 8-bit bound) triples."""
-    q = q.to(torch.uint8)
-    count = torch.bincount(term, minlength=dim)
-    dense = count >= max(1, math.ceil(dense_fraction * units))
-    dense_row = torch.full((dim,), -1, dtype=torch.int64)
-    dense_terms = dense.nonzero().flatten()
-    dense_row[dense_terms] = torch.arange(dense_terms.numel())
-    rows = torch.zeros(dense_terms.numel() * units, dtype=torch.uint8)
-    in_dense = dense[term]
-    rows[dense_row[term[in_dense]] * units + unit[in_dense]] = q[in_dense]
-    ptr = torch.zeros(dim + 1, dtype=torch.int64)
-    torch.cumsum(torch.where(dense, 0, count), 0, out=ptr[1:])
-    return dense_row, rows, ptr, unit[~in_dense].to(torch.int32), q[~in_dense].contiguous()
+    scale, *maxima = _ops.block_maxima(fwd.indptr, terms, fwd.values, dim, block_size, dense_fraction)
+    return BlockMax(block_size, n, fwd.indptr, terms, fwd.values, order.long(), scale, *maxima)
 
 
 def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
@@ -175,34 +134,34 @@ def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
                 raise ValueError(f"{where}: {level} unit numbers not ascending within a term")
 
 
-def cluster_order(docs: SparseBatch, leaf: int = 32, fanout: int = 64, iters: int = 6, sample: int = 65536,
+def cluster_order(docs: SparseBatch, leaf: int = 8, fanout: int = 64, iters: int = 6, sample: int = 65536,
                   seed: int = 0, progress: bool = True) -> torch.Tensor:
     """A permutation of ``docs``' rows that puts similar documents next to each other: hierarchical spherical
     k-means (cosine similarity against dense centroids), ``fanout`` clusters per level fitted on up to ``sample``
     rows for ``iters`` rounds, recursing until a group holds at most ``leaf`` documents. Groups of at most 2,048
     documents are finished on a dense matrix over their own terms (``fanout`` 8). A cheaper stand-in for recursive
-    graph bisection: O(levels x iters x nnz x fanout) work."""
+    graph bisection: O(levels x iters x nnz x fanout) work; memory beyond ``docs``: one level's copy of the rows."""
     from tqdm.auto import tqdm
 
     n = len(docs)
     gen = torch.Generator().manual_seed(seed)
-    rows = docs.row_ids()
-    norms = torch.zeros(n).index_add_(0, rows, docs.values.float() ** 2).sqrt_().clamp_(min=1e-30)
-    unit = SparseBatch(docs.indptr, docs.indices, docs.values.float() / norms[rows], docs.dim, check=False)
     out = []
-    stack = [torch.arange(n)]
+    stack = [None]  # None: all of docs, without a copy
     with tqdm(total=n, desc="clustering documents", unit="doc", disable=not progress) as bar:
         while stack:
             ids = stack.pop()
-            if ids.numel() <= _DENSE_GROUP:
-                sub = unit[ids]
-                terms, local = torch.unique(sub.indices.long(), return_inverse=True)
-                dense = torch.zeros(len(sub), terms.numel())
-                dense[sub.row_ids(), local] = sub.values
+            x = docs if ids is None else docs[ids]
+            ids = torch.arange(n) if ids is None else ids
+            if len(x) <= _DENSE_GROUP:
+                x = _unit_rows(x)
+                terms, local = torch.unique(x.indices.long(), return_inverse=True)
+                dense = torch.zeros(len(x), terms.numel())
+                dense[x.row_ids(), local] = x.values
                 out.append(ids[_cluster_dense(dense, leaf, iters, gen)])
-                bar.update(ids.numel())
+                bar.update(len(x))
                 continue
-            labels = _spherical_kmeans(unit[ids], fanout, iters, sample, gen)
+            labels = _spherical_kmeans(x, fanout, iters, sample, gen)
+            del x
             counts = torch.bincount(labels).tolist()
             if max(counts) == ids.numel():  # no split found (identical vectors): cut in id order instead
                 stack.extend(reversed(torch.split(ids, _DENSE_GROUP)))
@@ -213,6 +172,13 @@ def cluster_order(docs: SparseBatch, leaf: int = 32, fanout: int = 64, iters: in
 
 
 _DENSE_GROUP = 2048
+_CHUNK = 65536
+
+
+def _unit_rows(x: SparseBatch) -> SparseBatch:
+    rows = x.row_ids()
+    norms = torch.zeros(len(x)).index_add_(0, rows, x.values.float() ** 2).sqrt_().clamp_(min=1e-30)
+    return SparseBatch(x.indptr, x.indices, x.values.float() / norms[rows], x.dim, check=False)
 
 
 def _cluster_dense(x: torch.Tensor, leaf: int, iters: int, gen: torch.Generator, fanout: int = 8) -> torch.Tensor:
@@ -236,8 +202,10 @@ def _cluster_dense(x: torch.Tensor, leaf: int, iters: int, gen: torch.Generator,
 
 
 def _spherical_kmeans(x: SparseBatch, c: int, iters: int, sample: int, gen: torch.Generator) -> torch.Tensor:
+    """Cluster labels of x's rows: centroids fitted on a sample of unit rows, then every row assigned in chunks
+    (the nearest centroid by cosine is the largest dot product: rows need no normalising for that)."""
     n = len(x)
-    fit = x if n <= sample else x[torch.randperm(n, generator=gen)[:sample]]
+    fit = _unit_rows(x if n <= sample else x[torch.randperm(n, generator=gen)[:sample]])
     mat = _csr(fit)
     rows, cols, vals = fit.row_ids(), fit.indices.long(), fit.values
     cent = _csr(fit[torch.randperm(len(fit), generator=gen)[:c]]).to_dense()
@@ -245,7 +213,7 @@ def _spherical_kmeans(x: SparseBatch, c: int, iters: int, sample: int, gen: torc
         labels = torch.sparse.mm(mat, cent.T).argmax(1)
         cent = torch.zeros(cent.shape[0], x.dim).index_put_((labels[rows], cols), vals, accumulate=True)
         cent /= cent.norm(dim=1, keepdim=True).clamp_(min=1e-30)
-    return torch.sparse.mm(_csr(x), cent.T).argmax(1)
+    return torch.cat([torch.sparse.mm(_csr(x[a:a + _CHUNK]), cent.T).argmax(1) for a in range(0, n, _CHUNK)])
 
 
 def _csr(x: SparseBatch) -> torch.Tensor:
@@ -259,3 +227,13 @@ def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, num_threads):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))
+
+
+@torch.library.register_fake("sparse_retrieval::block_maxima")
+def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, dense_fraction):
+    ctx = torch.library.get_ctx()
+    nblocks = (fwd_ptr.shape[0] - 1 + block_size - 1) // block_size
+    rows, entries = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (fwd_weights.new_empty((dim,), dtype=torch.float32), fwd_ptr.new_empty((dim,)),
+            fwd_ptr.new_empty((rows * nblocks,), dtype=torch.uint8), fwd_ptr.new_empty((dim + 1,)),
+            fwd_ptr.new_empty((entries,), dtype=torch.int32), fwd_ptr.new_empty((entries,), dtype=torch.uint8))

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "kernels/cpu/best_k.h"
 #include "kernels/cpu/value_load.h"
@@ -172,6 +173,88 @@ bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k
     using W = decltype(v);
     return ix.terms16 ? search_query<W, uint16_t>(ix, q, k, alpha, scratch, out_scores, out_ids, blocks_visited)
                       : search_query<W, int32_t>(ix, q, k, alpha, scratch, out_scores, out_ids, blocks_visited);
+  });
+}
+
+}  // namespace sr::cpu::SR_SIMD_NS
+
+namespace sr::cpu::SR_SIMD_NS {
+namespace {
+
+// The end of block b's postings.
+inline int64_t ptr_end(const int64_t* fwd_ptr, int64_t b, int64_t block_size, int64_t ndocs) {
+  return fwd_ptr[std::min(ndocs, (b + 1) * block_size)];
+}
+
+template <class W, class Term>
+int64_t block_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typename W::T* w, int64_t ndocs,
+                          int64_t dim, int64_t block_size, int64_t min_dense, float* scale, int64_t* dense_row,
+                          int64_t* ptr, uint8_t* dense, int32_t* blocks, uint8_t* values) {
+  const int64_t nblocks = (ndocs + block_size - 1) / block_size;
+  std::vector<float> bmax(dim, -1.0f);
+  std::vector<int64_t> touched;
+  // Calls emit(term, block, max weight) for every term present in every block, blocks in order.
+  auto each_block_max = [&](auto&& emit) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t e = ptr_end(fwd_ptr, b, block_size, ndocs);
+      for (int64_t p = fwd_ptr[b * block_size]; p < e; ++p) {
+        const int64_t t = terms[p];
+        const float v = W::load(w, p);
+        if (bmax[t] < 0.0f) touched.push_back(t);
+        bmax[t] = std::max(bmax[t], v);
+      }
+      for (const int64_t t : touched) {
+        emit(t, b, bmax[t]);
+        bmax[t] = -1.0f;
+      }
+      touched.clear();
+    }
+  };
+  const bool fill = dense != nullptr || blocks != nullptr;
+  if (!fill) {
+    std::fill(scale, scale + dim, 0.0f);
+    const int64_t nnz = fwd_ptr[ndocs];
+    for (int64_t p = 0; p < nnz; ++p) scale[terms[p]] = std::max(scale[terms[p]], W::load(w, p));
+    for (int64_t t = 0; t < dim; ++t) {  // slightly above max / 255, so that the largest weight quantizes to <= 255
+      scale[t] = scale[t] > 0.0f ? float(double(scale[t]) / 255.0 * (1.0 + 0x1p-20)) : 1.0f;
+    }
+    std::fill(ptr, ptr + dim + 1, int64_t(0));
+    each_block_max([&](int64_t t, int64_t, float) { ++ptr[t + 1]; });
+    int64_t rows = 0;
+    for (int64_t t = 0; t < dim; ++t) {
+      dense_row[t] = ptr[t + 1] >= min_dense ? rows++ : -1;
+      if (dense_row[t] >= 0) ptr[t + 1] = 0;
+    }
+    for (int64_t t = 0; t < dim; ++t) ptr[t + 1] += ptr[t];
+    return rows;
+  }
+  std::vector<int64_t> cursor(ptr, ptr + dim);
+  each_block_max([&](int64_t t, int64_t b, float mx) {
+    float q = std::ceil(mx / scale[t]);
+    while (q * scale[t] < mx) q += 1.0f;  // the kernels dequantize as q * scale in float32
+    const uint8_t v = uint8_t(std::min(q, 255.0f));
+    if (dense_row[t] >= 0) {
+      dense[dense_row[t] * nblocks + b] = v;
+    } else {
+      blocks[cursor[t]] = int32_t(b);
+      values[cursor[t]++] = v;
+    }
+  });
+  return 0;
+}
+
+}  // namespace
+
+int64_t block_maxima(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16, const void* fwd_weights,
+                     ValueType wtype, int64_t ndocs, int64_t dim, int64_t block_size, int64_t min_dense, float* scale,
+                     int64_t* dense_row, int64_t* ptr, uint8_t* dense, int32_t* blocks, uint8_t* values) {
+  return visit_value_type(wtype, [&](auto v) {
+    using W = decltype(v);
+    const auto* w = static_cast<const typename W::T*>(fwd_weights);
+    return terms16 ? block_maxima_impl<W>(fwd_ptr, static_cast<const uint16_t*>(fwd_terms), w, ndocs, dim,
+                                          block_size, min_dense, scale, dense_row, ptr, dense, blocks, values)
+                   : block_maxima_impl<W>(fwd_ptr, static_cast<const int32_t*>(fwd_terms), w, ndocs, dim,
+                                          block_size, min_dense, scale, dense_row, ptr, dense, blocks, values);
   });
 }
 

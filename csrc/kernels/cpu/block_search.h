@@ -51,3 +51,14 @@ struct BlockScratch {
 SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
                                         const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
                                         int64_t* blocks_visited))
+// Block maxima of a forward index (documents in stored order, terms ascending per document, weights >= 0) over
+// blocks of `block_size` documents, quantized to 8 bits per term: scale[t] (dim) gets max weight / 255 (slightly
+// above, 1 for a term without weight), and bound q * scale[t] >= the block's largest weight of t (exactly, in
+// float32). Terms with at least `min_dense` blocks get a dense row (dense_row[t] = its row, else -1); the others
+// sparse entries (block, q), blocks ascending. Two calls: with `dense`, `ptr`, `blocks` and `values` null it
+// fills scale, dense_row and the number of dense rows (returned), and ptr's counts; then, with the arrays
+// allocated (dense: rows x nblocks zeroed bytes; ptr: dim + 1 offsets), it fills them.
+SR_SIMD_DECLARE(int64_t block_maxima(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16,
+                                     const void* fwd_weights, ValueType wtype, int64_t ndocs, int64_t dim,
+                                     int64_t block_size, int64_t min_dense, float* scale, int64_t* dense_row,
+                                     int64_t* ptr, uint8_t* dense, int32_t* blocks, uint8_t* values))
