@@ -219,3 +219,40 @@ def test_cuda_search(dtype):
         scores, ids = gpu.search(queries.cuda(), k)
         want_scores, want_ids = reference.sparse_search(queries, docs, k)
         assert torch.equal(ids.cpu(), want_ids) and torch.equal(scores.cpu(), want_scores)
+
+
+def test_concurrent_saves_leave_a_whole_index_and_stale_temporaries_go(tmp_path):
+    gen = torch.Generator().manual_seed(31)
+    indexes = [sr.SparseIndex.from_documents(random_batch(40 + 10 * i, 30, 6, gen)) for i in range(4)]
+    path = tmp_path / "x.sridx"
+    for _ in range(10):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda ix: ix.save(path), indexes))
+        assert len(sr.SparseIndex.load(path)) in {len(ix) for ix in indexes}
+    dead = tmp_path / ".x.sridx.tmp-999999999-1-abcd"  # no process has this pid
+    dead.write_bytes(b"half a save")
+    other = tmp_path / ".x.sridx.tmp-notapid"
+    other.write_bytes(b"not ours")
+    indexes[0].save(path)
+    assert not dead.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.sridx.tmp-notapid", "x.sridx"]
+
+
+def test_size_arguments_are_checked():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(32)
+    docs = random_batch(30, 20, 5, gen)
+    index = sr.SparseIndex.from_documents(docs)
+    assert sr.SparseIndex(np.int64(4)).dim == 4
+    for k in (2**64, 2**31, -1, 1.5):
+        with pytest.raises(ValueError, match="k"):
+            index.search(docs[:2], k)
+    want = index.search(docs[:3], 4, threads=1)
+    for threads in (2**63 - 1, np.int64(3)):
+        got = index.search(docs[:3], 4, threads=threads)
+        assert torch.equal(got[1], want[1])
+    segs = index._segments
+    got = ops.sparse_search(docs[:3].indptr, docs[:3].indices, docs[:3].values, [s.ptr for s in segs],
+                            [s.docs for s in segs], [s.weights for s in segs], [s.ndocs for s in segs], 4, 2**63 - 1)
+    assert torch.equal(got[1], want[1])

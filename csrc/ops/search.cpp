@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
   const int64_t* qptr = qp.data_ptr<int64_t>();
   const int64_t max_terms = qptr[nq] == 0 ? 0 : (qp.slice(0, 1) - qp.slice(0, 0, -1)).max().item<int64_t>();
 
-  const int64_t threads = num_threads > 0 ? num_threads : at::get_num_threads();
+  // Clamped: more threads than this only adds splitting overhead, and the chunk count below must not overflow.
+  const int64_t threads = std::min<int64_t>(num_threads > 0 ? num_threads : at::get_num_threads(), 1 << 16);
   // Few queries for many threads: each query's documents are split into ranges searched in parallel and merged.
   constexpr int64_t kMinRange = 32768;  // documents per range at least, so that a range outweighs its merge
   const int64_t chunks = nq >= threads ? 1 : std::min((threads + nq - 1) / nq, (ndocs + kMinRange - 1) / kMinRange);

@@ -11,8 +11,11 @@ visits every segment. The file format of ``save``/``load`` is described in docs/
 """
 from __future__ import annotations
 
+import numbers
 import os
+import secrets
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +71,9 @@ class SparseIndex:
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, segment_size: int = 1 << 20,
                  device: torch.device | str = "cpu"):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 1 <= dim < 2**62:
+            raise ValueError(f"dim: expected an int in [1, 2^62), got {dim!r}")
+        dim = int(dim)
         if dtype not in _DTYPE_CODES:
             raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
         if isinstance(segment_size, bool) or not isinstance(segment_size, int) or not 1 <= segment_size < 2**31:
@@ -94,7 +98,7 @@ class SparseIndex:
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
         index.add(docs, progress=progress)
         if block_max:
-            index.optimize(block_size=block_size, reorder=reorder, progress=progress)
+            index._optimize(docs, block_size, reorder, progress)
         return index
 
     def optimize(self, *, block_size: int = 8, reorder: bool = True, progress: bool = True) -> None:
@@ -102,10 +106,16 @@ class SparseIndex:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
         blocks of ``block_size`` with 8-bit per-term block maxima, and a forward index. Needs finite,
         non-negative document weights; memory: about the size of the postings again."""
+        self._optimize(None, block_size, reorder, progress)
+
+    def _optimize(self, docs: SparseBatch | None, block_size: int, reorder: bool, progress: bool) -> None:
+        """optimize() over ``docs`` (all of the index's documents, when the caller has them: no rebuild from the
+        postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
-        self._block_max = build_block_max(self._documents(0, len(self)), self._dtype, block_size=block_size,
-                                          reorder=reorder, progress=progress)
+        docs = self._documents(0, len(self)) if docs is None else docs
+        self._block_max = build_block_max(docs, self._dtype, block_size=block_size, reorder=reorder,
+                                          progress=progress)
         self._tail = None
 
     def add(self, docs: SparseBatch, *, progress: bool = True) -> None:
@@ -225,13 +235,14 @@ class SparseIndex:
         """
         if not isinstance(queries, SparseBatch):
             raise TypeError(f"queries: expected a SparseBatch, got {type(queries).__name__}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k: expected an int >= 0, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < 2**31:
+            raise ValueError(f"k: expected an int in [0, 2^31), got {k!r}")
+        k = int(k)
         if threads is None:
             threads = torch.get_num_threads()
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
-        threads = min(threads, 1 << 16)
+        threads = min(int(threads), 1 << 16)
         if mode is None:
             mode = "safe" if self._block_max is not None else "exact"
         if mode not in _MODES:
@@ -299,7 +310,10 @@ class SparseIndex:
         head += struct.pack("<I", zlib.crc32(table))
         head += struct.pack("<I", zlib.crc32(head))
         head = head.ljust(_HEADER_SIZE, b"\0")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        _remove_stale_temporaries(path)
+        # Unique per process, thread and call: concurrent saves to one path each write their own file, and the
+        # last rename wins whole.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
         try:
             with open(tmp, "wb") as f:
                 f.write(head + table)
@@ -411,6 +425,18 @@ class SparseIndex:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Deletes temporary files of earlier saves to ``path`` whose process is gone (a killed save)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass  # not ours to judge: a name we did not write, or a live process of another user
 
 
 def merge_top_k(s1: torch.Tensor, i1: torch.Tensor, s2: torch.Tensor, i2: torch.Tensor, k: int):
