@@ -1,4 +1,5 @@
-"""synthetic_splade: shapes, determinism, validity and SPLADE-like statistics."""
+"""Datasets: synthetic_splade (shapes, determinism, validity, statistics); the real-text collections (parsers,
+chunked cache and resume with a stand-in encoder, derive_documents)."""
 import pytest
 import torch
 
@@ -103,3 +104,76 @@ def test_bad_argument_types_raise(kwargs, message):
     args = dict(n_docs=10, n_queries=2) | kwargs
     with pytest.raises(TypeError, match=message):
         datasets.synthetic_splade(**args)
+
+
+# ---- real-text collections (no model needed: a fake encoder stands in for splade-tiny) -------------------------
+import gzip  # noqa: E402
+
+from sparse_retrieval.datasets import derive_documents, man_page_passages, wordnet_passages  # noqa: E402
+from sparse_retrieval.datasets.splade import _encode_cached  # noqa: E402
+from sparse_retrieval.datasets.text import man_page  # noqa: E402
+
+
+def test_man_page_parser_splits_name_from_body(tmp_path):
+    page = ('.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH SYNOPSIS\n.B ls\n[\\fIOPTION\\fR]\n'
+            '.SH DESCRIPTION\nList information about the FILEs ' + "word " * 120 + '\n')
+    (tmp_path / "man1").mkdir()
+    (tmp_path / "man1" / "ls.1.gz").write_bytes(gzip.compress(page.encode()))
+    desc, body = man_page(tmp_path / "man1" / "ls.1.gz")
+    assert desc == "list directory contents" and "NAME" not in body and "list directory" not in body
+    p = man_page_passages(tmp_path, words=50, max_per_page=8, min_words=20)
+    assert len(p.texts) == 3 and all(len(t.split()) <= 50 for t in p.texts)
+    assert p.queries == ["list directory contents"] and p.relevant == [[0, 1, 2]]
+
+
+def test_wordnet_passages_and_usage_example_queries(tmp_path):
+    (tmp_path / "data.noun").write_text(
+        "  1 This software and database is provided\n"
+        "00001740 03 n 02 school 0 schoolhouse 0 000 | a building where young people receive education; "
+        '"the school was built in 1932"; "short one"\n'
+        "00001741 03 n 01 dog 0 000 | a domestic animal\n")
+    for pos in ("verb", "adj", "adv"):
+        (tmp_path / f"data.{pos}").write_text("")
+    p = wordnet_passages(tmp_path, min_query_words=4)
+    assert p.texts == ["school, schoolhouse: a building where young people receive education", "dog: a domestic animal"]
+    assert p.queries == ["the school was built in 1932"] and p.relevant == [[0]]
+
+
+def test_encoding_is_cached_per_chunk_and_resumes(tmp_path, monkeypatch):
+    import sparse_retrieval.datasets.splade as splade
+
+    monkeypatch.setattr(splade, "_CHUNK", 4)
+    calls = []
+
+    class Fake:
+        def __call__(self, texts, bar=None):
+            calls.append(len(texts))
+            rows = [([len(t) % 7, 7 + len(t) % 5], [1.0, 2.0]) for t in texts]
+            return SparseBatch.from_lists(rows, 12)
+
+    texts = [f"text {i}" * (i % 3 + 1) for i in range(10)]
+    first = _encode_cached(texts, tmp_path, Fake, "x", progress=False)
+    assert calls == [4, 4, 2] and len(first) == 10
+    (tmp_path / "chunk00001.pt").unlink()  # an interrupted build: one chunk missing
+    (tmp_path / "chunk00002.pt").write_bytes(b"damaged")
+    calls.clear()
+    again = _encode_cached(texts, tmp_path, Fake, "x", progress=False)
+    assert calls == [4, 2]
+    assert torch.equal(again.indices, first.indices) and torch.equal(again.values, first.values)
+
+
+def test_derive_documents_keeps_the_real_ones_and_their_statistics():
+    d, _ = datasets.synthetic_splade(3000, 0, dim=2000, doc_nnz=40, seed=4)
+    grown = derive_documents(d, 12000, seed=1, progress=False)
+    assert len(grown) == 12000 and grown.dim == d.dim
+    assert torch.equal(grown[:3000].indices, d.indices) and torch.equal(grown[:3000].values, d.values)
+    SparseBatch(grown.indptr, grown.indices, grown.values, grown.dim)  # valid: sorted, unique, in range
+    new = grown[3000:]
+    assert 0.8 < new.nnz / len(new) / (d.nnz / len(d)) < 1.1
+    assert abs(float(new.values.mean()) - float(d.values.mean())) < 0.1 * float(d.values.mean())
+    # every new document's terms come from real documents: no term outside the real vocabulary
+    assert set(new.indices.unique().tolist()) <= set(d.indices.unique().tolist())
+    again = derive_documents(d, 12000, seed=1, progress=False)
+    assert torch.equal(again.indices, grown.indices)
+    with pytest.raises(ValueError, match="n"):
+        derive_documents(d, 10, progress=False)

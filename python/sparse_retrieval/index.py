@@ -37,7 +37,7 @@ _HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, n
             2: struct.Struct("<8sIIQQQQQ")}  # ... and the number of extra arrays
 _HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
-_EXTRA = struct.Struct("<32sIQQI12x")  # name, dtype code, offset, count, crc32
+_EXTRA = struct.Struct("<32sIQQI8x")  # name, dtype code, offset, count, crc32
 _EXTRA_DTYPES = {0: torch.int64, 1: torch.int32, 2: torch.int16, 3: torch.uint8, 4: torch.float32, 5: torch.float16,
                  6: torch.bfloat16}
 _EXTRA_CODES = {v: k for k, v in _EXTRA_DTYPES.items()}
