@@ -10,7 +10,7 @@ Data: ``sparse_retrieval.datasets.splade_collection`` (WordNet glosses + man-pag
 ``synthetic_splade`` / BM25 man pages with ``--synthetic``. Every method runs at 1 thread and at all threads; QPS is
 the median over --repeats batch calls. Recall@10 is against exact search; MRR@10 against the known relevant
 passages. Seismic is swept over query_cut x heap_factor, BMP (8-bit weights: round(255 w / max w)) over alpha,
-SparseIndex approximate over alpha. The slow exact peers (scipy, sparse_dot_topn) run on --peer-queries queries.
+SparseIndex approximate over alpha and query_cut x alpha. The slow exact peers (scipy, sparse_dot_topn) run on --peer-queries queries.
 Writes bench/results/search*.json and a QPS-recall plot (search_real.png).
 """
 from __future__ import annotations
@@ -394,17 +394,18 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
             out["mrr10"] = mrr(ids, relevant)
         return out
 
-    def ours(mode, alpha=None):
-        kw = {"mode": mode} if alpha is None else {"mode": mode, "alpha": alpha}
-        return lambda t: index.search(queries, k, t, **kw)[1].numpy()
+    def ours(mode, **kw):
+        return lambda t: index.search(queries, k, t, mode=mode, **kw)[1].numpy()
 
     configs = [("SparseIndex exact", {}, ours("exact")), ("SparseIndex safe", {}, ours("safe"))]
-    configs += [("SparseIndex approx", {"alpha": a}, ours("approximate", a)) for a in args.alphas]
+    configs += [("SparseIndex approx", {"alpha": a}, ours("approximate", alpha=a)) for a in args.alphas]
+    configs += [("SparseIndex approx cut", {"alpha": a, "query_cut": c}, ours("approximate", alpha=a, query_cut=c))
+                for c in args.query_cuts for a in args.cut_alphas]
     for t in sorted({1, all_threads}):
         for method, param, fn in configs:
             with threads(t):
                 row = _timed(rows, method, t, nq, lambda: fn(t), args.repeats, **param, **quality(fn(t)))
-                if t == 1 and method != "SparseIndex approx":
+                if t == 1 and not method.startswith("SparseIndex approx"):
                     kw = {"mode": method.split()[1]}
                     row.update(latency(index, queries, k, args.latency_queries, **kw))
         _, _, _, visited = index.block_max.search(queries, k, 1.0, t)
@@ -511,6 +512,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
+    ap.add_argument("--query-cuts", type=int, nargs="+", default=[12, 8, 5])
+    ap.add_argument("--cut-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8])
     ap.add_argument("--bmp-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6])
     ap.add_argument("--seismic-postings", type=int, nargs="+", default=[3500])
     ap.add_argument("--seismic-query-cut", type=int, nargs="+", default=[3, 5, 8, 12, 20])

@@ -23,7 +23,7 @@ benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=($(cd bench && ls bench_*.py | sed 's/\.py$//'))
 # Sizes that fit a device session: no data cache there, and the CPU-only parts are measured on the dev machine.
 declare -A bench_args=([bench_topk]="--quick" [bench_cq]="--speed --quick"
-                       [bench_search]="--docs 200000 --no-manpages --no-seismic --peer-queries 20")
+                       [bench_search]="--synthetic --docs 200000 --no-manpages --no-seismic --peer-queries 20")
 for b in "${benches[@]}"; do
   (cd bench && timeout 300 python3 "$b.py" ${bench_args[$b]:-} > "$out/$b.log" 2>&1) || echo "$b failed or timed out"
 done

@@ -185,6 +185,11 @@ def test_bad_parameters_raise():
             index.search(queries, 3, mode="approximate", alpha=alpha)
     with pytest.raises(ValueError, match="alpha"):
         index.search(queries, 3, mode="safe", alpha=0.5)
+    for cut in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="query_cut"):
+            index.search(queries, 3, mode="approximate", query_cut=cut)
+    with pytest.raises(ValueError, match="query_cut"):
+        index.search(queries, 3, mode="safe", query_cut=3)
     with pytest.raises(ValueError, match="block_size"):
         sr.SparseIndex.from_documents(docs, block_max=True, block_size=0, progress=False)
     negative = SparseBatch(docs.indptr, docs.indices, -docs.values, docs.dim)
@@ -229,7 +234,7 @@ def test_raw_op_rejects_inconsistent_structures():
 
     def call(**change):
         a = dict(args, **change)
-        return ops.block_search(q.indptr, q.indices, q.values, list(a.values()), 8, 3, 1.0, 1)
+        return ops.block_search(q.indptr, q.indices, q.values, list(a.values()), 8, 3, 1.0, 0, 1)
 
     call()
     bad = {"fwd_ptr": args["fwd_ptr"][:-1], "fwd_weights": args["fwd_weights"][:-1],
@@ -240,9 +245,11 @@ def test_raw_op_rejects_inconsistent_structures():
         with pytest.raises((ValueError, TypeError), match=name):
             call(**{name: value})
     with pytest.raises(ValueError, match="alpha"):
-        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.5, 1)
+        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.5, 0, 1)
+    with pytest.raises(ValueError, match="query_cut"):
+        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.0, -1, 1)
     with pytest.raises(ValueError, match="10 tensors"):
-        ops.block_search(q.indptr, q.indices, q.values, list(args.values())[:9], 8, 3, 1.0, 1)
+        ops.block_search(q.indptr, q.indices, q.values, list(args.values())[:9], 8, 3, 1.0, 0, 1)
 
 
 def test_validate_rejects_damaged_structures():
@@ -278,7 +285,7 @@ def test_opcheck():
     bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
     q = queries_for(docs, 4, gen)
     torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 5, 1.0,
-                                             1))
+                                             0, 1))
 
 
 def test_block_maxima_are_tight_upper_bounds(simd):
@@ -307,3 +314,21 @@ def test_block_maxima_op_checks_its_inputs():
                         ((ptr, terms, w, 40, 4, 0.0), "dense_fraction"), ((ptr, terms, w[:-1], 40, 4, 0.1), "fwd_weights")]:
         with pytest.raises((ValueError, IndexError, TypeError), match=match):
             ops.block_maxima(*args)
+
+
+def test_query_cut_bounds_with_the_heaviest_terms_only(simd):
+    gen = torch.Generator().manual_seed(21)
+    docs = clustered(3000, 1500, 30, gen, duplicates=0.0)
+    queries = queries_for(docs, 80, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    exact = index.search(queries, 10, mode="exact")
+    # a cut at least as long as every query changes nothing
+    assert_same(index.search(queries, 10, mode="approximate", alpha=1.0, query_cut=1000), exact)
+    recalls = []
+    for cut in (1, 3, 1000):
+        ids = index.search(queries, 10, mode="approximate", alpha=1.0, query_cut=cut)[1]
+        got = index.block_max.search(queries, 10, 1.0, 1, cut)
+        assert torch.equal(got[1][got[2]], ids[got[2]])
+        recalls.append(float(torch.tensor([len(set(a.tolist()) & set(b.tolist()) - {-1}) / max(1, int((b >= 0).sum()))
+                                           for a, b in zip(ids, exact[1])]).mean()))
+    assert recalls[0] < 1.0 and recalls[-1] == 1.0 and recalls[0] <= recalls[1] + 0.05

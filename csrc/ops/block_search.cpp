@@ -32,9 +32,10 @@ void check_offsets(const at::Tensor& ptr, int64_t total, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
-    int64_t block_size, int64_t k, double alpha, int64_t num_threads) {
+    int64_t block_size, int64_t k, double alpha, int64_t query_cut, int64_t num_threads) {
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
   TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= 1.0, "alpha: must lie in (0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(query_cut >= 0, "query_cut: must be >= 0 (0: every term), got ", query_cut);
   TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
                     block_size);
   TORCH_CHECK_VALUE(num_threads >= 0, "num_threads: must be >= 0 (0: all), got ", num_threads);
@@ -106,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
-      oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), scratch, os + i * k, oi + i * k,
+      oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, scratch, os + i * k,
+                               oi + i * k,
                                ov + i);
     }
   });
@@ -172,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, int k, "
-        "float alpha, int num_threads) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float alpha, int query_cut, int num_threads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, "
         "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

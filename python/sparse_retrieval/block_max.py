@@ -8,7 +8,9 @@ others. A query bounds every block's score (sum of its positive weights times th
 decreasing bound order (bucketed), scores each visited block's documents from a forward index, and stops as soon
 as its k-th score exceeds ``alpha`` times the largest bound left. ``alpha = 1`` is safe: the results are those of
 exhaustive search, scores bit for bit. ``alpha < 1`` trades recall for speed; the blocks visited for a smaller
-alpha are a prefix of those visited for a larger one, so recall can only grow with alpha.
+alpha are a prefix of those visited for a larger one, so recall can only grow with alpha. A second approximate
+knob, ``query_cut``, computes the bounds from the query's ``query_cut`` terms of largest weight x maximum only
+(cheaper bounds, which miss the other terms' share; scores still use every term).
 
 Safe search needs non-negative, finite document weights (learned sparse encoders produce these). Queries with
 negative weights are fine (those terms only lower scores). A query that matches fewer than k documents with a
@@ -59,11 +61,11 @@ class BlockMax:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def search(self, queries: SparseBatch, k: int, alpha: float, threads: int):
+    def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0):
         """(scores, ids, complete, blocks_visited) of the kernel; rows whose ``complete`` is False must be
-        searched exhaustively."""
+        searched exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate)."""
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
-                                 list(self.tensors().values()), self.block_size, k, alpha, threads)
+                                 list(self.tensors().values()), self.block_size, k, alpha, query_cut, threads)
 
 
 _SIZES = ("block_size", "ndocs")
@@ -230,7 +232,7 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 
 @torch.library.register_fake("sparse_retrieval::block_search")
-def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, num_threads):
+def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, query_cut, num_threads):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

@@ -222,7 +222,7 @@ class SparseIndex:
 
     # ---- search ----------------------------------------------------------------------------------------------------
     def search(self, queries: SparseBatch, k: int, threads: int | None = None, *, mode: str | None = None,
-               alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               alpha: float | None = None, query_cut: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k documents of each query by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
 
         Scores descending, ties to the lower document id; with fewer than k documents the rest is score -inf and
@@ -230,8 +230,9 @@ class SparseIndex:
 
         ``mode``: ``"exact"`` (exhaustive), ``"safe"`` (the same results through block-max pruning) or
         ``"approximate"`` (pruning stops once the k-th score beats ``alpha`` times the best bound left; ``alpha`` in
-        (0, 1], default 0.9; recall rises with alpha and is exact at 1). Default: ``"safe"`` once ``optimize()``
-        has run, else ``"exact"``. Safe and approximate search run on the CPU and use one thread per query.
+        (0, 1], default 0.9; recall rises with alpha and is exact at 1; ``query_cut``, default all terms, bounds
+        blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run,
+        else ``"exact"``. Safe and approximate search run on the CPU and use one thread per query.
         """
         if not isinstance(queries, SparseBatch):
             raise TypeError(f"queries: expected a SparseBatch, got {type(queries).__name__}")
@@ -247,8 +248,12 @@ class SparseIndex:
             mode = "safe" if self._block_max is not None else "exact"
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        if alpha is not None and mode != "approximate":
-            raise ValueError(f"alpha: only for mode='approximate' (mode is {mode!r})")
+        for name, value in (("alpha", alpha), ("query_cut", query_cut)):
+            if value is not None and mode != "approximate":
+                raise ValueError(f"{name}: only for mode='approximate' (mode is {mode!r})")
+        if query_cut is not None and (isinstance(query_cut, bool) or not isinstance(query_cut, numbers.Integral)
+                                      or not 1 <= query_cut < 2**31):
+            raise ValueError(f"query_cut: expected an int in [1, 2^31), got {query_cut!r}")
         if mode == "approximate":
             alpha = 0.9 if alpha is None else alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
@@ -265,7 +270,8 @@ class SparseIndex:
                              f"with SparseIndex.from_documents(docs, block_max=True))")
         if self._device.type != "cpu":
             raise ValueError(f"mode={mode!r}: block-max search runs on the CPU; the index is on {self._device}")
-        scores, ids, complete, _ = self._block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha), threads)
+        scores, ids, complete, _ = self._block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha),
+                                                          threads, int(query_cut or 0))
         if self._tail is not None:
             tail_scores, tail_ids = self._tail._exact(queries, k, threads)
             scores, ids = merge_top_k(scores, ids, tail_scores, torch.where(tail_ids >= 0, tail_ids +

@@ -98,30 +98,46 @@ inline int64_t collect_band(const float* ub, int64_t n, float lo, float hi, int3
 constexpr int64_t kSortChunk = 32;
 
 template <class W, class Term>
-bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, const BlockScratch& s,
+bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
+                  const BlockScratch& s,
                   float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
   *blocks_visited = 0;
-  for (int64_t t = 0; t < q.nterms; ++t) {  // the exhaustive path defines what these give
+  // Left to the exhaustive path, which defines what they give: non-finite weights, unsorted or repeated terms, and
+  // more than 255 terms (the slot map below has one byte per term).
+  if (q.nterms > 255) return false;
+  for (int64_t t = 0; t < q.nterms; ++t) {
     if (!std::isfinite(q.weights[t]) || (t > 0 && q.terms[t] <= q.terms[t - 1])) return false;
   }
   const int64_t nb = ix.nblocks;
   std::fill(s.ub, s.ub + nb, 0.0f);
   // Terms with negative weights only lower scores (document weights are >= 0): they add nothing to the bounds.
+  int32_t bound_terms[256];  // q.nterms <= 255
+  int64_t nbound = 0;
   for (int64_t t = 0; t < q.nterms; ++t) {
-    const float w = q.weights[t];
-    if (!(w > 0.0f)) continue;
+    if (q.weights[t] > 0.0f) bound_terms[nbound++] = int32_t(t);
+  }
+  if (query_cut > 0 && nbound > query_cut) {
+    const auto larger = [&](int32_t a, int32_t b) {
+      return q.weights[a] * ix.scale[q.terms[a]] > q.weights[b] * ix.scale[q.terms[b]] ||
+             (q.weights[a] * ix.scale[q.terms[a]] == q.weights[b] * ix.scale[q.terms[b]] && a < b);
+    };
+    std::nth_element(bound_terms, bound_terms + query_cut - 1, bound_terms + nbound, larger);
+    nbound = query_cut;
+  }
+  for (int64_t i = 0; i < nbound; ++i) {
+    const int64_t t = bound_terms[i];
     const int64_t term = q.terms[t];
-    const float qs = w * ix.scale[term];
+    const float qs = q.weights[t] * ix.scale[term];
     if (ix.dense_row[term] >= 0) {
       add_dense_row(s.ub, ix.bm_dense + ix.dense_row[term] * nb, nb, qs);
     } else {
-      for (int64_t e = ix.bm_ptr[term]; e < ix.bm_ptr[term + 1]; ++e) s.ub[ix.bm_blocks[e]] += qs * float(ix.bm_values[e]);
+      for (int64_t e = ix.bm_ptr[term]; e < ix.bm_ptr[term + 1]; ++e) {
+        s.ub[ix.bm_blocks[e]] += qs * float(ix.bm_values[e]);
+      }
     }
   }
   const float mx = max_bound(s.ub, nb);
   if (!(mx > 0.0f)) return false;
-  // Up to 255 query terms get a slot each (more would need a wider slot map: those queries go exhaustive).
-  if (q.nterms > 255) return false;
   s.qslot[0] = 0.0f;
   for (int64_t t = 0; t < q.nterms; ++t) {
     s.slot[q.terms[t]] = uint8_t(t + 1);
@@ -167,12 +183,12 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
 
 }  // namespace
 
-bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
+bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
                         const BlockScratch& scratch, float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
   return visit_value_type(ix.wtype, [&](auto v) {
     using W = decltype(v);
-    return ix.terms16 ? search_query<W, uint16_t>(ix, q, k, alpha, scratch, out_scores, out_ids, blocks_visited)
-                      : search_query<W, int32_t>(ix, q, k, alpha, scratch, out_scores, out_ids, blocks_visited);
+    return ix.terms16 ? search_query<W, uint16_t>(ix, q, k, alpha, query_cut, scratch, out_scores, out_ids, blocks_visited)
+                      : search_query<W, int32_t>(ix, q, k, alpha, query_cut, scratch, out_scores, out_ids, blocks_visited);
   });
 }
 

@@ -46,9 +46,12 @@ struct BlockScratch {
 // Top k of one query (terms ascending, unique) over the index, best first (score descending, ties to the lower
 // user id), written to out_scores/out_ids (k slots; unfilled slots untouched). Returns true when the result is
 // final: k documents found and the k-th score > 0. Otherwise (fewer matching documents, a non-finite query weight)
-// the caller must search exhaustively, since exhaustive search also ranks documents that score 0. `blocks_visited`
+// the caller must search exhaustively, since exhaustive search also ranks documents that score 0. With
+// `query_cut` > 0 the bounds use only the query's `query_cut` terms of largest weight x maximum (approximate; the
+// scores still use every term). `blocks_visited`
 // receives the number of blocks scored.
 SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
+                                        int64_t query_cut,
                                         const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
                                         int64_t* blocks_visited))
 // Block maxima of a forward index (documents in stored order, terms ascending per document, weights >= 0) over
