@@ -239,7 +239,7 @@ def run_dataset(name, docs, queries, args, all_threads, bw, seismic=True):
     facts["topn_build_s"] = time.perf_counter() - t0
     facts["scipy_bytes"] = dt.data.nbytes + dt.indices.nbytes + dt.indptr.nbytes
     _log(f"SparseIndex built in {facts['build_s']:.2f} s, {index.nbytes / 1e9:.3f} GB")
-    peer_q, peer_sp = queries[:npeer], q_sp[:npeer]
+    peer_sp = q_sp[:npeer]
 
     exact_s, exact_i = index.search(queries, k)
     sci_s, sci_i = scipy_search(peer_sp, dt, k)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 import sparse_retrieval as sr
 from sparse_retrieval import losses, metrics
+from sparse_retrieval.datasets.text import debian_package
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = "usr/share/doc/python3.11/html/_sources"
@@ -46,20 +46,10 @@ ROLE = re.compile(r":[\w:.-]+:`([^`]*)`")
 
 # ---- data ----------------------------------------------------------------------------------------------------
 def fetch_docs(cache: Path) -> Path:
-    root = cache / "python3.11-doc"
-    if (root / SOURCES).is_dir():
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=cache, check=True, capture_output=True)
-        deb = sorted(cache.glob("python3.11-doc_*.deb"))[-1]
-        tmp = cache / "python3.11-doc.partial"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
-        tmp.rename(root)
-    except (OSError, IndexError, subprocess.CalledProcessError) as exc:
-        sys.exit(f"could not fetch the corpus with `apt-get download python3.11-doc` + `dpkg-deb -x` ({exc}); "
-                 f"extract the package yourself and pass --docs-dir")
-    return root
+        return debian_package("python3.11-doc", cache)
+    except RuntimeError as exc:
+        sys.exit(f"{exc}; or pass --docs-dir")
 
 
 def clean(text: str) -> str:

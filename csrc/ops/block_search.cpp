@@ -30,6 +30,23 @@ void check_offsets(const at::Tensor& ptr, int64_t total, const char* name) {
                     ": must run from 0 to ", total);
 }
 
+// Checks a forward index (offsets, term and weight arrays of ndocs documents over dim terms); returns its value type.
+sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights,
+                                 int64_t dim, int64_t block_size) {
+  TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
+  const int64_t ndocs = fwd_ptr.numel() - 1;
+  TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
+  check_1d(fwd_ptr, at::kLong, ndocs + 1, "fwd_ptr");
+  TORCH_CHECK_TYPE(fwd_terms.scalar_type() == at::kShort || fwd_terms.scalar_type() == at::kInt,
+                   "fwd_terms: expected int16 (read as uint16) or int32, got ", fwd_terms.scalar_type());
+  check_1d(fwd_terms, fwd_terms.scalar_type(), -1, "fwd_terms");
+  TORCH_CHECK_VALUE(fwd_terms.scalar_type() == at::kInt || dim <= 65536, "fwd_terms: int16 terms need dim <= 65536");
+  check_offsets(fwd_ptr, fwd_terms.numel(), "fwd_ptr");
+  const auto wtype = value_type(fwd_weights, "fwd_weights");
+  check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
+  return wtype;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
     int64_t block_size, int64_t k, double alpha, int64_t query_cut, int64_t num_threads) {
@@ -44,20 +61,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   const auto &fwd_ptr = index[0], &fwd_terms = index[1], &fwd_weights = index[2], &doc_ids = index[3],
              &scale = index[4], &dense_row = index[5], &bm_dense = index[6], &bm_ptr = index[7],
              &bm_blocks = index[8], &bm_values = index[9];
-  TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
-  const int64_t ndocs = fwd_ptr.numel() - 1;
-  TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
   TORCH_CHECK_VALUE(bm_ptr.dim() == 1 && bm_ptr.numel() >= 1, "bm_ptr: expected dim + 1 >= 1 entries");
   const int64_t dim = bm_ptr.numel() - 1;
+  const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size);
+  const int64_t ndocs = fwd_ptr.numel() - 1;
   const int64_t nblocks = (ndocs + block_size - 1) / block_size;
-  check_1d(fwd_ptr, at::kLong, ndocs + 1, "fwd_ptr");
-  TORCH_CHECK_TYPE(fwd_terms.scalar_type() == at::kShort || fwd_terms.scalar_type() == at::kInt,
-                   "fwd_terms: expected int16 (read as uint16) or int32, got ", fwd_terms.scalar_type());
-  check_1d(fwd_terms, fwd_terms.scalar_type(), -1, "fwd_terms");
-  TORCH_CHECK_VALUE(fwd_terms.scalar_type() == at::kInt || dim <= 65536, "fwd_terms: int16 terms need dim <= 65536");
-  check_offsets(fwd_ptr, fwd_terms.numel(), "fwd_ptr");
-  const auto wtype = value_type(fwd_weights, "fwd_weights");
-  check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
   check_1d(doc_ids, at::kLong, ndocs, "doc_ids");
   check_1d(scale, at::kFloat, dim, "scale");
   check_1d(dense_row, at::kLong, dim, "bm_dense_row");
@@ -125,21 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     block_size);
   TORCH_CHECK_VALUE(dense_fraction > 0.0 && dense_fraction <= 1.0, "dense_fraction: must lie in (0, 1], got ",
                     dense_fraction);
-  TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
+  const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size);
   const int64_t ndocs = fwd_ptr.numel() - 1;
-  TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
-  check_1d(fwd_ptr, at::kLong, ndocs + 1, "fwd_ptr");
-  TORCH_CHECK_TYPE(fwd_terms.scalar_type() == at::kShort || fwd_terms.scalar_type() == at::kInt,
-                   "fwd_terms: expected int16 (read as uint16) or int32, got ", fwd_terms.scalar_type());
-  check_1d(fwd_terms, fwd_terms.scalar_type(), -1, "fwd_terms");
-  TORCH_CHECK_VALUE(fwd_terms.scalar_type() == at::kInt || dim <= 65536, "fwd_terms: int16 terms need dim <= 65536");
-  check_offsets(fwd_ptr, fwd_terms.numel(), "fwd_ptr");
   if (ndocs > 0) {
     TORCH_CHECK_VALUE(!(fwd_ptr.slice(0, 1) < fwd_ptr.slice(0, 0, -1)).any().item<bool>(),
                       "fwd_ptr: must be non-decreasing");
   }
-  const auto wtype = value_type(fwd_weights, "fwd_weights");
-  check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
   if (fwd_terms.numel() > 0) {
     const auto t = fwd_terms.scalar_type() == at::kShort ? fwd_terms.to(at::kInt).bitwise_and(0xFFFF) : fwd_terms;
     auto [lo, hi] = at::aminmax(t);

@@ -126,8 +126,6 @@ def splade_collection(cache: str | os.PathLike = ".cache/splade_collection", *, 
     4,096 passages, so an interrupted build resumes. Documents keep the order of the sources (WordNet, then man
     pages), not a clustered order.
     """
-    from tqdm.auto import tqdm  # noqa: F401  (fail early when missing)
-
     cache = Path(cache)
     passages, source_of_query = Passages(), []
     for src in sources:

@@ -77,22 +77,28 @@ def man_page_passages(root: str | Path = "/usr/share/man", words: int = 50, max_
     return out
 
 
-def fetch_wordnet(cache: Path) -> Path:
-    """The WordNet 3.0 database folder from Debian's ``wordnet-base`` (``apt-get download`` into ``cache``)."""
-    root = cache / "wordnet-base" / "usr/share/wordnet"
-    if (root / "data.noun").exists():
+def debian_package(package: str, cache: Path) -> Path:
+    """The files of a Debian package, fetched with ``apt-get download`` and extracted to ``cache / package`` once
+    (no installation, no root needed beyond apt's own); raises RuntimeError saying how to provide them."""
+    root = cache / package
+    if root.is_dir():
         return root
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["apt-get", "download", "wordnet-base"], cwd=cache, check=True, capture_output=True)
-        deb = sorted(cache.glob("wordnet-base_*.deb"))[-1]
-        tmp = cache / "wordnet-base.partial"
+        subprocess.run(["apt-get", "download", package], cwd=cache, check=True, capture_output=True)
+        deb = sorted(cache.glob(f"{package}_*.deb"))[-1]
+        tmp = cache / f"{package}.partial"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
-        tmp.rename(cache / "wordnet-base")
+        tmp.rename(root)
     except (OSError, IndexError, subprocess.CalledProcessError) as exc:
-        raise RuntimeError(f"could not fetch WordNet with `apt-get download wordnet-base` ({exc}); run "
-                           f"`apt-get update` first or extract the package to {cache / 'wordnet-base'}") from exc
+        raise RuntimeError(f"could not fetch {package} with `apt-get download {package}` + `dpkg-deb -x` ({exc}); "
+                           f"run `apt-get update` first or extract the package to {root}") from exc
     return root
+
+
+def fetch_wordnet(cache: Path) -> Path:
+    """The WordNet 3.0 database folder from Debian's ``wordnet-base``."""
+    return debian_package("wordnet-base", cache) / "usr/share/wordnet"
 
 
 _QUOTED = re.compile(r'"([^"]+)"')
