@@ -506,6 +506,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, help="grow the real collection to this many documents (derive_documents)")
     ap.add_argument("--docs", type=int, default=1_000_000, help="synthetic documents (--synthetic)")
     ap.add_argument("--queries", type=int, default=4000)
+    ap.add_argument("--scaled-queries", type=int, default=1000, help="queries of the --scale run (its first ones)")
     ap.add_argument("--peer-queries", type=int, default=200, help="queries for scipy and sparse_dot_topn")
     ap.add_argument("--latency-queries", type=int, default=200, help="single-query calls timed for latency")
     ap.add_argument("--k", type=int, default=10)
@@ -535,7 +536,8 @@ def main() -> None:
             t0 = time.perf_counter()
             docs = sr.datasets.derive_documents(coll.docs, args.scale)
             payload["derive_s"] = time.perf_counter() - t0
-            payload["scaled"] = run_real(docs, coll.queries, None, args, all_threads, name=f"scaled_{args.scale}")
+            queries = coll.queries[:args.scaled_queries]
+            payload["scaled"] = run_real(docs, queries, None, args, all_threads, name=f"scaled_{args.scale}")
             payload["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             print(f"max RSS {payload['max_rss_gb']:.1f} GB")
             print(f"wrote {write_results('search_scaled', payload)}")
