@@ -96,6 +96,9 @@ inline int64_t collect_band(const float* ub, int64_t n, float lo, float hi, int3
 }
 
 constexpr int64_t kSortChunk = 32;
+// Each band spans [kBand x hi, hi): narrow, because the top of the bound range is crowded (terms common to most
+// blocks) and ordering a band costs more than another SIMD pass over the bounds.
+constexpr float kBand = 0.6f;
 
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
@@ -144,7 +147,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     s.qslot[t + 1] = q.weights[t];
   }
 
-  // Blocks are visited in decreasing bound order (ties to the lower block): bands [hi / 4, hi) of bounds, from
+  // Blocks are visited in decreasing bound order (ties to the lower block): bands [kBand x hi, hi) of bounds, from
   // hi = max, are collected with one pass over the bounds each and put in order a chunk at a time.
   // The visiting order depends on the bounds only and alpha only on where it stops, so a smaller alpha visits a
   // prefix of the blocks a larger one visits. Bounds and scores round differently: the bounds get a margin of
@@ -154,7 +157,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   int64_t visited = 0;
   bool stopped = false;
   float hi = std::numeric_limits<float>::infinity();
-  for (float lo = mx * 0.25f; !stopped && hi > 0.0f; hi = lo, lo = lo > mx * 1e-6f ? lo * 0.25f : 0.0f) {
+  for (float lo = mx * kBand; !stopped && hi > 0.0f; hi = lo, lo = lo > mx * 1e-6f ? lo * kBand : 0.0f) {
     if (best.full() && best.floor() > alpha * std::min(hi, mx) * margin) break;
     const int64_t m = collect_band(s.ub, nb, lo, hi, s.order);
     const auto before = [&](int32_t a, int32_t b) { return s.ub[a] > s.ub[b] || (s.ub[a] == s.ub[b] && a < b); };
