@@ -153,26 +153,28 @@ class SparseIndex:
         return _Segment(ptr, ids, weights, len(docs)).to(self._device)
 
     def _documents(self, lo: int, hi: int) -> SparseBatch:
-        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending)."""
-        rows, cols, vals, base = [], [], [], 0
+        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending), one
+        segment at a time so that the transient memory is one segment's."""
+        parts, base = [], 0
         for s in self._segments:
-            if base < hi and base + s.ndocs > lo:
+            a, b = max(lo, base), min(hi, base + s.ndocs)
+            if a < b:
                 ptr = s.ptr.cpu()
-                cols.append(torch.repeat_interleave(torch.arange(self._dim), ptr.diff(), output_size=s.docs.numel()))
-                rows.append(s.docs.cpu().long() + base)
-                vals.append(s.weights.cpu())
+                col = torch.repeat_interleave(torch.arange(self._dim), ptr.diff(), output_size=s.docs.numel())
+                row = s.docs.cpu().long()
+                keep = (row >= a - base) & (row < b - base)
+                row, col, val = row[keep] - (a - base), col[keep], s.weights.cpu()[keep]
+                order = torch.argsort(row * self._dim + col)
+                indptr = torch.zeros(b - a + 1, dtype=torch.int64)
+                torch.cumsum(torch.bincount(row, minlength=b - a), 0, out=indptr[1:])
+                parts.append(SparseBatch(indptr, col[order].to(torch.int32 if self._dim < 2**31 else torch.int64),
+                                         val[order], self._dim, check=False))
+                del row, col, val, order, keep
             base += s.ndocs
-        row = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
-        col = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64)
-        val = torch.cat(vals) if vals else torch.zeros(0, dtype=self._dtype)
-        keep = (row >= lo) & (row < hi)
-        row, col, val = row[keep] - lo, col[keep], val[keep]
-        order = torch.argsort(row * self._dim + col)
-        counts = torch.bincount(row, minlength=hi - lo)
-        indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=indptr[1:])
-        return SparseBatch(indptr, col[order].to(torch.int32 if self._dim < 2**31 else torch.int64), val[order],
-                           self._dim, check=False)
+        if not parts:
+            return SparseBatch(torch.zeros(hi - lo + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32),
+                               torch.zeros(0, dtype=self._dtype), self._dim, check=False)
+        return SparseBatch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- facts -----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
