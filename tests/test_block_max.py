@@ -332,3 +332,17 @@ def test_query_cut_bounds_with_the_heaviest_terms_only(simd):
         recalls.append(float(torch.tensor([len(set(a.tolist()) & set(b.tolist()) - {-1}) / max(1, int((b >= 0).sum()))
                                            for a, b in zip(ids, exact[1])]).mean()))
     assert recalls[0] < 1.0 and recalls[-1] == 1.0 and recalls[0] <= recalls[1] + 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_optimized_index_on_cuda_searches_exactly_by_default():
+    gen = torch.Generator().manual_seed(22)
+    docs = clustered(300, 200, 4, gen)
+    queries = queries_for(docs, 10, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    gpu = index.to("cuda")
+    got = gpu.search(queries.cuda(), 5)
+    want = index.search(queries, 5, mode="exact")
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="CPU"):
+        gpu.search(queries.cuda(), 5, mode="safe")

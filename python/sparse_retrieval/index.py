@@ -233,8 +233,8 @@ class SparseIndex:
         ``mode``: ``"exact"`` (exhaustive), ``"safe"`` (the same results through block-max pruning) or
         ``"approximate"`` (pruning stops once the k-th score beats ``alpha`` times the best bound left; ``alpha`` in
         (0, 1], default 0.9; recall rises with alpha and is exact at 1; ``query_cut``, default all terms, bounds
-        blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run,
-        else ``"exact"``. Safe and approximate search run on the CPU and use one thread per query.
+        blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run
+        on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
         """
         if not isinstance(queries, SparseBatch):
             raise TypeError(f"queries: expected a SparseBatch, got {type(queries).__name__}")
@@ -247,7 +247,7 @@ class SparseIndex:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         threads = min(int(threads), 1 << 16)
         if mode is None:
-            mode = "safe" if self._block_max is not None else "exact"
+            mode = "safe" if self._block_max is not None and self._device.type == "cpu" else "exact"
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
         for name, value in (("alpha", alpha), ("query_cut", query_cut)):
