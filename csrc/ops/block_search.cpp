@@ -1,5 +1,5 @@
 // Schema and CPU glue of the block-max pruned search (csrc/kernels/cpu/block_search.cpp). The forward index and the
-// block maxima are built and their contents validated by python/sparse_retrieval/block_max.py (at build and load);
+// block maxima are built and their contents validated by python/sparse_retrieval/block_search.py (at build and load);
 // here every shape, dtype and offset end point is checked, as for sparse_search.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,7 @@ postings of dimension ``t`` in ``docs`` (int32 document ids local to the segment
 ``segment_size`` documents (a large collection is added chunk by chunk without rebuilding what is there); searching
 visits every segment. The file format of ``save``/``load`` is described in docs/index_format.md.
 
-``optimize()`` (or ``from_documents(..., block_max=True)``) adds the block-max structure of ``block_max.py``, which
+``optimize()`` (or ``from_documents(..., block_max=True)``) adds the block-max structure of ``block_search.py``, which
 ``search(mode="safe")`` (exact results, most postings skipped) and ``search(mode="approximate", alpha=...)`` use.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .block_max import _SIZES as _BLOCK_MAX_SIZES
-from .block_max import BlockMax, build_block_max, validate_block_max
+from .block_search import _SIZES as _BLOCK_MAX_SIZES
+from .block_search import BlockMax, build_block_max, validate_block_max
 from .sparse import SparseBatch
 
 _ops = torch.ops.sparse_retrieval

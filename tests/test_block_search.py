@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparse_retrieval as sr
-from sparse_retrieval.block_max import build_block_max, cluster_order, validate_block_max
+from sparse_retrieval.block_search import build_block_max, cluster_order, validate_block_max
 from sparse_retrieval.sparse import SparseBatch
 
 ops = torch.ops.sparse_retrieval
