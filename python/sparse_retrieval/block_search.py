@@ -90,7 +90,10 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     n, dim = len(docs), docs.dim
     order = cluster_order(docs, leaf=block_size, seed=seed, progress=progress) if reorder and n > block_size \
         else torch.arange(n)
-    fwd = docs[order]
+    # Permuted a million rows at a time: one fancy-indexing call over all postings builds three int64 arrays of
+    # their size (about 14 GB for 8.8M documents, which ran the 24 GiB dev machine out of memory).
+    step = 1 << 20
+    fwd = SparseBatch.cat([docs[order[a:a + step]] for a in range(0, n, step)]) if n else docs
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
     scale, *maxima = _ops.block_maxima(fwd.indptr, terms, fwd.values, dim, block_size, dense_fraction)
     return BlockMax(block_size, n, fwd.indptr, terms, fwd.values, order.long(), scale, *maxima)
