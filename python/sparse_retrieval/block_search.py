@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .sparse import SparseBatch
+from .sparse import SparseBatch, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -84,7 +84,8 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
         raise ValueError(f"dense_fraction: expected a number in (0, 1], got {dense_fraction!r}")
     docs = docs.to("cpu")
     weights = docs.values.detach().to(dtype)
-    if weights.numel() and not bool(((weights.float() >= 0) & torch.isfinite(weights.float())).all()):
+    w = weights.float()
+    if w.numel() and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("docs: block-max search needs finite, non-negative document weights (use mode='exact')")
     docs = SparseBatch(docs.indptr, docs.indices, weights, docs.dim, check=False)
     n, dim = len(docs), docs.dim
@@ -102,18 +103,10 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
 def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
     """The invariants the kernel relies on (memory safety and bit-identical scores), checked after loading."""
     n, nb = bm.ndocs, bm.nblocks
-    ptr = bm.fwd_ptr
-    if ptr.numel() != n + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != bm.fwd_terms.numel() or \
-            bool((ptr.diff() < 0).any()) or bm.fwd_weights.numel() != bm.fwd_terms.numel():
+    if bm.fwd_ptr.numel() != n + 1 or bm.fwd_weights.numel() != bm.fwd_terms.numel():
         raise ValueError(f"{where}: forward index offsets are inconsistent")
     terms = bm.fwd_terms.long() & 0xFFFF if bm.fwd_terms.dtype == torch.int16 else bm.fwd_terms.long()
-    if terms.numel():
-        if int(terms.min()) < 0 or int(terms.max()) >= dim:
-            raise ValueError(f"{where}: forward index terms out of range [0, {dim})")
-        starts = torch.zeros(terms.numel(), dtype=torch.bool)
-        starts[ptr[:-1][ptr.diff() > 0]] = True
-        if bool(((terms[1:] <= terms[:-1]) & ~starts[1:]).any()):
-            raise ValueError(f"{where}: forward index terms not ascending within a document")
+    check_lists(bm.fwd_ptr, terms, dim, where, "forward index (terms of each document)")
     if bm.doc_ids.numel() != n or not torch.equal(torch.sort(bm.doc_ids).values, torch.arange(n)):
         raise ValueError(f"{where}: document order is not a permutation of [0, {n})")
     w = bm.fwd_weights.float()
@@ -121,22 +114,13 @@ def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
         raise ValueError(f"{where}: forward index weights must be finite and non-negative")
     if bm.scale.numel() != dim or not bool((torch.isfinite(bm.scale) & (bm.scale > 0)).all()):
         raise ValueError(f"{where}: block maxima scales are invalid")
-    for level, units in (("bm", nb),):
-        dense_row, dense, ptr, unit, value = (bm.bm_dense_row, bm.bm_dense, bm.bm_ptr, bm.bm_blocks, bm.bm_values)
-        rows = dense.numel() // max(units, 1)
-        if dense_row.numel() != dim or (units and dense.numel() != rows * units) or \
-                (dim and (int(dense_row.min()) < -1 or int(dense_row.max()) >= rows)):
-            raise ValueError(f"{where}: dense {level} maxima rows are inconsistent")
-        if ptr.numel() != dim + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != unit.numel() or \
-                bool((ptr.diff() < 0).any()) or value.numel() != unit.numel():
-            raise ValueError(f"{where}: sparse {level} maxima offsets are inconsistent")
-        if unit.numel():
-            if int(unit.min()) < 0 or int(unit.max()) >= units:
-                raise ValueError(f"{where}: {level} unit numbers out of range [0, {units})")
-            starts = torch.zeros(unit.numel(), dtype=torch.bool)
-            starts[ptr[:-1][ptr.diff() > 0]] = True
-            if bool(((unit[1:] <= unit[:-1]) & ~starts[1:]).any()):
-                raise ValueError(f"{where}: {level} unit numbers not ascending within a term")
+    rows = bm.bm_dense.numel() // max(nb, 1)
+    if bm.bm_dense_row.numel() != dim or (nb and bm.bm_dense.numel() != rows * nb) or \
+            (dim and (int(bm.bm_dense_row.min()) < -1 or int(bm.bm_dense_row.max()) >= rows)):
+        raise ValueError(f"{where}: dense block maxima rows are inconsistent")
+    if bm.bm_ptr.numel() != dim + 1 or bm.bm_values.numel() != bm.bm_blocks.numel():
+        raise ValueError(f"{where}: sparse block maxima offsets are inconsistent")
+    check_lists(bm.bm_ptr, bm.bm_blocks, nb, where, "sparse block maxima (blocks of each term)")
 
 
 def cluster_order(docs: SparseBatch, leaf: int = 8, fanout: int = 64, iters: int = 6, sample: int = 65536,
@@ -144,9 +128,8 @@ def cluster_order(docs: SparseBatch, leaf: int = 8, fanout: int = 64, iters: int
     """A permutation of ``docs``' rows that puts similar documents next to each other: hierarchical spherical
     k-means (cosine similarity against dense centroids), up to ``fanout`` clusters per level (no more than it takes
     to reach groups of 512) fitted on up to ``sample`` rows for ``iters`` rounds, recursing until a group holds at
-    most ``leaf`` documents. Groups of at most 512
-    documents are finished on a dense matrix over their own terms (``fanout`` 8), and groups of at most 64 by
-    sorting on their heaviest two terms (on 45k WordNet passages: 2.2x faster to build than k-means down to 8
+    most ``leaf`` documents. Groups of at most 512 documents are finished on a dense matrix over their own terms
+    (``fanout`` 8), and groups of at most 64 by sorting on their heaviest two terms (on 45k WordNet passages: 2.2x faster to build than k-means down to 8
     documents, 5% more blocks visited). A cheaper stand-in for recursive graph bisection: O(levels x iters x nnz x
     fanout) work; memory beyond ``docs``: one level's copy of the rows."""
     from tqdm.auto import tqdm

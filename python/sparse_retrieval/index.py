@@ -25,7 +25,7 @@ import torch
 
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
-from .sparse import SparseBatch
+from .sparse import SparseBatch, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -477,16 +477,9 @@ def _read(path: Path, dtype: np.dtype, offset: int, count: int, mmap: bool) -> n
 
 def _validate(seg: _Segment, dim: int, where: str) -> None:
     """The invariants the search kernels rely on for memory safety: offsets and sorted, in-range document ids."""
-    ptr, docs = seg.ptr, seg.docs
-    if ptr.numel() != dim + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != docs.numel() or bool((ptr.diff() < 0).any()):
+    if seg.ptr.numel() != dim + 1:
         raise ValueError(f"{where}: posting offsets are inconsistent")
-    if docs.numel():
-        if int(docs.min()) < 0 or int(docs.max()) >= seg.ndocs:
-            raise ValueError(f"{where}: document ids out of range [0, {seg.ndocs})")
-        starts = torch.zeros(docs.numel(), dtype=torch.bool)
-        starts[ptr[:-1][ptr.diff() > 0]] = True
-        if bool(((docs[1:] <= docs[:-1]) & ~starts[1:]).any()):
-            raise ValueError(f"{where}: posting lists are not sorted by document id")
+    check_lists(seg.ptr, seg.docs, seg.ndocs, where, "posting lists (document ids)")
 
 
 def _merge(a: _Segment, b: _Segment) -> _Segment:

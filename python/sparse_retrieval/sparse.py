@@ -369,6 +369,19 @@ def _row_starts(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return start[:nnz]
 
 
+def check_lists(ptr: torch.Tensor, entries: torch.Tensor, upper: int, where: str, what: str) -> None:
+    """Checks lists stored as offsets into ``entries`` (list i is ``entries[ptr[i]:ptr[i + 1]]``), as the index
+    kernels need them: ``ptr`` runs from 0 to ``len(entries)`` and never decreases, entries lie in ``[0, upper)``
+    and strictly increase within each list. Raises ValueError naming ``where`` and ``what``."""
+    if ptr.numel() < 1 or int(ptr[0]) != 0 or int(ptr[-1]) != entries.numel() or bool((ptr.diff() < 0).any()):
+        raise ValueError(f"{where}: {what}: offsets are inconsistent")
+    if entries.numel():
+        if int(entries.min()) < 0 or int(entries.max()) >= upper:
+            raise ValueError(f"{where}: {what}: entries out of range [0, {upper})")
+        if bool(((entries[1:] <= entries[:-1]) & ~_row_starts(ptr, entries.numel())[1:]).any()):
+            raise ValueError(f"{where}: {what}: entries not strictly ascending within a list")
+
+
 def _check_sorted(indptr: torch.Tensor, indices: torch.Tensor) -> None:
     if indices.numel() < 2:
         return
