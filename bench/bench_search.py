@@ -34,6 +34,7 @@ from sparse_retrieval.datasets.text import man_page
 from common import add_ratios, measure, table, threads, write_results
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench_search"
+CHUNK = 1 << 20  # documents handed to a peer's builder at a time
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -120,8 +121,10 @@ def seismic_build(docs: sr.SparseBatch, n_threads: int, n_postings: int = 3500):
     import seismic
 
     ds = seismic.SeismicDataset()
-    ds.add_documents_by_id([str(i) for i in range(len(docs))], docs.indices.long().numpy(),
-                           docs.values.float().numpy(), docs.indptr.numpy())
+    for lo in range(0, len(docs), CHUNK):  # chunks: int64/fp32 copies of 8.8M documents would not fit beside the rest
+        part = docs[lo:lo + CHUNK]
+        ds.add_documents_by_id([str(i) for i in range(lo, lo + len(part))], part.indices.long().numpy(),
+                               part.values.float().numpy(), part.indptr.numpy())
     return seismic.SeismicIndex.build_from_dataset(ds, n_postings=n_postings, centroid_fraction=0.1,
                                                    summary_energy=0.4, doc_cut=15, num_threads=n_threads)
 
@@ -162,12 +165,14 @@ def bmp_build(docs: sr.SparseBatch, path: Path, bsize: int = 32):
     import bmp
 
     scale = 255.0 / max(float(docs.values.float().max()), 1e-30)
-    ptr, idx = docs.indptr.tolist(), docs.indices.tolist()
-    val = (docs.values.float() * scale).round().clamp(min=1).int().tolist()
     indexer = bmp.Indexer(str(path), bsize=bsize, compress_range=False)
-    for d in range(len(docs)):
-        a, b = ptr[d], ptr[d + 1]
-        indexer.add_document(str(d), {str(t): w for t, w in zip(idx[a:b], val[a:b])})
+    for lo in range(0, len(docs), CHUNK):
+        part = docs[lo:lo + CHUNK]
+        ptr, idx = part.indptr.tolist(), part.indices.tolist()
+        val = (part.values.float() * scale).round().clamp(min=1).int().tolist()
+        for d in range(len(part)):
+            a, b = ptr[d], ptr[d + 1]
+            indexer.add_document(str(lo + d), {str(t): w for t, w in zip(idx[a:b], val[a:b])})
     indexer.finish()
     return bmp.Searcher(str(path))
 
@@ -411,6 +416,9 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
         _, _, _, visited = index.block_max.search(queries, k, 1.0, t)
         facts["safe_blocks_visited_mean"] = float(visited.float().mean())
         facts["blocks"] = index.block_max.nblocks
+    print(table(rows, ["method", "threads", "alpha", "query_cut", "qps", "spread_ms", "recall", "mrr10",
+                       "latency_ms_p50", "latency_ms_p99"]), flush=True)
+    del index  # the peers are built next, one at a time: at MS MARCO size two indexes do not fit in 24 GiB
     if not args.no_seismic:
         try:
             for n_postings in args.seismic_postings:
