@@ -252,6 +252,57 @@ def test_raw_op_rejects_inconsistent_structures():
         ops.block_search(q.indptr, q.indices, q.values, list(args.values())[:9], 8, 3, 1.0, 0, 1)
 
 
+def damage_cases(bm):
+    """(field, in-place damage, message) for the offset and id arrays block_search indexes with."""
+    last_sparse = int((bm.bm_ptr.diff() > 0).nonzero().max())
+    return [
+        ("fwd_ptr", lambda t: t.__setitem__(3, t[2] - 1), "fwd_ptr: offsets"),
+        ("fwd_ptr", lambda t: t.__setitem__(3, 10**9), "fwd_ptr: offsets"),
+        ("fwd_terms", lambda t: t.__setitem__(0, 10**4), "fwd_terms: list"),
+        ("fwd_terms", lambda t: t.__setitem__(0, -3), "fwd_terms: list"),
+        ("fwd_terms", lambda t: t.__setitem__(1, t[0]), "fwd_terms: list"),
+        ("bm_blocks", lambda t: t.__setitem__(-1, 10**6), "bm_blocks: list"),
+        ("bm_blocks", lambda t: t.__setitem__(-1, -1), "bm_blocks: list"),
+        ("bm_ptr", lambda t: t.__setitem__(last_sparse, 10**9), "bm_ptr: offsets"),
+        ("bm_dense_row", lambda t: t.__setitem__(0, 10**6), "bm_dense_row"),
+    ]
+
+
+def test_raw_op_checks_index_contents():
+    """Crafted offsets and ids raise naming the array, also when changed in place (through torch) after a search
+    that checked them."""
+    gen = torch.Generator().manual_seed(16)
+    docs = clustered(150, 60, 3, gen)
+    q = queries_for(docs, 4, gen)
+    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    for field, damage, match in damage_cases(bm):
+        fresh = build_block_max(docs, torch.float32, block_size=8, progress=False)
+        fresh.search(q, 3, 1.0, 1)
+        changed = dict(fresh.tensors())
+        changed[field] = changed[field].clone()
+        damage(changed[field])
+        with pytest.raises((ValueError, IndexError), match=match):
+            ops.block_search(q.indptr, q.indices, q.values, list(changed.values()), 8, 3, 1.0, 0, 1)
+        damage(getattr(fresh, field))
+        with pytest.raises((ValueError, IndexError), match=match):
+            fresh.search(q, 3, 1.0, 1)
+
+
+@pytest.mark.parametrize("field, value", [("fwd_ptr", 10**12), ("fwd_ptr", -4), ("bm_blocks", 10**6),
+                                          ("bm_blocks", -2), ("bm_ptr", 10**12), ("bm_dense_row", 10**6)])
+def test_raw_op_survives_changes_behind_torchs_back(field, value):
+    """Numpy writes do not move the version counter; the kernel's own bounds turn them into an error."""
+    gen = torch.Generator().manual_seed(17)
+    docs = clustered(150, 60, 3, gen)
+    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    every = SparseBatch(torch.tensor([0, 60]), torch.arange(60, dtype=torch.int32), torch.rand(60) + 0.1, 60)
+    bm.search(every, 3, 1.0, 1)
+    arr = getattr(bm, field).numpy()
+    arr[1:-1] = value
+    with pytest.raises(ValueError, match="changed after it was checked"):
+        bm.search(every, 3, 1.0, 1)
+
+
 def test_validate_rejects_damaged_structures():
     gen = torch.Generator().manual_seed(15)
     docs = clustered(120, 50, 3, gen)

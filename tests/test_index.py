@@ -130,6 +130,57 @@ def test_bad_inputs():
                           [s.weights for s in index._segments], [1], 1, 1)
 
 
+def raw_search(queries, segs, k=3, sizes=None):
+    return ops.sparse_search(queries.indptr, queries.indices, queries.values, [s.ptr for s in segs],
+                             [s.docs for s in segs], [s.weights for s in segs],
+                             sizes or [s.ndocs for s in segs], k, 1)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p, d: d.__setitem__(0, -1), "docs\\[0\\]: list"),           # negative id
+    (lambda p, d: d.__setitem__(-1, 10**6), "docs\\[0\\]: list"),       # id >= the segment's documents
+    (lambda p, d: d.__setitem__(slice(0, 2), torch.tensor([5, 3])), "docs\\[0\\]: list"),  # unsorted
+    (lambda p, d: d.__setitem__(1, d[0]), "docs\\[0\\]: list"),         # repeated
+    (lambda p, d: p.__setitem__(5, 10**9), "ptrs\\[0\\]: offsets"),     # inner offset past nnz
+    (lambda p, d: p.__setitem__(5, -3), "ptrs\\[0\\]: offsets"),        # negative offset
+    (lambda p, d: p.__setitem__(5, p[4] - 1), "ptrs\\[0\\]: offsets"),  # decreasing
+])
+def test_raw_search_checks_posting_contents(damage, match):
+    """The raw op checks what it reads: crafted postings raise, naming the argument (never a crash)."""
+    gen = torch.Generator().manual_seed(21)
+    docs = random_batch(40, 12, 6, gen)
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    seg = index._segments[0]
+    queries = SparseBatch.from_lists([(list(range(12)), [1.0] * 12)], 12)
+    raw_search(queries, [seg])
+    # Changed through torch (the version counter moves): checked again before the next search.
+    ptr, ids = seg.ptr.clone(), seg.docs.clone()
+    assert ptr[4] < ptr[5] < ptr[6] and ids.numel() > 2
+    damage(ptr, ids)
+    with pytest.raises((ValueError, IndexError), match=match):
+        raw_search(queries, [sr.index._Segment(ptr, ids, seg.weights, seg.ndocs)])
+    damage(seg.ptr, seg.docs)  # in place, on tensors that passed a check before
+    with pytest.raises((ValueError, IndexError), match=match):
+        raw_search(queries, [seg])
+
+
+def test_raw_search_survives_changes_behind_torchs_back():
+    """Writes through a numpy view do not move the version counter: the kernel's own bounds turn them into an
+    error instead of a stray memory access."""
+    gen = torch.Generator().manual_seed(22)
+    docs = random_batch(300, 30, 10, gen)
+    queries = SparseBatch.from_lists([(list(range(30)), [1.0] * 30)], 30)
+    for where, value in (("docs", -7), ("docs", 2**30), ("ptr", 10**12), ("ptr", -5)):
+        index = sr.SparseIndex.from_documents(docs, progress=False)
+        seg = index._segments[0]
+        want = raw_search(queries, [seg])
+        arr = (seg.docs if where == "docs" else seg.ptr).numpy()
+        arr[len(arr) // 2] = value
+        with pytest.raises(ValueError, match="changed after it was checked"):
+            raw_search(queries, [seg])
+        assert want[1].ge(0).all()
+
+
 def test_memory_per_posting():
     docs, _ = sr.datasets.synthetic_splade(2000, 0, dim=3000, seed=1)
     for dtype, per in ((torch.float32, 8), (torch.float16, 6)):

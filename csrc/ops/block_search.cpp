@@ -1,6 +1,6 @@
-// Schema and CPU glue of the block-max pruned search (csrc/kernels/cpu/block_search.cpp). The forward index and the
-// block maxima are built and their contents validated by python/sparse_retrieval/block_search.py (at build and load);
-// here every shape, dtype and offset end point is checked, as for sparse_search.
+// Schema and CPU glue of the block-max pruned search (csrc/kernels/cpu/block_search.cpp). Every shape, dtype and
+// offset end point is checked on each call; the contents of the offset and id arrays once per tensor version
+// (list_check.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 #include "kernels/cpu/block_search.h"
 #include "kernels/cpu/simd.h"
 #include "ops/csr_check.h"
+#include "ops/list_check.h"
 
 namespace sr::ops {
 namespace {
@@ -73,15 +74,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   TORCH_CHECK_VALUE(nblocks == 0 ? bm_dense.numel() == 0 : bm_dense.numel() % nblocks == 0,
                     "bm_dense: expected a multiple of ", nblocks, " bytes (one row per dense term)");
   const int64_t rows = nblocks ? bm_dense.numel() / nblocks : 0;
-  if (dim > 0) {
-    auto [lo, hi] = at::aminmax(dense_row);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "bm_dense_row: rows must lie in [-1, ",
-                      rows, ")");
-  }
   check_1d(bm_ptr, at::kLong, dim + 1, "bm_ptr");
   check_1d(bm_blocks, at::kInt, -1, "bm_blocks");
   check_1d(bm_values, at::kByte, bm_blocks.numel(), "bm_values");
   check_offsets(bm_ptr, bm_blocks.numel(), "bm_ptr");
+  check_once("block-max index", {fwd_ptr, fwd_terms, dense_row, bm_ptr, bm_blocks}, {dim, block_size, rows}, [&] {
+    check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
+    check_lists(bm_ptr, bm_blocks, nblocks, "bm_ptr", "bm_blocks");
+    if (dim > 0) {
+      auto [lo, hi] = at::aminmax(dense_row);
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "bm_dense_row: rows must lie in [-1, ",
+                        rows, ")");
+    }
+  });
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
 
   const int64_t nq = q_indptr.numel() - 1;
@@ -91,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   auto visited = at::zeros({nq}, q_indptr.options());
   if (nq == 0 || k == 0 || ndocs == 0) return {out_scores, out_ids, complete, visited};
 
-  const sr::cpu::BlockMaxIndex ix{ndocs, dim, block_size, nblocks, fwd_ptr.data_ptr<int64_t>(),
+  const sr::cpu::BlockMaxIndex ix{ndocs, dim, block_size, nblocks, fwd_terms.numel(), rows, bm_blocks.numel(),
+                                  fwd_ptr.data_ptr<int64_t>(),
                                   fwd_terms.data_ptr(), fwd_terms.scalar_type() == at::kShort,
                                   fwd_weights.data_ptr(), wtype, doc_ids.data_ptr<int64_t>(),
                                   scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(), bm_dense.data_ptr<uint8_t>(),
@@ -108,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   const int64_t threads = std::min(num_threads > 0 ? num_threads : int64_t(at::get_num_threads()), nq);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<uint8_t> slot(dim, 0);
+    std::vector<uint8_t> slot(std::max<int64_t>(dim + 1, 65536), 0);
     std::vector<float> qslot(256), ub(nblocks);
     std::vector<int32_t> order(nblocks);
     const sr::cpu::BlockScratch scratch{slot.data(), qslot.data(), ub.data(), order.data()};
@@ -120,6 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
                                ov + i);
     }
   });
+  TORCH_CHECK_VALUE(!(visited < 0).any().item<bool>(), "block_search: the index changed after it was checked "
+                    "(written behind torch's back, e.g. through a numpy view or a memory-mapped file): offsets or "
+                    "ids are invalid");
   return {out_scores, out_ids, complete, visited};
 }
 
@@ -135,15 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     dense_fraction);
   const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size);
   const int64_t ndocs = fwd_ptr.numel() - 1;
-  if (ndocs > 0) {
-    TORCH_CHECK_VALUE(!(fwd_ptr.slice(0, 1) < fwd_ptr.slice(0, 0, -1)).any().item<bool>(),
-                      "fwd_ptr: must be non-decreasing");
-  }
+  check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
   if (fwd_terms.numel() > 0) {
-    const auto t = fwd_terms.scalar_type() == at::kShort ? fwd_terms.to(at::kInt).bitwise_and(0xFFFF) : fwd_terms;
-    auto [lo, hi] = at::aminmax(t);
-    TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < dim, "fwd_terms: terms must lie in [0, ", dim,
-                      ")");
     const auto w = fwd_weights.to(at::kFloat);
     TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
                       "fwd_weights: must be finite and non-negative");

@@ -43,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
   std::vector<sr::cpu::PostingSegment> segs;
   for (size_t s = 0; s < ptrs.size(); ++s) {
     if (sizes[s] == 0) continue;
-    segs.push_back({ptrs[s].data_ptr<int64_t>(), docs[s].data_ptr<int32_t>(), weights[s].data_ptr(), sizes[s],
-                    ndocs, value_type(weights[s], "weights")});
+    segs.push_back({ptrs[s].data_ptr<int64_t>(), docs[s].data_ptr<int32_t>(), weights[s].data_ptr(),
+                    docs[s].numel(), sizes[s], ndocs, value_type(weights[s], "weights")});
     ndocs += sizes[s];
   }
   if (nq == 0 || k == 0 || ndocs == 0) return {out_scores, out_ids};
@@ -69,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
   int64_t* oi = out_ids.data_ptr<int64_t>();
 
   std::atomic<int64_t> next{0};
+  std::atomic<bool> malformed{false};
   auto worker = [&](int64_t, int64_t) {
     // Not value-initialised: a single query over a small index should not pay for clearing a whole block.
     std::unique_ptr<float[]> acc(new float[std::min(sr::cpu::kSearchBlock, ndocs)]);
@@ -78,17 +79,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
       const sr::cpu::SearchQuery q{qt.data_ptr<int64_t>() + qptr[qi], qw.data_ptr<float>() + qptr[qi],
                                    qptr[qi + 1] - qptr[qi]};
       const int64_t lo = ndocs * c / chunks, hi = ndocs * (c + 1) / chunks;
-      if (chunks == 1) {
-        SR_SIMD_DISPATCH(search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, acc.get(), cursor.data(),
-                         os + qi * k, oi + qi * k);
-      } else {
-        cand_count[task] = SR_SIMD_DISPATCH(search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k,
-                                            acc.get(), cursor.data(), cand_scores.data() + task * slots,
-                                            cand_ids.data() + task * slots);
-      }
+      const int64_t found = SR_SIMD_DISPATCH(
+          search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, acc.get(), cursor.data(),
+          chunks == 1 ? os + qi * k : cand_scores.data() + task * slots,
+          chunks == 1 ? oi + qi * k : cand_ids.data() + task * slots);
+      if (found < 0) malformed = true;
+      if (chunks > 1) cand_count[task] = std::max<int64_t>(found, 0);
     }
   };
   at::parallel_for(0, std::min(threads, ntasks), 1, worker);
+  TORCH_CHECK_VALUE(!malformed, "sparse_search: a posting list changed after it was checked (written behind torch's "
+                    "back, e.g. through a numpy view or a memory-mapped file): offsets or document ids are invalid");
 
   if (chunks > 1) {
     for (int64_t qi = 0; qi < nq; ++qi) {

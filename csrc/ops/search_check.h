@@ -1,5 +1,5 @@
-// Checks of sparse_search's inputs shared by its CPU and CUDA glue. Posting contents (document ids sorted and in
-// range) are validated once by SparseIndex when it builds or loads them, not on every search.
+// Checks of sparse_search's inputs shared by its CPU and CUDA glue. Posting contents (offsets monotone, document ids
+// in range and strictly ascending per list) are checked once per tensor version (list_check.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "ops/csr_check.h"
+#include "ops/list_check.h"
 
 namespace sr::ops {
 
@@ -37,6 +38,9 @@ inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor&
                       "]: must lie in [0, 2^31), got ", sizes[s]);
     TORCH_CHECK_VALUE(p[0].item<int64_t>() == 0 && p[-1].item<int64_t>() == docs[s].numel(), "ptrs[", s,
                       "]: must run from 0 to the number of postings ", docs[s].numel());
+    check_once("posting lists", {p, docs[s]}, {sizes[s]}, [&] {
+      check_lists(p, docs[s], sizes[s], "ptrs[" + std::to_string(s) + "]", "docs[" + std::to_string(s) + "]");
+    });
   }
   check_csr(q_indptr, q_indices, q_values, std::max<int64_t>(dim, 0), "q", device);
   return dim;

@@ -17,13 +17,25 @@ namespace {
 // sum (this file and search.cpp are compiled without FMA contraction), which is how exhaustive search adds a
 // sorted query's terms; products of terms outside the query are +0 and leave a sum unchanged. So scores are
 // bit-identical to exhaustive search. Four documents are interleaved to hide the latency of the additions.
+// Returns false (scoring nothing) when the block's offsets are not monotone within [0, nnz]; int32 terms are
+// clamped to dim (slot[dim] is 0), uint16 ones need no check (the slot map has 65536 entries).
 template <class W, class Term>
-void score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
+bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
                 int64_t end, BestK& best) {
   const auto* __restrict terms = static_cast<const Term*>(ix.fwd_terms);
   const auto* __restrict w = static_cast<const typename W::T*>(ix.fwd_weights);
   const int64_t* ptr = ix.fwd_ptr;
-  auto term_product = [&](int64_t p) { return qslot[slot[terms[p]]] * W::load(w, p); };
+  for (int64_t i = d; i < end; ++i) {
+    if (!(0 <= ptr[i] && ptr[i] <= ptr[i + 1] && ptr[i + 1] <= ix.nnz)) return false;
+  }
+  auto slot_of = [&](int64_t p) -> uint8_t {
+    if constexpr (sizeof(Term) == 2) {
+      return slot[terms[p]];
+    } else {
+      return slot[std::min(uint32_t(terms[p]), uint32_t(ix.dim))];
+    }
+  };
+  auto term_product = [&](int64_t p) { return qslot[slot_of(p)] * W::load(w, p); };
   auto tail = [&](int64_t p, int64_t e, float s) {
     for (; p < e; ++p) s += term_product(p);
     return s;
@@ -47,6 +59,7 @@ void score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
     offer(tail(p3 + m, e3, s3), d + 3);
   }
   for (; d < end; ++d) offer(tail(ptr[d], ptr[d + 1], 0.0f), d);
+  return true;
 }
 
 // ub[b] += qs * row[b] over a dense row of block maxima (vectorised by the compiler at each level).
@@ -105,6 +118,10 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
                   const BlockScratch& s,
                   float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
   *blocks_visited = 0;
+  const auto malformed = [&] {
+    *blocks_visited = -1;
+    return false;
+  };
   // Left to the exhaustive path, which defines what they give: non-finite weights, unsorted or repeated terms, and
   // more than 255 terms (the slot map below has one byte per term).
   if (q.nterms > 255) return false;
@@ -131,12 +148,18 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     const int64_t t = bound_terms[i];
     const int64_t term = q.terms[t];
     const float qs = q.weights[t] * ix.scale[term];
-    if (ix.dense_row[term] >= 0) {
-      add_dense_row(s.ub, ix.bm_dense + ix.dense_row[term] * nb, nb, qs);
-    } else {
-      for (int64_t e = ix.bm_ptr[term]; e < ix.bm_ptr[term + 1]; ++e) {
-        s.ub[ix.bm_blocks[e]] += qs * float(ix.bm_values[e]);
-      }
+    const int64_t row = ix.dense_row[term];
+    if (row >= ix.dense_rows) return malformed();
+    if (row >= 0) {
+      add_dense_row(s.ub, ix.bm_dense + row * nb, nb, qs);
+      continue;
+    }
+    const int64_t a = ix.bm_ptr[term], b = ix.bm_ptr[term + 1];
+    if (!(0 <= a && a <= b && b <= ix.entries)) return malformed();
+    for (int64_t e = a; e < b; ++e) {
+      const uint32_t blk = uint32_t(ix.bm_blocks[e]);
+      if (blk >= uint64_t(nb)) return malformed();
+      s.ub[blk] += qs * float(ix.bm_values[e]);
     }
   }
   const float mx = max_bound(s.ub, nb);
@@ -173,7 +196,10 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
         continue;
       }
       const int64_t d = int64_t(b) * ix.block_size;
-      score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best);
+      if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best)) {
+        for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
+        return malformed();
+      }
       ++visited;
     }
   }

@@ -14,6 +14,7 @@ namespace sr::cpu {
 
 struct BlockMaxIndex {
   int64_t ndocs, dim, block_size, nblocks;
+  int64_t nnz, dense_rows, entries;  // sizes of fwd_terms, of bm_dense in rows of nblocks, of bm_blocks
   // Forward index in stored order: document d's terms (ascending, uint16 when `terms16`, else int32) and weights
   // of `wtype` at [fwd_ptr[d], fwd_ptr[d + 1]); doc_ids[d] is its user-facing id.
   const int64_t* fwd_ptr;
@@ -32,7 +33,7 @@ struct BlockMaxIndex {
   const uint8_t* bm_values;
 };
 
-// Per-thread scratch: slot holds dim zeroed bytes (left zeroed); qslot 256 floats; ub nblocks floats; order nblocks
+// Per-thread scratch: slot holds max(dim + 1, 65536) zeroed bytes (left zeroed); qslot 256 floats; ub nblocks floats; order nblocks
 // int32s.
 struct BlockScratch {
   uint8_t* slot;
@@ -48,8 +49,9 @@ struct BlockScratch {
 // final: k documents found and the k-th score > 0. Otherwise (fewer matching documents, a non-finite query weight)
 // the caller must search exhaustively, since exhaustive search also ranks documents that score 0. With
 // `query_cut` > 0 the bounds use only the query's `query_cut` terms of largest weight x maximum (approximate; the
-// scores still use every term). `blocks_visited`
-// receives the number of blocks scored.
+// scores still use every term). `blocks_visited` receives the number of blocks scored, or -1 when the index's
+// offsets or ids turned out to be malformed (every read and write stays in bounds regardless; the result is then
+// unusable). The block maxima are trusted to bound the weights: maxima that do not give approximate results.
 SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
                                         int64_t query_cut,
                                         const BlockScratch& scratch, float* out_scores, int64_t* out_ids,

@@ -10,19 +10,25 @@
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// acc[docs[p] - base] += qw * w[p] for the postings from p on whose document is below `limit` (the end of the
-// block); returns the first position past them. Finding that end while scattering replaced a galloping search per
-// list and block, whose dependent probes each missed the cache on lists not read yet. Kept scalar on every level:
-// AVX-512 gather + scatter of the (conflict-free) accumulators measured slower than scalar read-modify-writes on
-// the Zen 4 this was tuned on; unrolling by four (ids in a list are distinct, so the updates are independent)
-// measured ~10% faster. The accumulator pointer is shifted by -base once, so each update indexes it with the
-// stored id directly (one instruction less per posting: 4-8% faster on the 1M synthetic set).
+// acc[docs[p] - base] += qw * w[p] for the postings from p on whose document lies in [base, base + n) (the block);
+// returns the first position past them. Finding that end while scattering replaced a galloping search per list and
+// block, whose dependent probes each missed the cache on lists not read yet. Kept scalar on every level: AVX-512
+// gather + scatter of the (conflict-free) accumulators measured slower than scalar read-modify-writes on the Zen 4
+// this was tuned on; unrolling by four (ids in a list are distinct, so the updates are independent) measured ~10%
+// faster. Every id is range-checked (one unsigned compare), so a list whose contents changed after they were checked
+// stops early instead of writing out of bounds; the caller detects the stop. The accumulator pointer is shifted by
+// -base once, so each update indexes it with the stored id directly.
 template <class W>
 inline int64_t scatter_postings(float* acc, const int32_t* __restrict docs, const typename W::T* __restrict w,
-                                int64_t p, int64_t end, float qw, int32_t base, int32_t limit) {
+                                int64_t p, int64_t end, float qw, int32_t base, int32_t n) {
   float* __restrict a = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(acc) - uintptr_t(base) * sizeof(float));
-  for (; p + 4 <= end && docs[p + 3] < limit; p += 4) {  // four independent read-modify-writes in flight
+  const auto inside = [&](int32_t d) { return uint32_t(d - base) < uint32_t(n); };
+  for (; p + 4 <= end; p += 4) {  // four independent read-modify-writes in flight
     const int32_t d0 = docs[p], d1 = docs[p + 1], d2 = docs[p + 2], d3 = docs[p + 3];
+    if (std::max(std::max(uint32_t(d0 - base), uint32_t(d1 - base)),
+                 std::max(uint32_t(d2 - base), uint32_t(d3 - base))) >= uint32_t(n)) {
+      break;
+    }
     const float v0 = qw * W::load(w, p), v1 = qw * W::load(w, p + 1), v2 = qw * W::load(w, p + 2),
                 v3 = qw * W::load(w, p + 3);
     a[d0] += v0;
@@ -30,7 +36,7 @@ inline int64_t scatter_postings(float* acc, const int32_t* __restrict docs, cons
     a[d2] += v2;
     a[d3] += v3;
   }
-  for (; p < end && docs[p] < limit; ++p) a[docs[p]] += qw * W::load(w, p);
+  for (; p < end && inside(docs[p]); ++p) a[docs[p]] += qw * W::load(w, p);
   return p;
 }
 
@@ -66,14 +72,16 @@ inline void select_block(const float* acc, int64_t n, int64_t first_id, BestK& b
   }
 }
 
+// Searches local documents [lo, hi) of one segment; false when a posting list is malformed (see search_range).
 template <class W>
-void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo, int64_t hi, float* acc,
+bool search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo, int64_t hi, float* acc,
                     int64_t* cursor, BestK& best) {
   const auto* w = static_cast<const typename W::T*>(seg.weights);
   int64_t* pos = cursor;
   int64_t* end = cursor + q.nterms;
   for (int64_t t = 0; t < q.nterms; ++t) {
     const int64_t a = seg.ptr[q.terms[t]], b = seg.ptr[q.terms[t] + 1];
+    if (!(0 <= a && a <= b && b <= seg.nnz)) return false;
     pos[t] = lo == 0 ? a : std::lower_bound(seg.docs + a, seg.docs + b, int32_t(lo)) - seg.docs;
     end[t] = b;
   }
@@ -81,11 +89,17 @@ void search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo,
     const int64_t n = std::min(kSearchBlock, hi - block);
     std::fill(acc, acc + n, 0.0f);
     for (int64_t t = 0; t < q.nterms; ++t) {
-      pos[t] = scatter_postings<W>(acc, seg.docs, w, pos[t], end[t], q.weights[t], int32_t(block),
-                                   int32_t(block + n));
+      pos[t] = scatter_postings<W>(acc, seg.docs, w, pos[t], end[t], q.weights[t], int32_t(block), int32_t(n));
     }
     select_block(acc, n, seg.base + block, best);
   }
+  // Sorted lists of ids below ndocs end exactly at `end` once the segment's last document was searched.
+  if (hi == seg.ndocs) {
+    for (int64_t t = 0; t < q.nterms; ++t) {
+      if (pos[t] != end[t]) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -97,9 +111,10 @@ int64_t search_range(const PostingSegment* segs, int64_t nsegs, const SearchQuer
     const PostingSegment& seg = segs[s];
     const int64_t a = std::max(lo, seg.base), b = std::min(hi, seg.base + seg.ndocs);
     if (a >= b) continue;
-    visit_value_type(seg.wtype, [&](auto v) {
-      search_segment<decltype(v)>(seg, q, a - seg.base, b - seg.base, acc, cursor, best);
+    const bool ok = visit_value_type(seg.wtype, [&](auto v) {
+      return search_segment<decltype(v)>(seg, q, a - seg.base, b - seg.base, acc, cursor, best);
     });
+    if (!ok) return -1;
   }
   return best.finish();
 }

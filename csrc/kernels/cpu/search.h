@@ -9,12 +9,13 @@
 
 namespace sr::cpu {
 
-// Postings of documents [base, base + ndocs): for dimension t, entries [ptr[t], ptr[t + 1]) hold local document
-// ids (increasing) and weights of `wtype`.
+// Postings of documents [base, base + ndocs): for dimension t, entries [ptr[t], ptr[t + 1]) of the nnz hold local
+// document ids (increasing) and weights of `wtype`.
 struct PostingSegment {
   const int64_t* ptr;
   const int32_t* docs;
   const void* weights;
+  int64_t nnz;
   int64_t ndocs;
   int64_t base;
   ValueType wtype;
@@ -35,8 +36,9 @@ constexpr int64_t kSearchBlock = int64_t(1) << 20;
 }  // namespace sr::cpu
 
 // Top k documents of the global id range [lo, hi) for one query, best first (score descending, ties to the lower
-// id): writes min(k, hi - lo) scores and ids and returns that count. `acc` holds min(kSearchBlock, hi - lo) floats
-// and `cursor` 2 * q.nterms int64s of scratch.
+// id): writes min(k, hi - lo) scores and ids and returns that count, or -1 when a posting list turned out to be
+// malformed (offsets outside [0, nnz] or decreasing, ids out of order or range: every read and write stays in
+// bounds regardless). `acc` holds min(kSearchBlock, hi - lo) floats and `cursor` 2 * q.nterms int64s of scratch.
 SR_SIMD_DECLARE(int64_t search_range(const PostingSegment* segs, int64_t nsegs, const SearchQuery& q, int64_t lo,
                                      int64_t hi, int64_t k, float* acc, int64_t* cursor, float* out_scores,
                                      int64_t* out_ids))
