@@ -1,5 +1,6 @@
 import concurrent.futures
 import os
+import time
 
 import pytest
 import torch
@@ -245,6 +246,61 @@ def test_concurrent_searches():
         parallel = list(pool.map(lambda q: index.search(q, 10, threads=2), batches * 3))
     for (a, b), (c, d) in zip(serial * 3, parallel):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_add_and_optimize_during_searches():
+    """Writers publish whole: every concurrent search sees the index before or after each add, never between."""
+    gen = torch.Generator().manual_seed(23)
+    parts = [random_batch(150, 60, 12, gen) for _ in range(6)]
+    parts = [SparseBatch(p.indptr, p.indices, p.values.abs(), 60) for p in parts]  # block maxima need w >= 0
+    queries = random_batch(12, 60, 8, gen)
+    index = sr.SparseIndex(60, segment_size=200)  # adds merge into and split segments
+    index.add(parts[0], progress=False)
+    index.optimize(progress=False)
+    expected = []  # exact results after each prefix of the adds
+    for n in range(1, len(parts) + 1):
+        expected.append(sr.SparseIndex.from_documents(SparseBatch.cat(parts[:n]), progress=False).search(queries, 7))
+    seen = []
+
+    def reader(mode):
+        for _ in range(60):
+            seen.append(index.search(queries, 7, threads=1, mode=mode))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        readers = [pool.submit(reader, m) for m in ("exact", "safe")]
+        for part in parts[1:]:
+            index.add(part, progress=False)
+        index.optimize(progress=False)
+        for r in readers:
+            r.result()
+    for scores, ids in seen:
+        assert any(torch.equal(ids, e[1]) and torch.equal(scores, e[0]) for e in expected)
+
+
+def test_mmap_index_refuses_a_file_changed_in_place(tmp_path):
+    gen = torch.Generator().manual_seed(24)
+    docs, queries = random_batch(80, 30, 10, gen), random_batch(4, 30, 6, gen)
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    path = tmp_path / "x.sridx"
+    index.save(path)
+    loaded = sr.SparseIndex.load(path)
+    want = loaded.search(queries, 5)
+    index.save(path)  # replaced by rename: the mapped file is untouched
+    copy = loaded.to("cpu")
+    for a, b in zip(want, copy.search(queries, 5)):
+        assert torch.equal(a, b)
+    del loaded  # the copy keeps its own handle on the mapped file
+    reloaded = sr.SparseIndex.load(path)
+    reloaded.search(queries, 5)  # contents checked: from now on only the file's size and time tell a change
+    time.sleep(0.05)  # file times tick in steps of a few milliseconds
+    with open(path, "r+b") as f:  # edited in place
+        f.seek(200)
+        f.write(b"\xff" * 64)
+    for stale in (reloaded, reloaded.to("cpu")):
+        with pytest.raises(ValueError, match="changed on disk"):
+            stale.search(queries, 5)
+    for a, b in zip(want, copy.search(queries, 5)):
+        assert torch.equal(a, b)
 
 
 def test_opcheck():

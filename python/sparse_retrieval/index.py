@@ -16,6 +16,7 @@ import os
 import secrets
 import struct
 import threading
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ class SparseIndex:
     """Exact top-k retrieval by dot product over sparse documents (CPU, or CUDA after ``.to("cuda")``).
 
     ``SparseIndex(dim)`` is empty; ``from_documents(docs)`` builds one; ``add(docs)`` appends documents, their ids
-    continuing from ``len(index)``. Searches may run concurrently from several threads; ``add`` must not run
-    concurrently with anything else on the same index.
+    continuing from ``len(index)``. Any method may be called from several threads at once: searches run in parallel;
+    ``add`` and ``optimize`` run one at a time and publish their result whole, so a concurrent search or ``save``
+    sees the index either before or after them, never half-way.
 
     Search modes: ``"exact"`` reads every posting of every query term; ``"safe"`` returns the same results (scores
     bit for bit) reading far fewer, and ``"approximate"`` stops earlier (``alpha``), both through the block-max
@@ -82,9 +84,37 @@ class SparseIndex:
         self._dtype = dtype
         self.segment_size = segment_size
         self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with queries
-        self._segments: list[_Segment] = []
+        self._segments: list[_Segment] = []  # replaced, never changed in place, by writers
         self._block_max: BlockMax | None = None  # over documents [0, _block_max.ndocs)
         self._tail: SparseIndex | None = None  # documents added after optimize(), searched exhaustively
+        self._writing = threading.Lock()  # held by add/optimize from start to end
+        self._publish = threading.Lock()  # held while the three fields above are read or replaced together
+        self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
+
+    def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None]:
+        """A consistent view (segments, block maxima, tail) for a reader."""
+        with self._publish:
+            return self._segments, self._block_max, self._tail
+
+    def _watch_file(self, fd: int, path: Path, size: int | None = None, mtime: int | None = None) -> None:
+        """Remembers the size and time (default: now) of the open file ``fd`` that this index's arrays map (closed
+        with the index)."""
+        st = os.fstat(fd)
+        self._mapped = (fd, st.st_size if size is None else size, st.st_mtime_ns if mtime is None else mtime, path)
+        weakref.finalize(self, os.close, fd)
+
+    def _check_mapped_file(self) -> None:
+        """Arrays mapped from a file read whatever the file holds now: refuse to search once it changed in place
+        (a save to the same path replaces the file and leaves the mapped one alone). The file's size and
+        modification time tell a change, so an edit within the file system's time step (a few ms) of the load
+        that keeps the size, or one racing this check, is not seen: the kernels still bound every read, and
+        truncation then ends the process with SIGBUS, as for any memory map."""
+        if self._mapped is not None:
+            fd, size, mtime, path = self._mapped
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                raise ValueError(f"{path}: the index file changed on disk after load(mmap=True) mapped it; load it "
+                                 f"again (or load with mmap=False to read it into memory)")
 
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
@@ -113,10 +143,12 @@ class SparseIndex:
         postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
-        docs = self._documents(0, len(self)) if docs is None else docs
-        self._block_max = build_block_max(docs, self._dtype, block_size=block_size, reorder=reorder,
-                                          progress=progress)
-        self._tail = None
+        with self._writing:
+            docs = self._documents(0, len(self)) if docs is None else docs
+            block_max = build_block_max(docs, self._dtype, block_size=block_size, reorder=reorder,
+                                        progress=progress)
+            with self._publish:
+                self._block_max, self._tail = block_max, None
 
     def add(self, docs: SparseBatch, *, progress: bool = True) -> None:
         """Appends ``docs``; they get ids ``len(self)`` .. ``len(self) + len(docs) - 1``."""
@@ -128,22 +160,26 @@ class SparseIndex:
 
         n = len(docs)
         start = 0
-        with tqdm(total=n, desc="indexing", unit="doc", disable=not progress or n <= self.segment_size) as bar:
+        with self._writing, tqdm(total=n, desc="indexing", unit="doc",
+                                 disable=not progress or n <= self.segment_size) as bar:
+            segments, tail = list(self._segments), self._tail
             while start < n:
-                last = self._segments[-1] if self._segments else None
+                last = segments[-1] if segments else None
                 room = self.segment_size - last.ndocs if last is not None else 0
                 take = min(n - start, room if room > 0 else self.segment_size)
                 seg = self._build(docs[start:start + take])
                 if room > 0:
-                    self._segments[-1] = _merge(last, seg)
+                    segments[-1] = _merge(last, seg)
                 else:
-                    self._segments.append(seg)
+                    segments.append(seg)
                 start += take
                 bar.update(take)
-        if self._block_max is not None and n:
-            if self._tail is None:
-                self._tail = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
-            self._tail.add(docs, progress=False)
+            if self._block_max is not None and n:
+                tail = (tail.to(self._device) if tail is not None else  # a copy: readers may hold the old one
+                        SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device))
+                tail.add(docs, progress=False)
+            with self._publish:
+                self._segments, self._tail = segments, tail
 
     def _build(self, docs: SparseBatch) -> _Segment:
         # Postings are built on the CPU (a counting sort) and then moved to the index's device.
@@ -217,9 +253,13 @@ class SparseIndex:
     def to(self, device) -> "SparseIndex":
         """A copy of the index on ``device`` (searches then run there)."""
         out = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=device)
-        out._segments = [s.to(out._device) for s in self._segments]
-        out._block_max = self._block_max  # CPU only: safe/approximate search refuse other devices
-        out._tail = self._tail.to(device) if self._tail is not None else None
+        segments, block_max, tail = self._state()
+        out._segments = [s.to(out._device) for s in segments]
+        out._block_max = block_max  # CPU only: safe/approximate search refuse other devices
+        out._tail = tail.to(device) if tail is not None else None
+        if self._mapped is not None and out._device.type == "cpu":  # still reading the mapped file, as it was
+            fd, size, mtime, path = self._mapped
+            out._watch_file(os.dup(fd), path, size, mtime)
         return out
 
     # ---- search ----------------------------------------------------------------------------------------------------
@@ -246,8 +286,9 @@ class SparseIndex:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         threads = min(int(threads), 1 << 16)
+        segments, block_max, tail = self._state()
         if mode is None:
-            mode = "safe" if self._block_max is not None and self._device.type == "cpu" else "exact"
+            mode = "safe" if block_max is not None and self._device.type == "cpu" else "exact"
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
         for name, value in (("alpha", alpha), ("query_cut", query_cut)):
@@ -260,31 +301,33 @@ class SparseIndex:
             alpha = 0.9 if alpha is None else alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
                 raise ValueError(f"alpha: expected a number in (0, 1], got {alpha!r}")
+        self._check_mapped_file()
         if queries.device != self._device:
             raise ValueError(f"queries: on {queries.device}, the index is on {self._device}")
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
         if mode == "exact":
-            return self._exact(queries, k, threads)
-        if self._block_max is None:
+            return self._exact(queries, k, threads, segments)
+        if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
                              f"with SparseIndex.from_documents(docs, block_max=True))")
         if self._device.type != "cpu":
             raise ValueError(f"mode={mode!r}: block-max search runs on the CPU; the index is on {self._device}")
-        scores, ids, complete, _ = self._block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha),
-                                                          threads, int(query_cut or 0))
-        if self._tail is not None:
-            tail_scores, tail_ids = self._tail._exact(queries, k, threads)
+        scores, ids, complete, _ = block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha),
+                                                    threads, int(query_cut or 0))
+        if tail is not None:
+            tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0])
             scores, ids = merge_top_k(scores, ids, tail_scores, torch.where(tail_ids >= 0, tail_ids +
-                                                                            self._block_max.ndocs, -1), k)
+                                                                            block_max.ndocs, -1), k)
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
-            scores[redo], ids[redo] = self._exact(queries[redo], k, threads)
+            scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments)
         return scores, ids
 
-    def _exact(self, queries: SparseBatch, k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        segs = self._segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype))]
+    def _exact(self, queries: SparseBatch, k: int, threads: int,
+               segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        segs = segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype))]
         return _ops.sparse_search(queries.indptr, queries.indices, queries.values.detach(),
                                   [s.ptr for s in segs], [s.docs for s in segs], [s.weights for s in segs],
                                   [s.ndocs for s in segs], k, threads)
@@ -294,8 +337,9 @@ class SparseIndex:
         """Writes the index (with its block-max structure, if any) to ``path`` atomically: a temporary file in the
         same folder, fsync, then rename."""
         path = Path(path)
-        segs = [s.to("cpu") for s in self._segments]
-        extras = self._extras()
+        segments, block_max, _ = self._state()
+        segs = [s.to("cpu") for s in segments]
+        extras = _extras(block_max)
         sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs) + _EXTRA.size * len(extras)
 
         def place(a: np.ndarray) -> int:
@@ -313,7 +357,8 @@ class SparseIndex:
             a = _as_numpy(t)
             entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        head = _HEADERS[_VERSION].pack(_MAGIC, _VERSION, _DTYPE_CODES[self._dtype], self._dim, len(self), len(segs),
+        head = _HEADERS[_VERSION].pack(_MAGIC, _VERSION, _DTYPE_CODES[self._dtype], self._dim,
+                                       sum(s.ndocs for s in segs), len(segs),
                                        self.segment_size, len(extras))
         head += struct.pack("<I", zlib.crc32(table))
         head += struct.pack("<I", zlib.crc32(head))
@@ -340,41 +385,39 @@ class SparseIndex:
         finally:
             os.close(dir_fd)
 
-    def _extras(self) -> dict[str, torch.Tensor]:
-        """Named arrays saved beside the segments: the block-max structure (the tail is rebuilt on load)."""
-        bm = self._block_max
-        if bm is None:
-            return {}
-        out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs], dtype=torch.int64)}
-        out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
-        return out
-
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
         """Reads an index written by ``save`` (format version 1 or 2); with ``mmap`` its arrays map the file
         instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
         ``ValueError``."""
         path = Path(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(_HEADER_SIZE)
-            if len(head) < _HEADER_SIZE or head[:8] != _MAGIC:
-                raise ValueError(f"{path}: not a sparse_retrieval index file (bad magic or shorter than a header)")
-            version = struct.unpack_from("<I", head, 8)[0]
-            if version not in _HEADERS:
-                raise ValueError(f"{path}: format version {version}, this library reads versions 1 and {_VERSION}")
-            fmt = _HEADERS[version]
-            magic, version, code, dim, ndocs, nseg, segment_size, *rest = fmt.unpack_from(head)
-            nextra = rest[0] if rest else 0
-            table_crc, head_crc = struct.unpack_from("<II", head, fmt.size)
-            if zlib.crc32(head[:fmt.size + 4]) != head_crc:
-                raise ValueError(f"{path}: header checksum mismatch (corrupted file)")
-            if code not in _CODE_DTYPES:
-                raise ValueError(f"{path}: unknown weight dtype code {code}")
-            table_size = _ENTRY.size * nseg + _EXTRA.size * nextra
-            if table_size > size:
-                raise ValueError(f"{path}: truncated (segment table incomplete)")
-            table = f.read(table_size)
+        with open(path, "rb") as f:  # one open file: the arrays map the inode whose header was checked
+            index = cls._load(path, f, mmap)
+            if mmap:
+                index._watch_file(os.dup(f.fileno()), path)
+        return index
+
+    @classmethod
+    def _load(cls, path: Path, f, mmap: bool) -> "SparseIndex":
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_HEADER_SIZE)
+        if len(head) < _HEADER_SIZE or head[:8] != _MAGIC:
+            raise ValueError(f"{path}: not a sparse_retrieval index file (bad magic or shorter than a header)")
+        version = struct.unpack_from("<I", head, 8)[0]
+        if version not in _HEADERS:
+            raise ValueError(f"{path}: format version {version}, this library reads versions 1 and {_VERSION}")
+        fmt = _HEADERS[version]
+        magic, version, code, dim, ndocs, nseg, segment_size, *rest = fmt.unpack_from(head)
+        nextra = rest[0] if rest else 0
+        table_crc, head_crc = struct.unpack_from("<II", head, fmt.size)
+        if zlib.crc32(head[:fmt.size + 4]) != head_crc:
+            raise ValueError(f"{path}: header checksum mismatch (corrupted file)")
+        if code not in _CODE_DTYPES:
+            raise ValueError(f"{path}: unknown weight dtype code {code}")
+        table_size = _ENTRY.size * nseg + _EXTRA.size * nextra
+        if table_size > size:
+            raise ValueError(f"{path}: truncated (segment table incomplete)")
+        table = f.read(table_size)
         if len(table) != table_size:
             raise ValueError(f"{path}: truncated (segment table incomplete)")
         if zlib.crc32(table) != table_crc:
@@ -388,13 +431,16 @@ class SparseIndex:
             np_dtype = _NP_DTYPES[t]
             if off + count * np_dtype.itemsize > size:
                 raise ValueError(f"{path}: truncated ({name} ends past the end of the file)")
-            a = _read(path, np_dtype, off, count, mmap)
+            a = _read(f, np_dtype, off, count, mmap)
             if zlib.crc32(a) != crc:
                 raise ValueError(f"{path}: checksum mismatch in {name} (corrupted file)")
             return torch.from_numpy(a).view(t) if t == torch.bfloat16 else torch.from_numpy(a)
 
         for s in range(nseg):
             seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
+            if seg_docs > segment_size:
+                raise ValueError(f"{path}: segment {s} holds {seg_docs} documents, more than the segment size "
+                                 f"{segment_size}")
             arrays = [array(f"segment {s} {name}", off, crc, count, t) for name, off, crc, count, t in
                       zip(("ptr", "docs", "weights"), rest[:3], rest[3:], (dim + 1, nnz, nnz),
                           (torch.int64, torch.int32, dtype))]
@@ -435,6 +481,15 @@ class SparseIndex:
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
+def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
+    """Named arrays saved beside the segments: the block-max structure (the tail is rebuilt on load)."""
+    if bm is None:
+        return {}
+    out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs], dtype=torch.int64)}
+    out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
+    return out
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Deletes temporary files of earlier saves to ``path`` whose process is gone (a killed save)."""
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
@@ -467,12 +522,13 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def _read(path: Path, dtype: np.dtype, offset: int, count: int, mmap: bool) -> np.ndarray:
+def _read(f, dtype: np.dtype, offset: int, count: int, mmap: bool) -> np.ndarray:
     if count == 0:
         return np.empty(0, dtype)
     if mmap:  # copy-on-write: writable for torch, never written back
-        return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(count,))
-    return np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        return np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=(count,))
+    f.seek(offset)
+    return np.fromfile(f, dtype=dtype, count=count)
 
 
 def _validate(seg: _Segment, dim: int, where: str) -> None:
