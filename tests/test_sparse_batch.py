@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import sparse_retrieval as sr
 from sparse_retrieval import SparseBatch
 
 VALUE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -529,6 +530,26 @@ def test_sort_rejects_what_it_cannot_fix():
         SparseBatch(*csr([0, 2, 1, 3], [1, 1, 2]), sort=True)
     with pytest.raises(ValueError, match="non-finite"):  # float16 duplicates that overflow when summed
         SparseBatch(*csr([0, 2], [1, 1], [60000.0, 60000.0], dtype=torch.float16), sort=True)
+
+
+def test_sort_with_rows_times_dim_past_int64():
+    """rows x dim >= 2^63: rows must not be swapped (a row * dim + column key would overflow)."""
+    dim = 2**62
+    b = SparseBatch(torch.tensor([0, 2, 4, 5]), torch.tensor([dim - 1, 3, 7, 7, 2**61]),
+                    torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), dim, sort=True)
+    assert b.indptr.tolist() == [0, 2, 3, 4]
+    assert b.indices.tolist() == [3, dim - 1, 7, 2**61] and b.values.tolist() == [2.0, 1.0, 7.0, 5.0]
+
+
+def test_casts_refuse_values_that_overflow():
+    b = SparseBatch.from_lists([([1, 2], [1e6, 0.5])], 5)
+    with pytest.raises(ValueError, match="1e\\+06 overflows torch.float16"):
+        b.to(torch.float16)
+    with pytest.raises(ValueError, match="overflows"):
+        SparseBatch.from_lists([([1], [7e4])], 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match="docs values: 1e\\+06 overflows"):
+        sr.SparseIndex.from_documents(b, torch.float16, progress=False)
+    assert b.to(torch.bfloat16).values.isfinite().all()
 
 
 def test_dense_conversions_carry_gradients():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .sparse import SparseBatch, check_lists
+from .sparse import SparseBatch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -83,7 +83,7 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     if not 0.0 < dense_fraction <= 1.0:
         raise ValueError(f"dense_fraction: expected a number in (0, 1], got {dense_fraction!r}")
     docs = docs.to("cpu")
-    weights = docs.values.detach().to(dtype)
+    weights = cast_values(docs.values.detach(), dtype, "docs values")
     w = weights.float()
     if w.numel() and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("docs: block-max search needs finite, non-negative document weights (use mode='exact')")

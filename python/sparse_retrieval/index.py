@@ -26,7 +26,7 @@ import torch
 
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
-from .sparse import SparseBatch, check_lists
+from .sparse import SparseBatch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -184,7 +184,8 @@ class SparseIndex:
     def _build(self, docs: SparseBatch) -> _Segment:
         # Postings are built on the CPU (a counting sort) and then moved to the index's device.
         cpu = docs.to("cpu")
-        ptr, ids, weights = _ops.build_postings(cpu.indptr, cpu.indices, cpu.values.detach().to(self._dtype),
+        ptr, ids, weights = _ops.build_postings(cpu.indptr, cpu.indices,
+                                                cast_values(cpu.values.detach(), self._dtype, "docs values"),
                                                 self._dim)
         return _Segment(ptr, ids, weights, len(docs)).to(self._device)
 

@@ -117,7 +117,7 @@ class SparseBatch:
         return SparseBatch(
             self.indptr.to(device=device, non_blocking=non_blocking),
             self.indices.to(device=device, dtype=index_dtype, non_blocking=non_blocking),
-            self.values.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            cast_values(self.values.to(device=device, non_blocking=non_blocking), dtype, "values"),
             self.dim, check=False)
 
     def cuda(self) -> "SparseBatch":
@@ -257,7 +257,7 @@ class SparseBatch:
         m = m.tocsr()
         values = torch.from_numpy(np.array(m.data))
         if dtype is not None:
-            values = values.to(dtype)
+            values = cast_values(values, dtype, "m")
         elif values.dtype == torch.float64:
             values = values.float()
         indices = torch.from_numpy(np.array(m.indices))
@@ -280,7 +280,7 @@ class SparseBatch:
             if ind.numel() and (ind.dtype.is_floating_point or ind.dtype == torch.bool or ind.is_complex()):
                 raise TypeError(f"rows[{r}] indices: expected integers, got {ind.dtype}")
             idx_parts.append(ind.to(torch.int64))
-            val_parts.append(val.to(dtype))
+            val_parts.append(cast_values(val, dtype, f"rows[{r}] values"))
             counts.append(ind.numel())
         indptr = torch.zeros(len(counts) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0, out=indptr[1:])
@@ -369,6 +369,20 @@ def _row_starts(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return start[:nnz]
 
 
+def cast_values(values: torch.Tensor, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """``values`` as ``dtype``; raises ValueError where a finite value does not fit (float16 tops out at 65504)."""
+    if dtype is None or values.dtype == dtype:
+        return values
+    out = values.to(dtype)
+    if dtype.is_floating_point and values.is_floating_point() and out.numel():
+        lost = torch.isfinite(values) & ~torch.isfinite(out)
+        if bool(lost.any()):
+            bad = float(values[lost.nonzero()[0]].item())
+            raise ValueError(f"{name}: {bad:g} overflows {dtype} (largest finite {torch.finfo(dtype).max:g}); keep "
+                             f"a wider dtype or scale the weights")
+    return out
+
+
 def check_lists(ptr: torch.Tensor, entries: torch.Tensor, upper: int, where: str, what: str) -> None:
     """Checks lists stored as offsets into ``entries`` (list i is ``entries[ptr[i]:ptr[i + 1]]``), as the index
     kernels need them: ``ptr`` runs from 0 to ``len(entries)`` and never decreases, entries lie in ``[0, upper)``
@@ -404,13 +418,17 @@ def _sort_and_merge(indptr, indices, values, dim):
     n = indptr.numel() - 1
     rows = torch.repeat_interleave(torch.arange(n, device=indptr.device), indptr[1:] - indptr[:-1],
                                    output_size=indices.numel())
-    key = rows * dim + indices.long()
-    key, order = torch.sort(key, stable=True)
-    uniq, inverse = torch.unique_consecutive(key, return_inverse=True)
-    merged = torch.zeros(uniq.numel(), dtype=torch.float32, device=values.device)
-    merged.index_add_(0, inverse, values[order].float())
-    urows = torch.div(uniq, dim, rounding_mode="floor") if dim else uniq
-    return _indptr_from_sorted_rows(urows, n), (uniq - urows * dim).to(indices.dtype), merged.to(values.dtype)
+    cols = indices.long()
+    # Stable sorts by column, then by row: one sort on row * dim + column would overflow int64 once rows x dim
+    # reaches 2^63.
+    order = torch.sort(cols, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    rows, cols = rows[order], cols[order]
+    first = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    merged = torch.zeros(int(first.sum()), dtype=torch.float32, device=values.device)
+    merged.index_add_(0, torch.cumsum(first, 0) - 1, values[order].float())
+    return _indptr_from_sorted_rows(rows[first], n), cols[first].to(indices.dtype), merged.to(values.dtype)
 
 
 def _indptr_from_sorted_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
