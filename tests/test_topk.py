@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,22 @@ def test_sparsify_bad_input():
         sr.topk_sparsify(x[None], 2, as_sparse=True)
     with pytest.raises(TypeError, match="dtype"):
         sr.topk_sparsify(x.int(), 2)
+
+
+@pytest.mark.parametrize("k", [1, 7, 200])
+def test_scratch_memory_is_independent_of_the_row_length(k):
+    """Small k once took 8 bytes of scratch per element (+512 MiB for a 64M-element row); now O(k + block)."""
+    script = f"""
+import resource, torch, sparse_retrieval as sr
+x = torch.randn(1, 1 << 24).half()  # 32 MiB
+torch.set_num_threads(1)
+sr.topk(x[:, :4096], {k})  # warm up (libraries, thread-local buffers of short rows)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+values, _ = sr.topk(x, {k})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+assert torch.equal(values.float(), torch.topk(x.float(), {k}).values)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    grown_kib = int(run.stdout.split()[0])
+    assert grown_kib < 8 * 1024, f"peak memory grew by {grown_kib} KiB"

@@ -184,6 +184,7 @@ int64_t scan(const T* row, int64_t i, int64_t hi, float thr, bool largest, uint6
 // Large k: a starting threshold from a sample. Without one the threshold only rises as the scan goes and about
 // k * ln(n / k) elements pass, so the buffer cuts dominate. The 8th best of every (k / 4)-th element is passed
 // by about 8 * k / 4 = 2k elements of the row. Returns false where sampling does not pay off.
+constexpr int64_t kMinSampleK = 128;
 template <class T>
 bool sample_threshold(const T* row, int64_t lo, int64_t hi, int64_t k, bool largest, uint64_t* scratch,
                       float& thr) {
@@ -191,7 +192,7 @@ bool sample_threshold(const T* row, int64_t lo, int64_t hi, int64_t k, bool larg
   const int64_t stride = k / 4;
   // Measured: sampling 4n / k elements costs about as much as cutting 6k ln(n / k) survivors.
   const double n = static_cast<double>(hi - lo);
-  if (k < 128 || n < 64.0 * k || n > 1.5 * k * k * std::log(n / k)) return false;
+  if (k < kMinSampleK || n < 64.0 * k || n > 1.5 * k * k * std::log(n / k)) return false;
   int64_t s = 0;
   for (int64_t i = lo; i < hi; i += stride) scratch[s++] = make_key(to_float(row[i]), i, largest);
   std::nth_element(scratch, scratch + kRank - 1, scratch + s, std::greater<uint64_t>());
@@ -205,8 +206,10 @@ int64_t select(const T* row, int64_t lo, int64_t hi, int64_t k, bool largest, ui
   if (k <= 0 || n <= 0) return 0;
   const int64_t cap = k + std::max<int64_t>(k, 256);
   thread_local std::vector<uint64_t> storage;
-  // Room for one more block of survivors past cap plus the full-vector store of the last one, or the sample.
-  const size_t need = static_cast<size_t>(std::max(cap + kBlock + W, n / std::max<int64_t>(1, k / 4) + 1));
+  // Room for one more block of survivors past cap plus the full-vector store of the last one, or the sample
+  // (taken only for k >= kMinSampleK: O(n / k) keys, never O(n)).
+  const int64_t sample_keys = sample && k >= kMinSampleK ? n / (k / 4) + 1 : 0;
+  const size_t need = static_cast<size_t>(std::max(cap + kBlock + W, sample_keys));
   if (storage.size() < need) storage.resize(need);
   uint64_t* buf = storage.data();
 
