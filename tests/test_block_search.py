@@ -397,3 +397,11 @@ def test_optimized_index_on_cuda_searches_exactly_by_default():
     torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="CPU"):
         gpu.search(queries.cuda(), 5, mode="safe")
+
+
+def test_groups_of_documents_without_terms():
+    """More than a leaf's worth of empty documents in one group (nothing to cluster on) used to fail to build."""
+    docs = SparseBatch.from_lists([([], [])] * 20 + [([3], [1.0])] + [([], [])] * 5, 10)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=2, progress=False)
+    q = SparseBatch.from_lists([([3], [2.0]), ([], [])], 10)
+    assert_same(index.search(q, 4, mode="safe"), index.search(q, 4, mode="exact"))

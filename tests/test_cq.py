@@ -209,6 +209,39 @@ def test_bad_input_raises_clear_errors():
         OPS.cq_attention(q, codes + 16, codes, qz.codebooks, qz.codebooks)
 
 
+def test_attention_refuses_what_it_cannot_define():
+    """An infinite centroid (even an unused one), a scale that is not a finite number, inputs on two devices
+    (a meta tensor once sent the call to the fake and returned uninitialised memory)."""
+    x = torch.randn(60, 8)
+    qz = cq.CoupledQuantizer(8, 2, 4).fit(x, iters=1, progress=False)
+    q = torch.randn(1, 2, 1, 4)
+    codes = torch.zeros(1, 2, 3, 2, dtype=torch.uint8)  # only centroid 0 used
+    OPS.cq_attention(q, codes, codes, qz.codebooks, qz.codebooks)
+    books = qz.codebooks.clone()
+    books[0, 5, 1] = float("inf")
+    with pytest.raises(ValueError, match="centroids must be finite"):
+        OPS.cq_attention(q, codes, codes, qz.codebooks, books)
+    qz.codebooks[0, 5, 1] = float("-inf")  # in place, after a call that checked it
+    with pytest.raises(ValueError, match="centroids must be finite"):
+        cq.attention(q, codes, codes, qz, qz)
+    qz.codebooks[0, 5, 1] = 0.0
+    for scale in ("x", float("nan"), True):
+        with pytest.raises(TypeError, match="scale"):
+            cq.attention(q, codes, codes, qz, qz, scale=scale)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        OPS.cq_attention(q, codes, codes, qz.codebooks, qz.codebooks, scale=float("inf"))
+    with pytest.raises(ValueError, match="one device"):
+        OPS.cq_attention(q, codes, codes, qz.codebooks, qz.codebooks.to("meta"))
+    with pytest.raises(ValueError, match="one device"):
+        OPS.cq_decode(codes[0, 0], qz.codebooks.to("meta"))
+    with pytest.raises(ValueError, match="one device"):
+        OPS.sparse_dot(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, device="meta"), torch.tensor([0, 1]),
+                       torch.tensor([0]), torch.ones(1), 4)
+    meta = OPS.cq_attention(q.to("meta"), codes.to("meta"), codes.to("meta"), qz.codebooks.to("meta"),
+                            qz.codebooks.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == q.shape
+
+
 def test_importable():
     import sparse_retrieval.cq as module
 

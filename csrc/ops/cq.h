@@ -7,6 +7,8 @@
 #include <cmath>
 #include <optional>
 
+#include "ops/list_check.h"
+
 namespace sr::ops::cq {
 
 inline bool is_float_type(at::ScalarType t) {
@@ -79,6 +81,12 @@ inline AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k_c
   TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float32, float16 or bfloat16");
   check_codebooks(k_books, "k_codebooks");
   check_codebooks(v_books, "v_codebooks");
+  // Every centroid is multiplied by its bucket's weight, unused ones by 0: an infinite one would make NaN.
+  check_once("cq attention codebooks", {k_books, v_books}, {}, [&] {
+    TORCH_CHECK_VALUE(at::isfinite(k_books).all().item<bool>() && at::isfinite(v_books).all().item<bool>(),
+                      "k_codebooks and v_codebooks: centroids must be finite");
+  });
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ", scale.value_or(0.0));
   TORCH_CHECK_VALUE(k_books.sizes() == v_books.sizes(), "k_codebooks ", k_books.sizes(), " and v_codebooks ",
                     v_books.sizes(), " must have the same shape");
   AttentionSizes s{};

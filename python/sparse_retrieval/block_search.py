@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ._fake import fake
 from .sparse import SparseBatch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -177,7 +178,7 @@ def _unit_rows(x: SparseBatch) -> SparseBatch:
 def _cluster_dense(x: torch.Tensor, leaf: int, iters: int, gen: torch.Generator, fanout: int = 8) -> torch.Tensor:
     """Order of the rows of a small dense matrix of unit vectors, by recursive k-means with ``fanout`` clusters."""
     n = x.shape[0]
-    if n <= leaf:
+    if n <= leaf or x.shape[1] == 0:  # small, or documents without terms (nothing to tell them apart)
         return torch.arange(n)
     if n <= _SORT_GROUP:  # small groups: by heaviest term, then second heaviest (k-means this deep costs more)
         top = x.topk(min(2, x.shape[1]), dim=1).indices
@@ -219,14 +220,14 @@ def _csr(x: SparseBatch) -> torch.Tensor:
         return torch.sparse_csr_tensor(x.indptr, x.indices.long(), x.values.float(), (len(x), x.dim))
 
 
-@torch.library.register_fake("sparse_retrieval::block_search")
+@fake("block_search")
 def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, query_cut, num_threads):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))
 
 
-@torch.library.register_fake("sparse_retrieval::block_maxima")
+@fake("block_maxima")
 def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, dense_fraction):
     ctx = torch.library.get_ctx()
     nblocks = (fwd_ptr.shape[0] - 1 + block_size - 1) // block_size

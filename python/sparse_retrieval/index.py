@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._fake import fake
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
 from .sparse import SparseBatch, cast_values, check_lists
@@ -557,13 +558,13 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
 # ---- fake implementations (torch.compile) ----------------------------------------------------------------------
 
 
-@torch.library.register_fake("sparse_retrieval::sparse_search")
+@fake("sparse_search")
 def _(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k), dtype=torch.int64))
 
 
-@torch.library.register_fake("sparse_retrieval::build_postings")
+@fake("build_postings")
 def _(indptr, indices, values, dim):
     return (indptr.new_empty((dim + 1,)), indptr.new_empty(indices.shape, dtype=torch.int32),
             values.new_empty(values.shape))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._fake import fake
 from .sparse import SparseBatch
 
 _ops = torch.ops.sparse_retrieval
@@ -44,22 +45,22 @@ def pairwise_sparse_dot(a: SparseBatch, b: SparseBatch) -> torch.Tensor:
 # ---- fake implementations (torch.compile) ----------------------------------------------------------------------
 
 
-@torch.library.register_fake("sparse_retrieval::sparse_dot")
+@fake("sparse_dot")
 def _(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim):
     return a_values.new_empty((a_indptr.shape[0] - 1, b_indptr.shape[0] - 1), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparse_retrieval::pairwise_sparse_dot")
+@fake("pairwise_sparse_dot")
 def _(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim):
     return a_values.new_empty((a_indptr.shape[0] - 1,), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparse_retrieval::sparse_dot_backward")
+@fake("sparse_dot_backward")
 def _(grad, a_indptr, a_indices, b_indptr, b_indices, b_values, dim):
     return b_values.new_empty(a_indices.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("sparse_retrieval::pairwise_sparse_dot_backward")
+@fake("pairwise_sparse_dot_backward")
 def _(grad, a_indptr, a_indices, b_indptr, b_indices, b_values, dim):
     return b_values.new_empty(a_indices.shape, dtype=torch.float32)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._fake import fake
 from .sparse import SparseBatch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,7 +69,7 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     return out[0], out[1]
 
 
-@torch.library.register_fake("sparse_retrieval::topk")
+@fake("topk")
 def _topk_fake(x, k, dim=-1, largest=True, sorted=True):
     _check(x, k, dim)
     shape = _out_shape(x, k, dim)

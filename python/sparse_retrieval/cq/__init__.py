@@ -16,10 +16,12 @@ The transformers pieces (:class:`CoupledQuantizedCache`, :func:`calibrate`) impo
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .. import reference
+from .._fake import fake
 
 __all__ = ["CoupledQuantizer", "attention", "encode", "decode", "CoupledQuantizedCache", "calibrate"]
 
@@ -77,19 +79,19 @@ def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return torch.ops.sparse_retrieval.cq_decode(codes, codebooks)
 
 
-@torch.library.register_fake("sparse_retrieval::cq_encode")
+@fake("cq_encode")
 def _encode_fake(x, codebooks):
     groups, k, _ = codebooks.shape
     return x.new_empty((*x.shape[:-1], groups), dtype=reference.cq_code_dtype(k))
 
 
-@torch.library.register_fake("sparse_retrieval::cq_decode")
+@fake("cq_decode")
 def _decode_fake(codes, codebooks):
     groups, _, g = codebooks.shape
     return codebooks.new_empty((*codes.shape[:-1], groups * g))
 
 
-@torch.library.register_fake("sparse_retrieval::cq_attention")
+@fake("cq_attention")
 def _attention_fake(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent=None, v_recent=None, lengths=None,
                     scale=None):
     return q.new_empty(q.shape, dtype=torch.float32)
@@ -281,6 +283,9 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
     _check_float(q, "q")
     if q.dim() != 4:
         raise ValueError(f"q must have shape (batch, query_heads, query_tokens, head_dim), got {tuple(q.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
     B, Hq, Tq, D = q.shape
     for name, c in (("k_codes", k_codes), ("v_codes", v_codes)):
         _check_codes(c, k_quantizer.n_centroids, name)
