@@ -121,8 +121,8 @@ def test_bad_inputs():
         index.search(docs, -1)
     with pytest.raises(ValueError, match="threads"):
         index.search(docs, 1, threads=0)
-    with pytest.raises(TypeError, match="queries"):
-        index.search(docs.to_dense(), 1)
+    with pytest.raises(TypeError, match="queries: expected a SparseBatch, a torch sparse"):
+        index.search([[1.0]], 1)
     with pytest.raises(ValueError, match="dim 11 differs"):
         index.add(SparseBatch.from_lists([([1], [1.0])], 11))
     with pytest.raises(IndexError, match="q_indices"):  # the op itself guards memory
@@ -180,6 +180,31 @@ def test_raw_search_survives_changes_behind_torchs_back():
         with pytest.raises(ValueError, match="changed after it was checked"):
             raw_search(queries, [seg])
         assert want[1].ge(0).all()
+
+
+def test_queries_in_any_format():
+    """torch sparse CSR/COO, dense tensors (2-D and one 1-D vector), numpy and scipy give what the SparseBatch
+    gives."""
+    import scipy.sparse as sp
+
+    gen = torch.Generator().manual_seed(25)
+    docs = random_batch(90, 40, 10, gen)
+    queries = random_batch(5, 40, 8, gen)
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    want = index.search(queries, 6)
+    dense = queries.to_dense()
+    formats = {"dense": dense, "csr": dense.to_sparse_csr(), "coo": dense.to_sparse(), "numpy": dense.numpy(),
+               "float64": dense.double(), "scipy": sp.csr_matrix(dense.numpy()),
+               "scipy coo": sp.coo_matrix(dense.double().numpy())}
+    for name, q in formats.items():
+        got = index.search(q, 6)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), name
+    one = index.search(dense[2], 6)
+    assert torch.equal(one[1], want[1][2:3])
+    with pytest.raises(ValueError, match="1-D .* or 2-D"):
+        index.search(dense[None], 6)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        index.search(dense.long(), 6)
 
 
 def test_memory_per_posting():

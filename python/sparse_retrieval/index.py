@@ -27,7 +27,7 @@ import torch
 from ._fake import fake
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
-from .sparse import SparseBatch, cast_values, check_lists
+from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -265,9 +265,12 @@ class SparseIndex:
         return out
 
     # ---- search ----------------------------------------------------------------------------------------------------
-    def search(self, queries: SparseBatch, k: int, threads: int | None = None, *, mode: str | None = None,
+    def search(self, queries, k: int, threads: int | None = None, *, mode: str | None = None,
                alpha: float | None = None, query_cut: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k documents of each query by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
+
+        ``queries``: a SparseBatch, a torch sparse (CSR/COO) or dense tensor (one vector or rows), a numpy array
+        or a scipy.sparse matrix (see ``sparse.as_sparse_batch``), of the index's dim.
 
         Scores descending, ties to the lower document id; with fewer than k documents the rest is score -inf and
         id -1. ``threads`` (CPU) defaults to ``torch.get_num_threads()``. Definition: ``reference.sparse_search``.
@@ -278,8 +281,7 @@ class SparseIndex:
         blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
         """
-        if not isinstance(queries, SparseBatch):
-            raise TypeError(f"queries: expected a SparseBatch, got {type(queries).__name__}")
+        queries = as_sparse_batch(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < 2**31:
             raise ValueError(f"k: expected an int in [0, 2^31), got {k!r}")
         k = int(k)

@@ -323,6 +323,35 @@ class SparseBatch:
 
 
 # ---- validation ----------------------------------------------------------------------------------------------
+def as_sparse_batch(x, name: str) -> SparseBatch:
+    """``x`` as a SparseBatch: a SparseBatch as it is; a torch sparse tensor (CSR or COO, e.g. sentence-transformers'
+    ``SparseEncoder.encode`` output) or scipy.sparse matrix (duplicates summed, columns sorted); a dense 1-D or 2-D
+    torch tensor or numpy array (its non-zeros; float64 becomes float32). Raises TypeError naming ``name``."""
+    import numpy as np
+
+    if isinstance(x, SparseBatch):
+        return x
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        if x.layout in (torch.sparse_csr, torch.sparse_coo):
+            return SparseBatch.from_torch(x, sort=True)
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: sparse layout {x.layout} is not supported (CSR, COO or dense)")
+        if x.dim() not in (1, 2):
+            raise ValueError(f"{name}: a dense tensor must be 1-D (one vector) or 2-D (rows, dim), got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype == torch.float64:
+            x = cast_values(x, torch.float32, name)
+        if x.dtype not in VALUE_DTYPES:
+            raise TypeError(f"{name}: dtype {x.dtype} is not one of {VALUE_DTYPES} (or float64)")
+        return SparseBatch.from_dense(x.reshape(-1, x.shape[-1]) if x.dim() == 1 else x)
+    if type(x).__module__.startswith("scipy.sparse"):
+        return SparseBatch.from_scipy(x, sort=True, dtype=torch.float32 if x.dtype == np.float64 else None)
+    raise TypeError(f"{name}: expected a SparseBatch, a torch sparse or dense tensor, a numpy array or a "
+                    f"scipy.sparse matrix, got {type(x).__name__}")
+
+
 def _check_layout(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dim: int) -> None:
     if indptr.dtype != torch.int64:
         raise TypeError(f"indptr: expected int64, got {indptr.dtype}")
