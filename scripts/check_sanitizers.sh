@@ -22,4 +22,6 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 LD_PRELOAD="$preload" PYTHONPATH="$root/build/asan-site" "$py" -c \
   "import sparse_retrieval as sr, pathlib; p = pathlib.Path(sr.__file__); print(p); assert 'asan-site' in str(p)"
-LD_PRELOAD="$preload" PYTHONPATH="$root/build/asan-site" "$py" -m pytest -q -p no:cacheprovider "${@:-.}"
+# pytrec_eval (a third-party extension, only used to cross-check our metrics) aborts under the preloaded runtimes.
+LD_PRELOAD="$preload" PYTHONPATH="$root/build/asan-site" "$py" -m pytest -q -p no:cacheprovider \
+  --deselect tests/test_metrics.py::test_ranking_metrics_match_trec_eval "${@:-.}"

@@ -405,3 +405,14 @@ def test_groups_of_documents_without_terms():
     index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=2, progress=False)
     q = SparseBatch.from_lists([([3], [2.0]), ([], [])], 10)
     assert_same(index.search(q, 4, mode="safe"), index.search(q, 4, mode="exact"))
+
+
+def test_save_load_with_no_sparse_block_maxima(tmp_path):
+    """Every term in every block: the sparse block-max arrays are empty and were placed past the file's end,
+    which load took for a truncation."""
+    docs = SparseBatch.from_lists([([0, 1], [1.0, 2.0]), ([0, 1], [3.0, 1.0])] * 4, 2)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=2, progress=False)
+    assert index.block_max.bm_blocks.numel() == 0
+    index.save(tmp_path / "x.sridx")
+    q = SparseBatch.from_lists([([0], [1.0])], 2)
+    assert_same(sr.SparseIndex.load(tmp_path / "x.sridx").search(q, 3), index.search(q, 3))

@@ -8,12 +8,13 @@ from .sae import CSRLoss, SparseAutoEncoder
 from .sparse import SparseBatch
 from .sparse_dot import pairwise_sparse_dot, sparse_dot
 from .index import SparseIndex
+from .sharded import ShardedIndex
 from .topk import topk, topk_sparsify
 
 __version__ = _C.__version__
 
 __all__ = [
-    "CSRLoss", "SparseAutoEncoder", "SparseBatch", "SparseIndex", "build_info", "cq", "datasets", "get_simd_level",
+    "CSRLoss", "ShardedIndex", "SparseAutoEncoder", "SparseBatch", "SparseIndex", "build_info", "cq", "datasets", "get_simd_level",
     "losses", "metrics", "pairwise_sparse_dot", "reference", "set_simd_level", "simd_level", "sparse_dot",
     "supported_simd_levels", "topk", "topk_sparsify",
 ]

@@ -322,8 +322,8 @@ class SparseIndex:
                                                     threads, int(query_cut or 0))
         if tail is not None:
             tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0])
-            scores, ids = merge_top_k(scores, ids, tail_scores, torch.where(tail_ids >= 0, tail_ids +
-                                                                            block_max.ndocs, -1), k)
+            tail_ids = torch.where(tail_ids >= 0, tail_ids + block_max.ndocs, -1)
+            scores, ids = merge_top_k(torch.cat([scores, tail_scores], 1), torch.cat([ids, tail_ids], 1), k)
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
             scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments)
@@ -433,7 +433,7 @@ class SparseIndex:
 
         def array(name: str, off: int, crc: int, count: int, t: torch.dtype) -> torch.Tensor:
             np_dtype = _NP_DTYPES[t]
-            if off + count * np_dtype.itemsize > size:
+            if count and off + count * np_dtype.itemsize > size:  # an empty array may sit past the end
                 raise ValueError(f"{path}: truncated ({name} ends past the end of the file)")
             a = _read(f, np_dtype, off, count, mmap)
             if zlib.crc32(a) != crc:
@@ -506,9 +506,9 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass  # not ours to judge: a name we did not write, or a live process of another user
 
 
-def merge_top_k(s1: torch.Tensor, i1: torch.Tensor, s2: torch.Tensor, i2: torch.Tensor, k: int):
-    """Row-wise top k of two (scores, ids) results: score descending, ties to the lower id, padding (-1) last."""
-    s, i = torch.cat([s1, s2], 1), torch.cat([i1, i2], 1)
+def merge_top_k(s: torch.Tensor, i: torch.Tensor, k: int):
+    """Row-wise top k of (scores, ids) candidates (several results side by side): score descending, ties to the
+    lower id, padding (id -1) last."""
     key = torch.where(i >= 0, i, torch.iinfo(torch.int64).max)
     order = torch.sort(key, dim=1, stable=True).indices
     order = order.gather(1, torch.sort(s.gather(1, order), dim=1, descending=True, stable=True).indices)
