@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis, fixed budget, derandomized so that CI is reproducible): SparseBatch against
-scipy.sparse, every search mode against the reference, topk against the reference, damaged index files.
+scipy.sparse, every search mode (with and without filters) against the reference, topk against the reference,
+damaged index files.
 Weights are multiples of 1/4 of modest size, so every sum is exact in float32 and ties are common: results must
 equal the reference bit for bit, tie order included."""
 import numpy as np
@@ -57,25 +58,29 @@ def test_sparse_batch_matches_scipy(arrays, dtype):
 
 @BUDGET
 @given(csr(max_rows=60, nonnegative=True), csr(max_rows=8), st.integers(0, 12), st.integers(1, 40),
-       st.sampled_from([1, 2, 3, 8]), st.booleans())
-def test_every_search_mode_matches_the_reference(docs_arrays, query_arrays, k, segment_size, block_size, add_later):
+       st.sampled_from([1, 2, 3, 8]), st.booleans(), st.sampled_from([None, 0.0, 0.3, 0.9]), st.integers(0, 2**31))
+def test_every_search_mode_matches_the_reference(docs_arrays, query_arrays, k, segment_size, block_size, add_later,
+                                                 filtered, seed):
     docs = batch(docs_arrays)
     indptr, indices, values, _ = query_arrays
     queries = SparseBatch(torch.from_numpy(indptr), torch.from_numpy(indices % docs.dim).int(),
                           torch.from_numpy(values), docs.dim, sort=True)
-    want = reference.sparse_search(queries, docs, k)
+    allowed = None
+    if filtered is not None:  # a filter keeping about that share of the documents
+        allowed = torch.rand(len(docs), generator=torch.Generator().manual_seed(seed)) < filtered
+    want = reference.sparse_search(queries, docs, k, allowed)
     split = len(docs) // 2 if add_later else len(docs)
     index = sr.SparseIndex(docs.dim, segment_size=segment_size)
     index.add(docs[:split], progress=False)
     index.optimize(block_size=block_size, progress=False)
     index.add(docs[split:], progress=False)  # documents after optimize() live in the exhaustive tail
     for mode in ("exact", "safe"):
-        got = index.search(queries, k, threads=2, mode=mode)
+        got = index.search(queries, k, threads=2, mode=mode, filter=allowed)
         assert torch.equal(got[1], want[1]), mode
         assert torch.equal(got[0], want[0]), mode
     exact_ids = want[1]
     for alpha in (0.5, 1.0):  # approximate: a subset of the exact scores, ranked the same way
-        s, i = index.search(queries, k, threads=1, mode="approximate", alpha=alpha)
+        s, i = index.search(queries, k, threads=1, mode="approximate", alpha=alpha, filter=allowed)
         assert bool((s[:, :-1] >= s[:, 1:]).all()) if k > 1 else True
         if alpha == 1.0:
             assert torch.equal(i, exact_ids)

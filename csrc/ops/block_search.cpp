@@ -15,6 +15,7 @@
 #include "kernels/cpu/simd.h"
 #include "ops/csr_check.h"
 #include "ops/list_check.h"
+#include "ops/search_check.h"
 
 namespace sr::ops {
 namespace {
@@ -50,7 +51,8 @@ sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fw
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
-    int64_t block_size, int64_t k, double alpha, int64_t query_cut, int64_t num_threads) {
+    int64_t block_size, int64_t k, double alpha, int64_t query_cut, int64_t num_threads,
+    const std::optional<at::Tensor>& allowed) {
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
   TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= 1.0, "alpha: must lie in (0, 1], got ", alpha);
   TORCH_CHECK_VALUE(query_cut >= 0, "query_cut: must be >= 0 (0: every term), got ", query_cut);
@@ -88,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     }
   });
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
+  const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
 
   const int64_t nq = q_indptr.numel() - 1;
   auto out_scores = at::full({nq, k}, -std::numeric_limits<float>::infinity(), q_values.options().dtype(at::kFloat));
@@ -121,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
-      oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, scratch, os + i * k,
+      oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, mask, scratch, os + i * k,
                                oi + i * k,
                                ov + i);
     }
@@ -175,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, int k, "
-        "float alpha, int query_cut, int num_threads) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float alpha, int query_cut, int num_threads, Tensor? allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, "
         "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

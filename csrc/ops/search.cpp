@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_postings_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr, const at::Tensor& q_indices,
                                                      const at::Tensor& q_values, at::TensorList ptrs,
                                                      at::TensorList docs, at::TensorList weights,
-                                                     at::IntArrayRef sizes, int64_t k, int64_t num_threads) {
+                                                     at::IntArrayRef sizes, int64_t k, int64_t num_threads,
+                                                     const std::optional<at::Tensor>& allowed) {
   check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, c10::kCPU);
   const int64_t nq = q_indptr.numel() - 1;
   auto out_scores = at::full({nq, k}, -std::numeric_limits<float>::infinity(), q_values.options().dtype(at::kFloat));
@@ -47,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
                     docs[s].numel(), sizes[s], ndocs, value_type(weights[s], "weights")});
     ndocs += sizes[s];
   }
+  const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
   if (nq == 0 || k == 0 || ndocs == 0) return {out_scores, out_ids};
 
   auto qp = q_indptr.contiguous();
@@ -80,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
                                    qptr[qi + 1] - qptr[qi]};
       const int64_t lo = ndocs * c / chunks, hi = ndocs * (c + 1) / chunks;
       const int64_t found = SR_SIMD_DISPATCH(
-          search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, acc.get(), cursor.data(),
+          search_range, segs.data(), int64_t(segs.size()), q, lo, hi, k, mask, acc.get(), cursor.data(),
           chunks == 1 ? os + qi * k : cand_scores.data() + task * slots,
           chunks == 1 ? oi + qi * k : cand_ids.data() + task * slots);
       if (found < 0) malformed = true;
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("build_postings(Tensor indptr, Tensor indices, Tensor values, int dim) -> (Tensor, Tensor, Tensor)");
   m.def("sparse_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] ptrs, Tensor[] docs, "
-        "Tensor[] weights, int[] sizes, int k, int num_threads) -> (Tensor, Tensor)");
+        "Tensor[] weights, int[] sizes, int k, int num_threads, Tensor? allowed=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) {

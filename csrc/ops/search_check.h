@@ -5,11 +5,24 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <optional>
 
 #include "ops/csr_check.h"
 #include "ops/list_check.h"
 
 namespace sr::ops {
+
+// The optional document filter of the search ops: one bool or uint8 per document id (0: skip it); null when absent.
+inline const uint8_t* allowed_mask(const std::optional<at::Tensor>& allowed, int64_t ndocs, c10::DeviceType device) {
+  if (!allowed.has_value()) return nullptr;
+  const auto& a = *allowed;
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kBool || a.scalar_type() == at::kByte,
+                   "allowed: expected a bool or uint8 mask, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() == 1 && a.is_contiguous() && a.numel() == ndocs, "allowed: expected a contiguous 1-D "
+                    "mask with one entry per document (", ndocs, "), got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.device().type() == device, "allowed: expected a tensor on ", device, ", got ", a.device());
+  return static_cast<const uint8_t*>(a.data_ptr());
+}
 
 // Returns the index's dimension (ptrs[s].numel() - 1, shared by all segments; 0 without segments).
 inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor& q_indices,

@@ -24,8 +24,10 @@ constexpr int64_t kMaxCandidates = int64_t(1) << 25;
 std::tuple<at::Tensor, at::Tensor> sparse_search_cuda(const at::Tensor& q_indptr, const at::Tensor& q_indices,
                                                       const at::Tensor& q_values, at::TensorList ptrs,
                                                       at::TensorList docs, at::TensorList weights,
-                                                      at::IntArrayRef sizes, int64_t k, int64_t num_threads) {
+                                                      at::IntArrayRef sizes, int64_t k, int64_t num_threads,
+                                                      const std::optional<at::Tensor>& allowed) {
   check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, c10::kCUDA);
+  TORCH_CHECK_VALUE(!allowed.has_value(), "allowed: search filters run on the CPU; move the index to the CPU");
   const c10::cuda::CUDAGuard guard(q_values.device());
   const int64_t nq = q_indptr.numel() - 1;
   auto out_scores = at::full({nq, k}, -std::numeric_limits<float>::infinity(), q_values.options().dtype(at::kFloat));

@@ -62,11 +62,14 @@ class BlockMax:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0):
+    def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0,
+               allowed: torch.Tensor | None = None):
         """(scores, ids, complete, blocks_visited) of the kernel; rows whose ``complete`` is False must be
-        searched exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate)."""
+        searched exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate);
+        ``allowed`` (bool, one per document) restricts the candidates."""
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
-                                 list(self.tensors().values()), self.block_size, k, alpha, query_cut, threads)
+                                 list(self.tensors().values()), self.block_size, k, alpha, query_cut, threads,
+                                 allowed)
 
 
 _SIZES = ("block_size", "ndocs")
@@ -221,7 +224,7 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 
 @fake("block_search")
-def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, query_cut, num_threads):
+def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, query_cut, num_threads, allowed=None):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

@@ -88,14 +88,15 @@ class SparseIndex:
         self._segments: list[_Segment] = []  # replaced, never changed in place, by writers
         self._block_max: BlockMax | None = None  # over documents [0, _block_max.ndocs)
         self._tail: SparseIndex | None = None  # documents added after optimize(), searched exhaustively
+        self._deleted: torch.Tensor | None = None  # bool per document (CPU): tombstones of delete()
         self._writing = threading.Lock()  # held by add/optimize from start to end
         self._publish = threading.Lock()  # held while the three fields above are read or replaced together
         self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
 
-    def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None]:
-        """A consistent view (segments, block maxima, tail) for a reader."""
+    def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None, torch.Tensor | None]:
+        """A consistent view (segments, block maxima, tail, tombstones) for a reader."""
         with self._publish:
-            return self._segments, self._block_max, self._tail
+            return self._segments, self._block_max, self._tail, self._deleted
 
     def _watch_file(self, fd: int, path: Path, size: int | None = None, mtime: int | None = None) -> None:
         """Remembers the size and time (default: now) of the open file ``fd`` that this index's arrays map (closed
@@ -179,8 +180,34 @@ class SparseIndex:
                 tail = (tail.to(self._device) if tail is not None else  # a copy: readers may hold the old one
                         SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device))
                 tail.add(docs, progress=False)
+            deleted = self._deleted
+            if deleted is not None and n:
+                deleted = torch.cat([deleted, torch.zeros(n, dtype=torch.bool)])
             with self._publish:
-                self._segments, self._tail = segments, tail
+                self._segments, self._tail, self._deleted = segments, tail, deleted
+
+    def delete(self, ids) -> None:
+        """Marks documents deleted (ids: an int, or a sequence / tensor / array of them): no search mode returns them
+        again; ids are not reused. Tombstones are saved with the index; the postings stay until the index is
+        rebuilt. Deleting twice is allowed; an id out of range raises ValueError."""
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1)) if not isinstance(ids, torch.Tensor) \
+            else ids.reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"ids: expected integer ids, got {ids.dtype}")
+        with self._writing:
+            n = len(self)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                raise ValueError(f"ids: document ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+            deleted = torch.zeros(n, dtype=torch.bool) if self._deleted is None else self._deleted.clone()
+            deleted[ids.long().cpu()] = True
+            with self._publish:
+                self._deleted = deleted
+
+    @property
+    def ndeleted(self) -> int:
+        """Documents marked deleted (they still count in ``len``: ids are never reused)."""
+        deleted = self._deleted
+        return 0 if deleted is None else int(deleted.sum())
 
     def _build(self, docs: SparseBatch) -> _Segment:
         # Postings are built on the CPU (a counting sort) and then moved to the index's device.
@@ -255,10 +282,11 @@ class SparseIndex:
     def to(self, device) -> "SparseIndex":
         """A copy of the index on ``device`` (searches then run there)."""
         out = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=device)
-        segments, block_max, tail = self._state()
+        segments, block_max, tail, deleted = self._state()
         out._segments = [s.to(out._device) for s in segments]
         out._block_max = block_max  # CPU only: safe/approximate search refuse other devices
         out._tail = tail.to(device) if tail is not None else None
+        out._deleted = deleted
         if self._mapped is not None and out._device.type == "cpu":  # still reading the mapped file, as it was
             fd, size, mtime, path = self._mapped
             out._watch_file(os.dup(fd), path, size, mtime)
@@ -266,7 +294,8 @@ class SparseIndex:
 
     # ---- search ----------------------------------------------------------------------------------------------------
     def search(self, queries, k: int, threads: int | None = None, *, mode: str | None = None,
-               alpha: float | None = None, query_cut: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               alpha: float | None = None, query_cut: int | None = None,
+               filter=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k documents of each query by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
 
         ``queries``: a SparseBatch, a torch sparse (CSR/COO) or dense tensor (one vector or rows), a numpy array
@@ -280,6 +309,10 @@ class SparseIndex:
         (0, 1], default 0.9; recall rises with alpha and is exact at 1; ``query_cut``, default all terms, bounds
         blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
+
+        ``filter``: the documents allowed as results, as a bool mask over ``len(self)`` ids or a collection of ids
+        (tensor, array, list, set, range). The kernels skip the others while choosing, so k allowed documents come
+        back whenever k exist (then padding). Deleted documents are never returned. CPU only.
         """
         queries = as_sparse_batch(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < 2**31:
@@ -290,7 +323,7 @@ class SparseIndex:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         threads = min(int(threads), 1 << 16)
-        segments, block_max, tail = self._state()
+        segments, block_max, tail, deleted = self._state()
         if mode is None:
             mode = "safe" if block_max is not None and self._device.type == "cpu" else "exact"
         if mode not in _MODES:
@@ -311,39 +344,46 @@ class SparseIndex:
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
+        allowed = _allowed(filter, deleted, sum(s.ndocs for s in segments))
+        if allowed is not None and self._device.type != "cpu":
+            raise ValueError(f"filter: search filters (and deletes) run on the CPU; the index is on {self._device}")
         if mode == "exact":
-            return self._exact(queries, k, threads, segments)
+            return self._exact(queries, k, threads, segments, allowed)
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
                              f"with SparseIndex.from_documents(docs, block_max=True))")
         if self._device.type != "cpu":
             raise ValueError(f"mode={mode!r}: block-max search runs on the CPU; the index is on {self._device}")
-        scores, ids, complete, _ = block_max.search(queries, k, 1.0 if mode == "safe" else float(alpha),
-                                                    threads, int(query_cut or 0))
+        scores, ids, complete, _ = block_max.search(
+            queries, k, 1.0 if mode == "safe" else float(alpha), threads, int(query_cut or 0),
+            None if allowed is None else allowed[:block_max.ndocs])
         if tail is not None:
-            tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0])
+            tail_allowed = None if allowed is None else allowed[block_max.ndocs:]
+            tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0], tail_allowed)
             tail_ids = torch.where(tail_ids >= 0, tail_ids + block_max.ndocs, -1)
             scores, ids = merge_top_k(torch.cat([scores, tail_scores], 1), torch.cat([ids, tail_ids], 1), k)
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
-            scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments)
+            scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed)
         return scores, ids
 
-    def _exact(self, queries: SparseBatch, k: int, threads: int,
-               segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
+               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         segs = segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype))]
         return _ops.sparse_search(queries.indptr, queries.indices, queries.values.detach(),
                                   [s.ptr for s in segs], [s.docs for s in segs], [s.weights for s in segs],
-                                  [s.ndocs for s in segs], k, threads)
+                                  [s.ndocs for s in segs], k, threads, allowed)
 
     # ---- files -----------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index (with its block-max structure, if any) to ``path`` atomically: a temporary file in the
         same folder, fsync, then rename."""
         path = Path(path)
-        segments, block_max, _ = self._state()
+        segments, block_max, _, deleted = self._state()
         segs = [s.to("cpu") for s in segments]
         extras = _extras(block_max)
+        if deleted is not None:
+            extras["deleted"] = deleted.to(torch.uint8)
         sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs) + _EXTRA.size * len(extras)
 
         def place(a: np.ndarray) -> int:
@@ -460,6 +500,11 @@ class SparseIndex:
             if tcode not in _EXTRA_DTYPES:
                 raise ValueError(f"{path}: unknown dtype code {tcode} of {name}")
             extras[name] = array(name, off, crc, count, _EXTRA_DTYPES[tcode])
+        deleted = extras.pop("deleted", None)
+        if deleted is not None:
+            if deleted.numel() != len(index) or bool((deleted > 1).any()):
+                raise ValueError(f"{path}: the tombstones do not match the {len(index)} documents")
+            index._deleted = deleted.bool()
         if extras:
             index._load_block_max(extras, f"{path}")
         return index
@@ -483,6 +528,30 @@ class SparseIndex:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _allowed(filter, deleted: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The bool mask of documents a search may return: ``filter`` (a mask or ids) without the deleted ones."""
+    if filter is None:
+        return None if deleted is None or not bool(deleted.any()) else ~deleted
+    if isinstance(filter, (set, frozenset, range)):
+        filter = list(filter)
+    f = torch.as_tensor(np.asarray(filter)) if not isinstance(filter, torch.Tensor) else filter
+    f = f.cpu().reshape(-1)
+    if f.numel() == 0 and f.dtype != torch.bool:  # [] is float64 to numpy: no ids
+        f = f.long()
+    if f.dtype == torch.bool:
+        if f.numel() != n:
+            raise ValueError(f"filter: a bool mask needs one entry per document ({n}), got {f.numel()}")
+        mask = f.clone()
+    elif not f.dtype.is_floating_point and not f.is_complex():
+        if f.numel() and (int(f.min()) < 0 or int(f.max()) >= n):
+            raise ValueError(f"filter: document ids must lie in [0, {n}), got [{int(f.min())}, {int(f.max())}]")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[f.long()] = True
+    else:
+        raise TypeError(f"filter: expected a bool mask or integer document ids, got {f.dtype}")
+    return mask if deleted is None else mask & ~deleted
 
 
 def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
@@ -561,7 +630,7 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
 
 
 @fake("sparse_search")
-def _(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads):
+def _(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads, allowed=None):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k), dtype=torch.int64))
 

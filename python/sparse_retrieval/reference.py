@@ -39,17 +39,24 @@ def pairwise_sparse_dot(a: SparseBatch, b: SparseBatch) -> torch.Tensor:
     return (a.to_dense(torch.float32) * b.to_dense(torch.float32)).sum(1)
 
 
-def sparse_search(queries: SparseBatch, docs: SparseBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_search(queries: SparseBatch, docs: SparseBatch, k: int,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k documents by dot product: (scores float32 (nq, k), ids int64 (nq, k)).
 
     Scores descending, ties to the lower document id. With fewer than k documents the tail is padded with
     score -inf and id -1. Documents sharing no dimension with the query score 0 and are ranked like any other.
+    With ``allowed`` (bool, one per document) only the allowed documents are candidates.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     scores = sparse_dot(queries, docs)
-    kk = min(k, len(docs))
+    ids = torch.arange(len(docs))
+    if allowed is not None:
+        ids = ids[allowed.bool()]
+        scores = scores[:, ids]
+    kk = min(k, ids.numel())
     top_scores, top_ids = topk(scores, kk, dim=1)
+    top_ids = ids[top_ids]
     pad = k - kk
     if pad:
         top_scores = torch.cat([top_scores, top_scores.new_full((len(queries), pad), -math.inf)], 1)

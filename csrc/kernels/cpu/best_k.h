@@ -10,15 +10,18 @@ namespace sr::cpu::SR_SIMD_NS {
 inline bool better(float s1, int64_t id1, float s2, int64_t id2) { return s1 > s2 || (s1 == s2 && id1 < id2); }
 
 // The k best (score, id) pairs seen so far, kept as a binary heap whose root is the worst of them, in storage
-// supplied by the caller. Once full, only a score above `floor()` can enter.
+// supplied by the caller. Once full, only a score above `floor()` can enter. With `allowed` (one byte per id), ids
+// whose byte is 0 never enter: a search filter applied where candidates are chosen, so k allowed documents come
+// back whenever k exist.
 class BestK {
  public:
-  BestK(float* s, int64_t* id, int64_t k) : s_(s), id_(id), k_(k) {}
+  BestK(float* s, int64_t* id, int64_t k, const uint8_t* allowed = nullptr) : s_(s), id_(id), k_(k), allowed_(allowed) {}
 
   bool full() const { return n_ == k_; }
   float floor() const { return full() ? s_[0] : -std::numeric_limits<float>::infinity(); }
 
   void offer(float s, int64_t id) {
+    if (allowed_ != nullptr && allowed_[id] == 0) return;
     if (n_ < k_) {
       int64_t i = n_++;
       while (i > 0) {  // sift up past better parents
@@ -67,6 +70,7 @@ class BestK {
   float* s_;
   int64_t* id_;
   int64_t k_;
+  const uint8_t* allowed_;
   int64_t n_ = 0;
 };
 

@@ -115,7 +115,7 @@ constexpr float kBand = 0.6f;
 
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
-                  const BlockScratch& s,
+                  const uint8_t* allowed, const BlockScratch& s,
                   float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
   *blocks_visited = 0;
   const auto malformed = [&] {
@@ -176,7 +176,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   // prefix of the blocks a larger one visits. Bounds and scores round differently: the bounds get a margin of
   // 4 units in the last place per added term.
   const float margin = 1.0f + float(q.nterms + 4) * 2.4e-7f;
-  BestK best(out_scores, out_ids, k);
+  BestK best(out_scores, out_ids, k, allowed);
   int64_t visited = 0;
   bool stopped = false;
   float hi = std::numeric_limits<float>::infinity();
@@ -213,11 +213,14 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
 }  // namespace
 
 bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
-                        const BlockScratch& scratch, float* out_scores, int64_t* out_ids, int64_t* blocks_visited) {
+                        const uint8_t* allowed, const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
+                        int64_t* blocks_visited) {
   return visit_value_type(ix.wtype, [&](auto v) {
     using W = decltype(v);
-    return ix.terms16 ? search_query<W, uint16_t>(ix, q, k, alpha, query_cut, scratch, out_scores, out_ids, blocks_visited)
-                      : search_query<W, int32_t>(ix, q, k, alpha, query_cut, scratch, out_scores, out_ids, blocks_visited);
+    return ix.terms16 ? search_query<W, uint16_t>(ix, q, k, alpha, query_cut, allowed, scratch, out_scores, out_ids,
+                                                  blocks_visited)
+                      : search_query<W, int32_t>(ix, q, k, alpha, query_cut, allowed, scratch, out_scores, out_ids,
+                                                 blocks_visited);
   });
 }
 

@@ -52,8 +52,9 @@ struct BlockScratch {
 // scores still use every term). `blocks_visited` receives the number of blocks scored, or -1 when the index's
 // offsets or ids turned out to be malformed (every read and write stays in bounds regardless; the result is then
 // unusable). The block maxima are trusted to bound the weights: maxima that do not give approximate results.
+// With `allowed` (one byte per user id; null: every document) only documents whose byte is not 0 are ranked.
 SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha,
-                                        int64_t query_cut,
+                                        int64_t query_cut, const uint8_t* allowed,
                                         const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
                                         int64_t* blocks_visited))
 // Block maxima of a forward index (documents in stored order, terms ascending per document, weights >= 0) over

@@ -105,8 +105,9 @@ bool search_segment(const PostingSegment& seg, const SearchQuery& q, int64_t lo,
 }  // namespace
 
 int64_t search_range(const PostingSegment* segs, int64_t nsegs, const SearchQuery& q, int64_t lo, int64_t hi,
-                     int64_t k, float* acc, int64_t* cursor, float* out_scores, int64_t* out_ids) {
-  BestK best(out_scores, out_ids, k);
+                     int64_t k, const uint8_t* allowed, float* acc, int64_t* cursor, float* out_scores,
+                     int64_t* out_ids) {
+  BestK best(out_scores, out_ids, k, allowed);
   for (int64_t s = 0; s < nsegs; ++s) {
     const PostingSegment& seg = segs[s];
     const int64_t a = std::max(lo, seg.base), b = std::min(hi, seg.base + seg.ndocs);

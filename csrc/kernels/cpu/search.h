@@ -39,9 +39,10 @@ constexpr int64_t kSearchBlock = int64_t(1) << 20;
 // id): writes min(k, hi - lo) scores and ids and returns that count, or -1 when a posting list turned out to be
 // malformed (offsets outside [0, nnz] or decreasing, ids out of order or range: every read and write stays in
 // bounds regardless). `acc` holds min(kSearchBlock, hi - lo) floats and `cursor` 2 * q.nterms int64s of scratch.
+// With `allowed` (one byte per global id; null: every document) only documents whose byte is not 0 are ranked.
 SR_SIMD_DECLARE(int64_t search_range(const PostingSegment* segs, int64_t nsegs, const SearchQuery& q, int64_t lo,
-                                     int64_t hi, int64_t k, float* acc, int64_t* cursor, float* out_scores,
-                                     int64_t* out_ids))
+                                     int64_t hi, int64_t k, const uint8_t* allowed, float* acc, int64_t* cursor,
+                                     float* out_scores, int64_t* out_ids))
 // Top k of n candidates (from several search_range calls), best first; returns min(k, n).
 SR_SIMD_DECLARE(int64_t merge_top(const float* scores, const int64_t* ids, int64_t n, int64_t k, float* out_scores,
                                   int64_t* out_ids))
