@@ -2,6 +2,7 @@ import concurrent.futures
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,62 @@ def test_filters_and_deletes_match_the_reference(simd_level, tmp_path):
         ops.sparse_search(queries.indptr, queries.indices, queries.values, [s.ptr for s in segs],
                           [s.docs for s in segs], [s.weights for s in segs], [s.ndocs for s in segs], 3, 1,
                           torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_external_ids(kind, tmp_path):
+    """Documents keyed by user ids: search returns them, delete and filter take them, save/load keeps them."""
+    gen = torch.Generator().manual_seed(27)
+    docs = random_batch(120, 30, 8, gen)
+    docs = SparseBatch(docs.indptr, docs.indices, docs.values.abs(), 30)
+    queries = random_batch(6, 30, 6, gen)
+    user = (torch.randperm(10**6, generator=gen)[:120] * 7 + 3) if kind == "int" else \
+        [f"doc-{i:03d}-é" for i in torch.randperm(120, generator=gen).tolist()]
+
+    def to_user(pos):
+        if kind == "int":
+            return torch.where(pos >= 0, user[pos.clamp(min=0)], -1)
+        return np.array([[user[p] if p >= 0 else None for p in row] for row in pos.tolist()], dtype=object)
+
+    def same(a, b):
+        assert (torch.equal(a, b) if kind == "int" else (a == b).all()), (a, b)
+
+    index = sr.SparseIndex.from_documents(docs[:100], ids=user[:100], block_max=True, progress=False)
+    index.add(docs[100:], ids=user[100:], progress=False)
+    plain = sr.SparseIndex.from_documents(docs, progress=False)
+    for mode in ("exact", "safe"):
+        got, want = index.search(queries, 8, mode=mode), plain.search(queries, 8)
+        assert torch.equal(got[0], want[0])
+        same(got[1], to_user(want[1]))
+    index.delete(user[5:25])
+    plain.delete(list(range(5, 25)))
+    keep = user[40:90]
+    got = index.search(queries, 130, filter=keep)
+    want = plain.search(queries, 130, filter=range(40, 90))
+    same(got[1], to_user(want[1]))
+    path = tmp_path / "x.sridx"
+    index.save(path)
+    loaded = sr.SparseIndex.load(path, mmap=False)
+    got = loaded.search(queries, 130, filter=keep)
+    same(got[1], to_user(want[1]))
+    assert loaded.ndeleted == 20
+    with pytest.raises(ValueError, match="unique"):
+        index.add(docs[:1], ids=user[:1])
+    with pytest.raises(ValueError, match="pass one per document"):
+        index.add(docs[:1])
+    with pytest.raises(ValueError, match="filter: unknown ids"):
+        index.search(queries, 3, filter=[10**9] if kind == "int" else ["nope"])
+    with pytest.raises(ValueError, match="ids: unknown ids"):
+        index.delete([10**9] if kind == "int" else ["nope"])
+    with pytest.raises(ValueError, match="already holds documents without ids"):
+        plain.add(docs[:1], ids=user[:1])
+    if kind == "int":
+        with pytest.raises(ValueError, match="must be >= 0"):
+            sr.SparseIndex.from_documents(docs[:2], ids=[4, -2], progress=False)
+        with pytest.raises(ValueError, match="expected 2 ids"):
+            sr.SparseIndex.from_documents(docs[:2], ids=[4], progress=False)
+        with pytest.raises(TypeError, match="ids are ints"):
+            index.add(docs[:1], ids=["x"])
 
 
 def test_memory_per_posting():

@@ -27,6 +27,7 @@ import torch
 from ._fake import fake
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
+from .external_ids import ExternalIds
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -89,6 +90,7 @@ class SparseIndex:
         self._block_max: BlockMax | None = None  # over documents [0, _block_max.ndocs)
         self._tail: SparseIndex | None = None  # documents added after optimize(), searched exhaustively
         self._deleted: torch.Tensor | None = None  # bool per document (CPU): tombstones of delete()
+        self._ids: ExternalIds | None = None  # user ids, when documents were added with ids
         self._writing = threading.Lock()  # held by add/optimize from start to end
         self._publish = threading.Lock()  # held while the three fields above are read or replaced together
         self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
@@ -120,15 +122,15 @@ class SparseIndex:
 
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_documents(cls, docs: SparseBatch, dtype: torch.dtype | None = None, *, segment_size: int = 1 << 20,
+    def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
                        block_max: bool = False, block_size: int = 8, reorder: bool = True,
                        progress: bool = True) -> "SparseIndex":
-        """An index over ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype`` (default: docs' dtype).
-        ``block_max=True`` also builds the structure of safe and approximate search (see ``optimize``)."""
-        if not isinstance(docs, SparseBatch):
-            raise TypeError(f"docs: expected a SparseBatch, got {type(docs).__name__}")
+        """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
+        (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
+        also builds the structure of safe and approximate search (see ``optimize``)."""
+        docs = as_sparse_batch(docs, "docs")
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
-        index.add(docs, progress=progress)
+        index.add(docs, ids=ids, progress=progress)
         if block_max:
             index._optimize(docs, block_size, reorder, progress)
         return index
@@ -152,10 +154,19 @@ class SparseIndex:
             with self._publish:
                 self._block_max, self._tail = block_max, None
 
-    def add(self, docs: SparseBatch, *, progress: bool = True) -> None:
-        """Appends ``docs``; they get ids ``len(self)`` .. ``len(self) + len(docs) - 1``."""
-        if not isinstance(docs, SparseBatch):
-            raise TypeError(f"docs: expected a SparseBatch, got {type(docs).__name__}")
+    def add(self, docs, *, ids=None, progress: bool = True) -> None:
+        """Appends ``docs`` (a SparseBatch or any format ``search`` takes). Without ``ids`` they get the positional
+        ids ``len(self)`` .. ``len(self) + len(docs) - 1``. With ``ids`` (one per document: non-negative ints, or
+        strings; unique) the index keys its documents by them from then on: ``search`` returns them (an int64
+        tensor, padding -1; or for strings a numpy object array, padding None), ``delete`` and ``filter`` take
+        them, and every later ``add`` must pass ids of the same kind. They are saved with the index."""
+        docs = as_sparse_batch(docs, "docs")
+        if ids is None and self._ids is not None:
+            raise ValueError("ids: this index keys its documents by user ids; pass one per document")
+        if ids is not None and self._ids is None and len(self) > 0:
+            raise ValueError("ids: this index already holds documents without ids (positional ids)")
+        if ids is not None and self._ids is not None and ExternalIds.kind_of(ids) != self._ids.kind:
+            raise TypeError(f"ids: this index's ids are {self._ids.kind}s")
         if docs.dim != self._dim:
             raise ValueError(f"docs: dim {docs.dim} differs from the index's dim {self._dim}")
         from tqdm.auto import tqdm
@@ -183,17 +194,24 @@ class SparseIndex:
             deleted = self._deleted
             if deleted is not None and n:
                 deleted = torch.cat([deleted, torch.zeros(n, dtype=torch.bool)])
+            if ids is not None:  # last: a bad id raises before anything is published
+                if self._ids is None:
+                    self._ids = ExternalIds(ExternalIds.kind_of(ids))
+                self._ids.extend(ids, n)
             with self._publish:
                 self._segments, self._tail, self._deleted = segments, tail, deleted
 
     def delete(self, ids) -> None:
-        """Marks documents deleted (ids: an int, or a sequence / tensor / array of them): no search mode returns them
-        again; ids are not reused. Tombstones are saved with the index; the postings stay until the index is
-        rebuilt. Deleting twice is allowed; an id out of range raises ValueError."""
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1)) if not isinstance(ids, torch.Tensor) \
-            else ids.reshape(-1)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"ids: expected integer ids, got {ids.dtype}")
+        """Marks documents deleted (ids: one, or a sequence / tensor / array of them; user ids when the index has
+        them): no search mode returns them again; ids are not reused. Tombstones are saved with the index; the
+        postings stay until the index is rebuilt. Deleting twice is allowed; an unknown id raises ValueError."""
+        if self._ids is not None:
+            ids = self._ids.positions(ids, "ids")
+        else:
+            ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1)) \
+                if not isinstance(ids, torch.Tensor) else ids.reshape(-1)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"ids: expected integer ids, got {ids.dtype}")
         with self._writing:
             n = len(self)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
@@ -287,6 +305,7 @@ class SparseIndex:
         out._block_max = block_max  # CPU only: safe/approximate search refuse other devices
         out._tail = tail.to(device) if tail is not None else None
         out._deleted = deleted
+        out._ids = self._ids
         if self._mapped is not None and out._device.type == "cpu":  # still reading the mapped file, as it was
             fd, size, mtime, path = self._mapped
             out._watch_file(os.dup(fd), path, size, mtime)
@@ -344,11 +363,14 @@ class SparseIndex:
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
-        allowed = _allowed(filter, deleted, sum(s.ndocs for s in segments))
+        n = sum(s.ndocs for s in segments)
+        if filter is not None and self._ids is not None and not _is_mask(filter):
+            filter = self._ids.positions(filter, "filter")
+        allowed = _allowed(filter, deleted, n)
         if allowed is not None and self._device.type != "cpu":
             raise ValueError(f"filter: search filters (and deletes) run on the CPU; the index is on {self._device}")
         if mode == "exact":
-            return self._exact(queries, k, threads, segments, allowed)
+            return self._user_ids(*self._exact(queries, k, threads, segments, allowed))
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
                              f"with SparseIndex.from_documents(docs, block_max=True))")
@@ -365,7 +387,10 @@ class SparseIndex:
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
             scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed)
-        return scores, ids
+        return self._user_ids(scores, ids)
+
+    def _user_ids(self, scores: torch.Tensor, pos: torch.Tensor):
+        return (scores, pos) if self._ids is None else (scores, self._ids.lookup(pos))
 
     def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,6 +409,8 @@ class SparseIndex:
         extras = _extras(block_max)
         if deleted is not None:
             extras["deleted"] = deleted.to(torch.uint8)
+        if self._ids is not None:
+            extras.update(self._ids.arrays())
         sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs) + _EXTRA.size * len(extras)
 
         def place(a: np.ndarray) -> int:
@@ -500,6 +527,9 @@ class SparseIndex:
             if tcode not in _EXTRA_DTYPES:
                 raise ValueError(f"{path}: unknown dtype code {tcode} of {name}")
             extras[name] = array(name, off, crc, count, _EXTRA_DTYPES[tcode])
+        id_arrays = {name: extras.pop(name) for name in list(extras) if name.startswith("ids.")}
+        if id_arrays:
+            index._ids = ExternalIds.from_arrays(id_arrays, len(index), f"{path}: ids")
         deleted = extras.pop("deleted", None)
         if deleted is not None:
             if deleted.numel() != len(index) or bool((deleted > 1).any()):
@@ -528,6 +558,11 @@ class SparseIndex:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _is_mask(filter) -> bool:
+    return (isinstance(filter, torch.Tensor) and filter.dtype == torch.bool) or \
+        (isinstance(filter, np.ndarray) and filter.dtype == np.bool_)
 
 
 def _allowed(filter, deleted: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -1,0 +1,140 @@
+"""User-facing document ids of a `SparseIndex`: non-negative int64 or strings, one per document in insertion order,
+unique, with the reverse map that ``delete`` and ``filter`` need. Ids are only ever appended, so a reader holding
+the first n documents' ids keeps seeing the same ids."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+class ExternalIds:
+    def __init__(self, kind: str):
+        if kind not in ("int", "str"):
+            raise ValueError(f"kind: expected 'int' or 'str', got {kind!r}")
+        self.kind = kind
+        self._ints = torch.zeros(0, dtype=torch.int64)  # kind "int": the ids, in position order
+        self._sorted = torch.zeros(0, dtype=torch.int64)  # and sorted, with the position of each
+        self._sorted_pos = torch.zeros(0, dtype=torch.int64)
+        self._strs: list[str] = []  # kind "str"
+        self._where: dict[str, int] = {}
+
+    @staticmethod
+    def kind_of(ids) -> str:
+        """'str' for a sequence of strings, else 'int'."""
+        if isinstance(ids, (list, tuple, np.ndarray)) and len(ids) and isinstance(ids[0], str):
+            return "str"
+        return "int"
+
+    def __len__(self) -> int:
+        return self._ints.numel() if self.kind == "int" else len(self._strs)
+
+    def extend(self, ids, n: int) -> None:
+        """Appends the ids of n new documents; raises (changing nothing) on a wrong count, type or a repeat."""
+        if self.kind == "str":
+            ids = list(ids)
+            if len(ids) != n or not all(isinstance(i, str) for i in ids):
+                raise ValueError(f"ids: expected {n} strings, one per document")
+            fresh = {}
+            for p, i in enumerate(ids, start=len(self._strs)):
+                if i in self._where or i in fresh:
+                    raise ValueError(f"ids: {i!r} is already in the index (ids must be unique)")
+                fresh[i] = p
+            self._strs.extend(ids)
+            self._where.update(fresh)
+            return
+        new = _int_ids(ids, "ids")
+        if new.numel() != n:
+            raise ValueError(f"ids: expected {n} ids, one per document, got {new.numel()}")
+        if new.numel() and int(new.min()) < 0:
+            raise ValueError(f"ids: must be >= 0 (-1 marks padding in results), got {int(new.min())}")
+        merged = torch.cat([self._sorted, new])
+        if torch.unique(merged).numel() != merged.numel():
+            raise ValueError("ids: every id must be unique (a new id repeats one or one already in the index)")
+        positions = torch.cat([self._sorted_pos, torch.arange(len(self), len(self) + n)])
+        order = torch.argsort(merged)
+        self._ints = torch.cat([self._ints, new])
+        self._sorted, self._sorted_pos = merged[order], positions[order]
+
+    def positions(self, ids, name: str) -> torch.Tensor:
+        """Positions (int64) of the given ids; raises ValueError naming ``name`` for an unknown id."""
+        if self.kind == "str":
+            ids = [ids] if isinstance(ids, str) else list(ids)
+            missing = [i for i in ids if i not in self._where]
+            if missing:
+                raise ValueError(f"{name}: unknown ids {missing[:5]}")
+            return torch.tensor([self._where[i] for i in ids], dtype=torch.int64)
+        want = _int_ids(ids, name)
+        at = torch.searchsorted(self._sorted, want).clamp(max=max(self._sorted.numel() - 1, 0))
+        found = self._sorted.numel() > 0 and bool((self._sorted[at] == want).all()) if want.numel() else True
+        if not found:
+            bad = want[self._sorted[at] != want] if self._sorted.numel() else want
+            raise ValueError(f"{name}: unknown ids {bad[:5].tolist()}")
+        return self._sorted_pos[at] if want.numel() else torch.zeros(0, dtype=torch.int64)
+
+    def lookup(self, pos: torch.Tensor):
+        """The ids at positions ``pos`` (-1: padding): an int64 tensor (padding -1), or for strings a numpy object
+        array (padding None)."""
+        pos = pos.cpu()
+        if self.kind == "int":
+            return torch.where(pos >= 0, self._ints[pos.clamp(min=0)], -1)
+        out = np.full(tuple(pos.shape), None, dtype=object)
+        flat, src = out.reshape(-1), pos.reshape(-1).tolist()
+        for j, p in enumerate(src):
+            if p >= 0:
+                flat[j] = self._strs[p]
+        return out
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The arrays saved with the index."""
+        if self.kind == "int":
+            return {"ids.int": self._ints}
+        blob = [s.encode("utf-8") for s in self._strs]
+        offsets = torch.zeros(len(blob) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([len(b) for b in blob], dtype=torch.int64), 0, out=offsets[1:])
+        data = torch.frombuffer(bytearray(b"".join(blob)), dtype=torch.uint8) if offsets[-1] else \
+            torch.zeros(0, dtype=torch.uint8)
+        return {"ids.str_offsets": offsets, "ids.str_bytes": data}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, torch.Tensor], n: int, where: str) -> "ExternalIds":
+        """Ids read back from ``arrays`` (what ``arrays()`` wrote), for an index of n documents."""
+        if set(arrays) == {"ids.int"}:
+            out = cls("int")
+            ints = arrays["ids.int"]
+            n_ids = ints.numel()
+        elif set(arrays) == {"ids.str_offsets", "ids.str_bytes"}:
+            out = cls("str")
+            offsets, data = arrays["ids.str_offsets"].tolist(), bytes(arrays["ids.str_bytes"].numpy())
+            if offsets[0] != 0 or offsets[-1] != len(data) or any(a > b for a, b in zip(offsets, offsets[1:])):
+                raise ValueError(f"{where}: string id offsets are inconsistent")
+            try:
+                strs = [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: string ids are not valid UTF-8") from exc
+            n_ids = len(strs)
+        else:
+            raise ValueError(f"{where}: unexpected id arrays {sorted(arrays)}")
+        if n_ids != n:
+            raise ValueError(f"{where}: {n_ids} ids for {n} documents")
+        try:
+            out.extend(ints if out.kind == "int" else strs, n)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return out
+
+
+def _int_ids(ids, name: str) -> torch.Tensor:
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        ids = [ids]
+    if isinstance(ids, (set, frozenset, range)):
+        ids = list(ids)
+    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+    t = t.reshape(-1).cpu()
+    if t.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name}: expected integer ids, got {t.dtype}")
+    return t.long()
