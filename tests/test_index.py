@@ -325,6 +325,42 @@ def test_external_ids(kind, tmp_path):
             index.add(docs[:1], ids=["x"])
 
 
+@pytest.mark.parametrize("user_ids", [False, True])
+def test_compact_drops_deleted_documents_and_keeps_ids(user_ids, tmp_path):
+    gen = torch.Generator().manual_seed(28)
+    docs = random_batch(150, 30, 8, gen)
+    docs = SparseBatch(docs.indptr, docs.indices, docs.values.abs(), 30)
+    queries = random_batch(5, 30, 6, gen)
+    ids = torch.arange(150) * 3 + 1 if user_ids else None
+    index = sr.SparseIndex.from_documents(docs[:120], ids=None if ids is None else ids[:120], block_max=True,
+                                          block_size=4, progress=False)
+    index.add(docs[120:], ids=None if ids is None else ids[120:], progress=False)
+    gone = torch.randperm(150, generator=gen)[:50]
+    index.delete(gone if ids is None else ids[gone])
+    before = {mode: index.search(queries, 20, mode=mode) for mode in ("exact", "safe")}
+    postings = index.nnz
+    index.compact(progress=False)
+    assert index.ndeleted == 0 and index.nnz < postings and len(index) == 100
+    for mode, want in before.items():
+        got = index.search(queries, 20, mode=mode)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), mode
+    more = random_batch(10, 30, 8, gen)
+    more = SparseBatch(more.indptr, more.indices, more.values.abs(), 30)
+    if ids is None:
+        index.add(more, progress=False)  # ids continue after the largest ever given
+        with pytest.raises(ValueError, match="assigns its own ids"):
+            index.add(more, ids=list(range(10)))
+    else:
+        index.add(more, ids=torch.arange(10) + 10**6, progress=False)
+    first_new = 150 if ids is None else 10**6
+    assert index.search(more[:1], 1, filter=[first_new])[1].tolist() == [[first_new]]
+    assert len(index) == 110
+    index.save(tmp_path / "x.sridx")
+    loaded = sr.SparseIndex.load(tmp_path / "x.sridx")
+    for a, b in zip(loaded.search(queries, 20), index.search(queries, 20)):
+        assert torch.equal(a, b)
+
+
 def test_memory_per_posting():
     docs, _ = sr.datasets.synthetic_splade(2000, 0, dim=3000, seed=1)
     for dtype, per in ((torch.float32, 8), (torch.float16, 6)):

@@ -10,10 +10,14 @@ import torch
 
 
 class ExternalIds:
-    def __init__(self, kind: str):
+    """``auto``: ints the index assigns itself (positional ids kept through ``compact``), new documents getting
+    ``next_id`` on."""
+
+    def __init__(self, kind: str, auto: bool = False, next_id: int = 0):
         if kind not in ("int", "str"):
             raise ValueError(f"kind: expected 'int' or 'str', got {kind!r}")
         self.kind = kind
+        self.auto, self.next_id = auto, next_id
         self._ints = torch.zeros(0, dtype=torch.int64)  # kind "int": the ids, in position order
         self._sorted = torch.zeros(0, dtype=torch.int64)  # and sorted, with the position of each
         self._sorted_pos = torch.zeros(0, dtype=torch.int64)
@@ -54,6 +58,8 @@ class ExternalIds:
             raise ValueError("ids: every id must be unique (a new id repeats one or one already in the index)")
         positions = torch.cat([self._sorted_pos, torch.arange(len(self), len(self) + n)])
         order = torch.argsort(merged)
+        if new.numel():
+            self.next_id = max(self.next_id, int(new.max()) + 1)
         self._ints = torch.cat([self._ints, new])
         self._sorted, self._sorted_pos = merged[order], positions[order]
 
@@ -73,6 +79,13 @@ class ExternalIds:
             raise ValueError(f"{name}: unknown ids {bad[:5].tolist()}")
         return self._sorted_pos[at] if want.numel() else torch.zeros(0, dtype=torch.int64)
 
+    def subset(self, keep: torch.Tensor) -> "ExternalIds":
+        """The ids at positions ``keep`` (ascending), as a new object."""
+        out = ExternalIds(self.kind, self.auto, self.next_id)
+        out.extend(self._ints[keep] if self.kind == "int" else [self._strs[p] for p in keep.tolist()], keep.numel())
+        out.next_id = self.next_id
+        return out
+
     def lookup(self, pos: torch.Tensor):
         """The ids at positions ``pos`` (-1: padding): an int64 tensor (padding -1), or for strings a numpy object
         array (padding None)."""
@@ -90,7 +103,8 @@ class ExternalIds:
     def arrays(self) -> dict[str, torch.Tensor]:
         """The arrays saved with the index."""
         if self.kind == "int":
-            return {"ids.int": self._ints}
+            return {"ids.int": self._ints} if not self.auto else \
+                {"ids.int": self._ints, "ids.auto_next": torch.tensor([self.next_id], dtype=torch.int64)}
         blob = [s.encode("utf-8") for s in self._strs]
         offsets = torch.zeros(len(blob) + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor([len(b) for b in blob], dtype=torch.int64), 0, out=offsets[1:])
@@ -101,8 +115,8 @@ class ExternalIds:
     @classmethod
     def from_arrays(cls, arrays: dict[str, torch.Tensor], n: int, where: str) -> "ExternalIds":
         """Ids read back from ``arrays`` (what ``arrays()`` wrote), for an index of n documents."""
-        if set(arrays) == {"ids.int"}:
-            out = cls("int")
+        if set(arrays) in ({"ids.int"}, {"ids.int", "ids.auto_next"}):
+            out = cls("int", auto="ids.auto_next" in arrays)
             ints = arrays["ids.int"]
             n_ids = ints.numel()
         elif set(arrays) == {"ids.str_offsets", "ids.str_bytes"}:
@@ -123,6 +137,11 @@ class ExternalIds:
             out.extend(ints if out.kind == "int" else strs, n)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        if out.auto:
+            stored = arrays["ids.auto_next"]
+            if stored.numel() != 1 or int(stored[0]) < out.next_id:
+                raise ValueError(f"{where}: the next automatic id is inconsistent")
+            out.next_id = int(stored[0])
         return out
 
 

@@ -95,10 +95,11 @@ class SparseIndex:
         self._publish = threading.Lock()  # held while the three fields above are read or replaced together
         self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
 
-    def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None, torch.Tensor | None]:
-        """A consistent view (segments, block maxima, tail, tombstones) for a reader."""
+    def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None, torch.Tensor | None,
+                              ExternalIds | None]:
+        """A consistent view (segments, block maxima, tail, tombstones, user ids) for a reader."""
         with self._publish:
-            return self._segments, self._block_max, self._tail, self._deleted
+            return self._segments, self._block_max, self._tail, self._deleted, self._ids
 
     def _watch_file(self, fd: int, path: Path, size: int | None = None, mtime: int | None = None) -> None:
         """Remembers the size and time (default: now) of the open file ``fd`` that this index's arrays map (closed
@@ -161,6 +162,10 @@ class SparseIndex:
         tensor, padding -1; or for strings a numpy object array, padding None), ``delete`` and ``filter`` take
         them, and every later ``add`` must pass ids of the same kind. They are saved with the index."""
         docs = as_sparse_batch(docs, "docs")
+        if self._ids is not None and self._ids.auto:  # positional ids kept through compact(): the index assigns
+            if ids is not None:
+                raise ValueError("ids: this index assigns its own ids (its positional ids, kept by compact())")
+            ids = torch.arange(self._ids.next_id, self._ids.next_id + len(docs))
         if ids is None and self._ids is not None:
             raise ValueError("ids: this index keys its documents by user ids; pass one per document")
         if ids is not None and self._ids is None and len(self) > 0:
@@ -220,6 +225,28 @@ class SparseIndex:
             deleted[ids.long().cpu()] = True
             with self._publish:
                 self._deleted = deleted
+
+    def compact(self, *, progress: bool = True) -> None:
+        """Drops the deleted documents' postings (and rebuilds the block-max structure, if any, over the rest).
+        Ids do not change: an index without user ids keeps its positional ids as ids the index assigns itself
+        (new documents continue from the largest id ever given)."""
+        with self._writing:
+            segments, block_max, _, deleted, user_ids = self._state()
+            if deleted is None or not bool(deleted.any()):
+                return
+            keep = (~deleted).nonzero().flatten()
+            docs = self._documents(0, len(deleted))[keep]
+            if user_ids is None:
+                user_ids = ExternalIds("int", auto=True)
+                user_ids.extend(torch.arange(len(deleted)), len(deleted))
+            user_ids = user_ids.subset(keep)
+            fresh = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
+            fresh.add(docs, progress=progress)
+            if block_max is not None:
+                block_max = build_block_max(docs, self._dtype, block_size=block_max.block_size, progress=progress)
+            with self._publish:
+                self._segments, self._block_max, self._tail = fresh._segments, block_max, None
+                self._deleted, self._ids = None, user_ids
 
     @property
     def ndeleted(self) -> int:
@@ -300,12 +327,12 @@ class SparseIndex:
     def to(self, device) -> "SparseIndex":
         """A copy of the index on ``device`` (searches then run there)."""
         out = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=device)
-        segments, block_max, tail, deleted = self._state()
+        segments, block_max, tail, deleted, user_ids = self._state()
         out._segments = [s.to(out._device) for s in segments]
         out._block_max = block_max  # CPU only: safe/approximate search refuse other devices
         out._tail = tail.to(device) if tail is not None else None
         out._deleted = deleted
-        out._ids = self._ids
+        out._ids = user_ids
         if self._mapped is not None and out._device.type == "cpu":  # still reading the mapped file, as it was
             fd, size, mtime, path = self._mapped
             out._watch_file(os.dup(fd), path, size, mtime)
@@ -329,8 +356,8 @@ class SparseIndex:
         blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
 
-        ``filter``: the documents allowed as results, as a bool mask over ``len(self)`` ids or a collection of ids
-        (tensor, array, list, set, range). The kernels skip the others while choosing, so k allowed documents come
+        ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or,
+        for an index with positional ids, a bool mask over them. The kernels skip the others while choosing, so k allowed documents come
         back whenever k exist (then padding). Deleted documents are never returned. CPU only.
         """
         queries = as_sparse_batch(queries, "queries")
@@ -342,7 +369,7 @@ class SparseIndex:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         threads = min(int(threads), 1 << 16)
-        segments, block_max, tail, deleted = self._state()
+        segments, block_max, tail, deleted, user_ids = self._state()
         if mode is None:
             mode = "safe" if block_max is not None and self._device.type == "cpu" else "exact"
         if mode not in _MODES:
@@ -364,13 +391,16 @@ class SparseIndex:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
         n = sum(s.ndocs for s in segments)
-        if filter is not None and self._ids is not None and not _is_mask(filter):
-            filter = self._ids.positions(filter, "filter")
+        if filter is not None and user_ids is not None:
+            if _is_mask(filter):
+                raise ValueError("filter: this index has user ids (given to add, or kept by compact()); pass the "
+                                 "allowed ids, not a mask")
+            filter = user_ids.positions(filter, "filter")
         allowed = _allowed(filter, deleted, n)
         if allowed is not None and self._device.type != "cpu":
             raise ValueError(f"filter: search filters (and deletes) run on the CPU; the index is on {self._device}")
         if mode == "exact":
-            return self._user_ids(*self._exact(queries, k, threads, segments, allowed))
+            return _to_user_ids(user_ids, *self._exact(queries, k, threads, segments, allowed))
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
                              f"with SparseIndex.from_documents(docs, block_max=True))")
@@ -387,10 +417,7 @@ class SparseIndex:
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
             scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed)
-        return self._user_ids(scores, ids)
-
-    def _user_ids(self, scores: torch.Tensor, pos: torch.Tensor):
-        return (scores, pos) if self._ids is None else (scores, self._ids.lookup(pos))
+        return _to_user_ids(user_ids, scores, ids)
 
     def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,13 +431,13 @@ class SparseIndex:
         """Writes the index (with its block-max structure, if any) to ``path`` atomically: a temporary file in the
         same folder, fsync, then rename."""
         path = Path(path)
-        segments, block_max, _, deleted = self._state()
+        segments, block_max, _, deleted, user_ids = self._state()
         segs = [s.to("cpu") for s in segments]
         extras = _extras(block_max)
         if deleted is not None:
             extras["deleted"] = deleted.to(torch.uint8)
-        if self._ids is not None:
-            extras.update(self._ids.arrays())
+        if user_ids is not None:
+            extras.update(user_ids.arrays())
         sections, entries, offset = [], [], _HEADER_SIZE + _ENTRY.size * len(segs) + _EXTRA.size * len(extras)
 
         def place(a: np.ndarray) -> int:
@@ -558,6 +585,10 @@ class SparseIndex:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _to_user_ids(user_ids: ExternalIds | None, scores: torch.Tensor, pos: torch.Tensor):
+    return (scores, pos) if user_ids is None else (scores, user_ids.lookup(pos))
 
 
 def _is_mask(filter) -> bool:
