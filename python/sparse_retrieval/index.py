@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import secrets
 import struct
 import threading
 import weakref
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ._fake import fake
+from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
 from .external_ids import ExternalIds
@@ -92,7 +92,7 @@ class SparseIndex:
         self._deleted: torch.Tensor | None = None  # bool per document (CPU): tombstones of delete()
         self._ids: ExternalIds | None = None  # user ids, when documents were added with ids
         self._writing = threading.Lock()  # held by add/optimize from start to end
-        self._publish = threading.Lock()  # held while the three fields above are read or replaced together
+        self._publish = threading.Lock()  # held while the fields above are read or replaced together
         self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
 
     def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None, torch.Tensor | None,
@@ -461,27 +461,14 @@ class SparseIndex:
         head += struct.pack("<I", zlib.crc32(table))
         head += struct.pack("<I", zlib.crc32(head))
         head = head.ljust(_HEADER_SIZE, b"\0")
-        _remove_stale_temporaries(path)
-        # Unique per process, thread and call: concurrent saves to one path each write their own file, and the
-        # last rename wins whole.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(head + table)
-                for off, a in sections:
-                    f.seek(off)
-                    f.write(memoryview(a).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+
+        def write(f):
+            f.write(head + table)
+            for off, a in sections:
+                f.seek(off)
+                f.write(memoryview(a).cast("B"))
+
+        write_atomic(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
@@ -627,18 +614,6 @@ def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
     out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs], dtype=torch.int64)}
     out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
     return out
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Deletes temporary files of earlier saves to ``path`` whose process is gone (a killed save)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            pass  # not ours to judge: a name we did not write, or a live process of another user
 
 
 def merge_top_k(s: torch.Tensor, i: torch.Tensor, k: int):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._files import write_atomic
 from .index import SparseIndex, merge_top_k
 from .sparse import SparseBatch, as_sparse_batch
 
@@ -103,12 +104,12 @@ class ShardedIndex:
         dist.barrier(group=self.group)
         self.local.save(folder / f"shard-{rank}.sridx")
         ids = self.ids.numpy().astype("<i8").tobytes()
-        _write_atomic(folder / f"shard-{rank}.ids", ids)
+        write_atomic(folder / f"shard-{rank}.ids", lambda f: f.write(ids))
         shards = _all_gather_object({"docs": len(self.local), "ids_crc32": zlib.crc32(ids)}, self.group)
         if rank == 0:
             manifest = {"format": _FORMAT, "shards": len(shards), "dim": self.local.dim,
                         "dtype": str(self.local.dtype), "total": self.total, "per_shard": shards}
-            _write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
+            write_atomic(folder / _MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         dist.barrier(group=self.group)
 
     @classmethod
@@ -216,16 +217,3 @@ def _scatter_rows(docs, src: int, group) -> tuple[SparseBatch, int]:
         raise ValueError(box[0])
     indptr, indices, values, dim, n = box[0]
     return SparseBatch(indptr, indices, values, dim, check=False), n
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
