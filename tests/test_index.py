@@ -361,6 +361,19 @@ def test_compact_drops_deleted_documents_and_keeps_ids(user_ids, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_documents_are_rebuilt_from_the_postings():
+    """The rebuild behind optimize(), compact() and a loaded tail: any document range over several segments."""
+    gen = torch.Generator().manual_seed(29)
+    docs = random_batch(75, 20, 7, gen)
+    index = sr.SparseIndex(20, segment_size=16)
+    index.add(docs, progress=False)
+    for lo, hi in ((0, 75), (0, 16), (3, 40), (16, 32), (70, 75), (10, 10)):
+        got = index._documents(lo, hi)
+        want = docs[lo:hi]
+        assert torch.equal(got.indptr, want.indptr) and torch.equal(got.indices.long(), want.indices.long())
+        assert torch.equal(got.values, want.values)
+
+
 def test_memory_per_posting():
     docs, _ = sr.datasets.synthetic_splade(2000, 0, dim=3000, seed=1)
     for dtype, per in ((torch.float32, 8), (torch.float16, 6)):

@@ -263,28 +263,43 @@ class SparseIndex:
         return _Segment(ptr, ids, weights, len(docs)).to(self._device)
 
     def _documents(self, lo: int, hi: int) -> SparseBatch:
-        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending), one
-        segment at a time so that the transient memory is one segment's."""
+        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending) into
+        arrays allocated once, one segment at a time, so that the transient memory is one segment's."""
         parts, base = [], 0
-        for s in self._segments:
+        for s in self._segments:  # (segment, its first local row, past its last, first output row)
             a, b = max(lo, base), min(hi, base + s.ndocs)
             if a < b:
-                ptr = s.ptr.cpu()
-                col = torch.repeat_interleave(torch.arange(self._dim), ptr.diff(), output_size=s.docs.numel())
-                row = s.docs.cpu().long()
-                keep = (row >= a - base) & (row < b - base)
-                row, col, val = row[keep] - (a - base), col[keep], s.weights.cpu()[keep]
-                order = torch.argsort(row * self._dim + col)
-                indptr = torch.zeros(b - a + 1, dtype=torch.int64)
-                torch.cumsum(torch.bincount(row, minlength=b - a), 0, out=indptr[1:])
-                parts.append(SparseBatch(indptr, col[order].to(torch.int32 if self._dim < 2**31 else torch.int64),
-                                         val[order], self._dim, check=False))
-                del row, col, val, order, keep
+                parts.append((s, a - base, b - base, a - lo))
             base += s.ndocs
-        if not parts:
-            return SparseBatch(torch.zeros(hi - lo + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32),
-                               torch.zeros(0, dtype=self._dtype), self._dim, check=False)
-        return SparseBatch.cat(parts) if len(parts) > 1 else parts[0]
+
+        def in_range(s, a, b):
+            docs = s.docs.cpu()
+            return None if a == 0 and b == s.ndocs else (docs >= a) & (docs < b)
+
+        counts = []
+        for s, a, b, _ in parts:
+            keep = in_range(s, a, b)
+            counts.append(s.docs.numel() if keep is None else int(keep.sum()))
+        indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
+        indices = torch.empty(sum(counts), dtype=torch.int32 if self._dim < 2**31 else torch.int64)
+        values = torch.empty(sum(counts), dtype=self._dtype)
+        at = 0
+        for (s, a, b, out_row), m in zip(parts, counts):
+            col = torch.repeat_interleave(torch.arange(self._dim), s.ptr.cpu().diff(), output_size=s.docs.numel())
+            row, val, keep = s.docs.cpu(), s.weights.cpu(), in_range(s, a, b)
+            if keep is not None:
+                row, col, val = row[keep], col[keep], val[keep]
+            # Postings run column by column, rows ascending within each: a stable sort by row leaves each row's
+            # columns ascending.
+            order = torch.sort(row, stable=True).indices
+            indices[at:at + m] = col[order]
+            values[at:at + m] = val[order]
+            rows_out = indptr[out_row + 1:out_row + 1 + b - a]
+            torch.cumsum(torch.bincount(row.long() - a, minlength=b - a), 0, out=rows_out)
+            rows_out += at
+            at += m
+            del row, col, val, order, keep
+        return SparseBatch(indptr, indices, values, self._dim, check=False)
 
     # ---- facts -----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
