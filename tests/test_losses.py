@@ -231,3 +231,41 @@ def test_sparse_retrieval_loss_rejects_bad_config():
         losses.SparseRetrievalLoss("info_nce", 1, 1)
     with pytest.raises(ValueError, match="lam"):
         losses.SparseRetrievalLoss(losses.info_nce, -1, 1)
+
+
+def test_warmup_counts_optimizer_steps_and_resumes():
+    """Gradient accumulation (4 forwards per optimizer step) warms up at the optimizer's pace once
+    count_optimizer_steps() is called; the step count travels in state_dict."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(6, 10)
+    loss_fn = losses.SparseRetrievalLoss(losses.info_nce, lambda_q=1.0, lambda_d=2.0, warmup_steps=10)
+    opt = torch.optim.SGD(enc.parameters(), lr=0.01)
+    handle = loss_fn.count_optimizer_steps(opt)
+    for _ in range(3):
+        for _ in range(4):
+            x = torch.randn(5, 6)
+            loss_fn(torch.relu(enc(x)), torch.relu(enc(x + 0.1))).backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss_fn.lambda_q.t == 3 and loss_fn.lambda_d.value == 2.0 * (3 / 10) ** 2
+    state = {"loss": loss_fn.state_dict(), "opt": opt.state_dict()}
+    resumed = losses.SparseRetrievalLoss(losses.info_nce, lambda_q=1.0, lambda_d=2.0, warmup_steps=10)
+    resumed.load_state_dict(state["loss"])
+    assert resumed.lambda_q.t == 3 and resumed.lambda_d.value == loss_fn.lambda_d.value
+    handle.remove()  # back to counting training forwards
+    x = torch.randn(5, 6)
+    loss_fn(torch.relu(enc(x)), torch.relu(enc(x)))
+    assert loss_fn.lambda_q.t == 4
+    with pytest.raises(TypeError, match="optimizer"):
+        loss_fn.count_optimizer_steps("sgd")
+    sae = sr.SparseAutoEncoder(6, 16, k=2)
+    csr = sr.CSRLoss(flops_weight=losses.RegularizerScheduler(1.0, 5))
+    opt = torch.optim.SGD(sae.parameters(), lr=0.01)
+    csr.count_optimizer_steps(opt)
+    for _ in range(2):
+        csr(sae, torch.randn(8, 6)).backward()
+    opt.step()
+    assert csr.flops_weight.t == 1
+    again = sr.CSRLoss(flops_weight=losses.RegularizerScheduler(1.0, 5))
+    again.load_state_dict(csr.state_dict())
+    assert again.flops_weight.t == 1

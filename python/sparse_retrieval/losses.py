@@ -23,7 +23,8 @@ Embeddings = Union[torch.Tensor, SparseBatch]
 Negatives = Union[None, Embeddings, Sequence[Embeddings]]
 
 __all__ = [
-    "flops", "l1", "RegularizerScheduler", "info_nce", "margin_mse", "kl_distill", "SparseRetrievalLoss",
+    "flops", "l1", "RegularizerScheduler", "WarmupSteps", "info_nce", "margin_mse", "kl_distill",
+    "SparseRetrievalLoss",
 ]
 
 
@@ -151,8 +152,57 @@ class RegularizerScheduler:
         self.t += 1
         return self.value
 
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "warmup_steps": self.warmup_steps, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam, self.warmup_steps, self.t = float(state["lam"]), int(state["warmup_steps"]), int(state["t"])
+
     def __repr__(self) -> str:
         return f"RegularizerScheduler(lam={self.lam}, warmup_steps={self.warmup_steps}, t={self.t})"
+
+
+class WarmupSteps:
+    """Mixin of the loss modules whose regularizer weights warm up (``_schedulers()`` names them). By default each
+    forward in training mode is a step; after ``count_optimizer_steps(optimizer)`` only ``optimizer.step()`` is
+    (gradient accumulation then warms up at the optimizer's pace). The step counts are part of the module's
+    ``state_dict`` (``get_extra_state``), so saving and loading the training state resumes the warm-up."""
+
+    _by_optimizer = False
+
+    def _schedulers(self) -> dict[str, RegularizerScheduler]:
+        raise NotImplementedError
+
+    def count_optimizer_steps(self, optimizer: torch.optim.Optimizer):
+        """Advances the warm-up once per ``optimizer.step()`` from now on; returns the hook's handle (``remove()``
+        goes back to counting forwards)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._by_optimizer = True
+        handle = optimizer.register_step_post_hook(lambda *_: self._advance())
+        module = self
+
+        class Handle:
+            def remove(self):
+                handle.remove()
+                module._by_optimizer = False
+
+        return Handle()
+
+    def _advance(self) -> None:
+        for s in self._schedulers().values():
+            s.step()
+
+    def _forward_done(self) -> None:
+        if self.training and not self._by_optimizer:
+            self._advance()
+
+    def get_extra_state(self) -> dict:
+        return {name: s.state_dict() for name, s in self._schedulers().items()}
+
+    def set_extra_state(self, state: dict) -> None:
+        for name, s in self._schedulers().items():
+            s.load_state_dict(state[name])
 
 
 # ---- ranking losses ----------------------------------------------------------------------------------------------
@@ -231,7 +281,7 @@ def kl_distill(q: Embeddings, pos: Embeddings, negatives: Negatives, teacher_sco
 
 
 # ---- SPLADE combination ------------------------------------------------------------------------------------------
-class SparseRetrievalLoss(torch.nn.Module):
+class SparseRetrievalLoss(WarmupSteps, torch.nn.Module):
     """``ranking_loss + lambda_q(t) * Reg_q(q) + lambda_d(t) * mean_b Reg_d(docs_b)``, the SPLADE combination.
 
     ``ranking_loss`` is called as ``ranking_loss(q, pos, negatives, **kwargs)`` (e.g. :func:`info_nce`,
@@ -240,7 +290,8 @@ class SparseRetrievalLoss(torch.nn.Module):
     sentence-transformers' ``SpladeLoss`` instead regularizes the concatenation of all document batches, which
     differs for FLOPs (the square of a mean is not the mean of squares). Both weights follow
     :class:`RegularizerScheduler`'s quadratic warm-up over ``warmup_steps``; each call in training mode advances
-    the step. ``query_regularizer=None`` (or ``lambda_q=0``) skips the query term (inference-free SPLADE).
+    the step, or each optimizer step after ``count_optimizer_steps(optimizer)``; the steps are saved in
+    ``state_dict``. ``query_regularizer=None`` (or ``lambda_q=0``) skips the query term (inference-free SPLADE).
     After each call ``last`` holds the float components (``ranking``, ``reg_q``, ``reg_d``, ``lambda_q``,
     ``lambda_d``).
     """
@@ -262,6 +313,9 @@ class SparseRetrievalLoss(torch.nn.Module):
         self.lambda_d = RegularizerScheduler(lambda_d, warmup_steps)
         self.last: dict[str, float] = {}
 
+    def _schedulers(self) -> dict[str, RegularizerScheduler]:
+        return {"lambda_q": self.lambda_q, "lambda_d": self.lambda_d}
+
     def forward(self, q: Embeddings, pos: Embeddings, negatives: Negatives = None, **kwargs) -> torch.Tensor:
         ranking = self.ranking_loss(q, pos, negatives, **kwargs)
         docs = [pos, *_negatives_list(negatives)]
@@ -272,9 +326,7 @@ class SparseRetrievalLoss(torch.nn.Module):
         if self.query_regularizer is not None and lam_q > 0:
             reg_q = _REGULARIZERS[self.query_regularizer](q)
             total = total + lam_q * reg_q
-        if self.training:
-            self.lambda_q.step()
-            self.lambda_d.step()
+        self._forward_done()
         self.last = {"ranking": ranking.item(), "reg_q": reg_q.item(), "reg_d": reg_d.item(),
                      "lambda_q": lam_q, "lambda_d": lam_d}
         return total

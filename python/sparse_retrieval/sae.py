@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .losses import RegularizerScheduler, flops, info_nce
+from .losses import RegularizerScheduler, WarmupSteps, flops, info_nce
 from .sparse import SparseBatch
 from .topk import topk_sparsify
 
@@ -130,7 +130,7 @@ def _normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, target) / torch.where(baseline > 0, baseline, torch.ones_like(baseline))
 
 
-class CSRLoss(torch.nn.Module):
+class CSRLoss(WarmupSteps, torch.nn.Module):
     """CSR training loss: ``L(k) + k4_weight * L(4k) + aux_weight * L_aux + contrastive_weight * InfoNCE``.
 
     ``L(k)``, ``L(4k)``: MSE (mean over elements) between the input embeddings and their reconstructions from k and
@@ -141,7 +141,7 @@ class CSRLoss(torch.nn.Module):
     sentence-transformers' ``CSRLoss`` defaults differ: aux weight 0.1, contrastive weight 1 at scale 1 (T=1).
 
     ``flops_weight`` (a number or a :class:`~sparse_retrieval.losses.RegularizerScheduler`, stepped once per
-    training call) adds ``w * flops(codes)`` over the k-sparse codes of all rows: top-k fixes the non-zeros per
+    training call, or per optimizer step after ``count_optimizer_steps(optimizer)``; saved in ``state_dict``) adds ``w * flops(codes)`` over the k-sparse codes of all rows: top-k fixes the non-zeros per
     row, and this term spreads them over the latents, lowering the expected FLOPs of a search (not in CSR or
     sentence-transformers).
 
@@ -166,6 +166,9 @@ class CSRLoss(torch.nn.Module):
         self.flops_weight = flops_weight
         self.last: dict[str, float] = {}
         self.last_output: SAEOutput | None = None
+
+    def _schedulers(self) -> dict[str, RegularizerScheduler]:
+        return {"flops_weight": self.flops_weight}
 
     def forward(self, model: SparseAutoEncoder, anchors: torch.Tensor,
                 positives: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,8 +195,7 @@ class CSRLoss(torch.nn.Module):
         lam = self.flops_weight.value
         l_flops = flops(out.latents) if lam > 0 else torch.zeros((), device=x.device)
         total = total + lam * l_flops
-        if self.training:
-            self.flops_weight.step()
+        self._forward_done()
         self.last_output = out
         self.last = {"recon_k": l_k.item(), "recon_4k": l_4k.item(), "aux": l_aux.item(), "contrastive": l_cl.item(),
                      "flops": l_flops.item(), "flops_weight": lam, "dead": int(model.dead_mask.sum())}
