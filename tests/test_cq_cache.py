@@ -89,12 +89,10 @@ def test_generate_and_codes_attention_match_dequantized(model, quantizers):
         plain = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6), **gen_kwargs)
         assert plain.shape == (2, 23)
         # Decode-step logits with attention from codes equal those over the dequantized history.
-        caches = [CoupledQuantizedCache(quantizers, window=6), CoupledQuantizedCache(quantizers, window=6,
-                                                                                  codes_attention=True)]
         logits = []
-        for codes_attention, cache in zip((False, True), caches):
-            if codes_attention:
-                enable_cq_attention(model)
+        for codes_attention in (False, True):
+            cache = CoupledQuantizedCache(quantizers, window=6, codes_attention=codes_attention,
+                                          model=model if codes_attention else None)
             try:
                 model(input_ids=ids, past_key_values=cache, use_cache=True)
                 steps = [model(input_ids=plain[:, 11 + i:12 + i], past_key_values=cache, use_cache=True).logits
@@ -103,13 +101,35 @@ def test_generate_and_codes_attention_match_dequantized(model, quantizers):
                 model.set_attn_implementation("sdpa")
             logits.append(torch.cat(steps, 1))
         torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
-        enable_cq_attention(model)
         try:
             fast = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6,
-                                                                             codes_attention=True), **gen_kwargs)
+                                                                             codes_attention=True, model=model),
+                                  **gen_kwargs)
         finally:
             model.set_attn_implementation("sdpa")
     assert fast.shape == plain.shape
+
+
+def test_codes_attention_never_silently_drops_the_history(model, quantizers):
+    """codes_attention=True hands attention the window only: without the "cq" attention reading the codes the
+    history would be ignored (a wrong answer, no error). The cache needs the model, and refuses to go on when the
+    model's attention was switched back."""
+    ids = torch.randint(0, 97, (1, 11))
+    with pytest.raises(ValueError, match="pass model="):
+        CoupledQuantizedCache(quantizers, window=6, codes_attention=True)
+    cache = CoupledQuantizedCache(quantizers, window=6, codes_attention=True, model=model)
+    model.set_attn_implementation("sdpa")  # undoes what the cache switched on
+    with torch.no_grad(), pytest.raises(RuntimeError, match="did not read the coded history"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    enable_cq_attention(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6,
+                                                                            codes_attention=True, model=model),
+                                 max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.shape == (1, 15)
 
 
 def test_pre_rope_mode_rerotates_history(model, texts):

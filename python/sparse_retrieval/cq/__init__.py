@@ -23,7 +23,8 @@ import torch
 from .. import reference
 from .._fake import fake
 
-__all__ = ["CoupledQuantizer", "attention", "encode", "decode", "CoupledQuantizedCache", "calibrate"]
+__all__ = ["CoupledQuantizer", "attention", "encode", "decode", "CoupledQuantizedCache", "calibrate",
+           "enable_cq_attention"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BITS = 15
@@ -326,7 +327,7 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
 
 
 def __getattr__(name):
-    if name in ("CoupledQuantizedCache", "calibrate"):
+    if name in ("CoupledQuantizedCache", "calibrate", "enable_cq_attention"):
         from . import cache
 
         return getattr(cache, name)

@@ -45,6 +45,7 @@ class CoupledQuantizedLayer(DynamicLayer):
         self.k_quantizer, self.v_quantizer, self.window = k_quantizer, v_quantizer, window
         self.rotary_emb = rotary_emb  # set: keys are coded before RoPE
         self.codes_attention = codes_attention
+        self._unread = False  # a window handed to attention without its coded history being read yet
         self.cumulative_length = 0
         self.n_coded = 0
         self._k_codes = self._v_codes = None
@@ -123,6 +124,13 @@ class CoupledQuantizedLayer(DynamicLayer):
         if full is not None:
             return full
         if self.codes_attention and self.rotary_emb is None:
+            # The window alone goes back: only the "cq" attention function adds the coded history. A model whose
+            # attention is another one would silently ignore the history, so the next step refuses to go on.
+            if self._unread:
+                raise RuntimeError("CoupledQuantizedCache(codes_attention=True): the model's attention did not read "
+                                   "the coded history (it is not the 'cq' implementation); pass model= to the "
+                                   "cache or call sparse_retrieval.cq.enable_cq_attention(model)")
+            self._unread = self.n_coded > 0
             keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
             keys._cq_layer = self  # read by the "cq" attention function
             return keys, values
@@ -174,13 +182,18 @@ class CoupledQuantizedCache(Cache):
 
     Keys are coded **post-RoPE** (as transformers hands them over), which lets attention run from the codes:
     with ``codes_attention=True`` and ``enable_cq_attention(model)``, decode steps call
-    :func:`sparse_retrieval.cq.attention` instead of dequantizing the history. ``rotary_emb=model.model.rotary_emb``
+    :func:`sparse_retrieval.cq.attention` instead of dequantizing the history (``model`` is then required: its
+    attention is switched to the "cq" implementation, see :func:`enable_cq_attention`; a model whose attention
+    does not read the codes makes the next decode step raise). ``rotary_emb=model.model.rotary_emb``
     codes keys **pre-RoPE** instead (quantizers calibrated with ``rope="pre"``): history is then decoded and
     re-rotated every step. Positions are taken to start at 0 (no left padding).
     """
 
     def __init__(self, quantizers: Sequence[tuple[CoupledQuantizer, CoupledQuantizer]], window: int = 128,
-                 rotary_emb=None, codes_attention: bool = False):
+                 rotary_emb=None, codes_attention: bool = False, model=None):
+        if codes_attention and rotary_emb is None and model is None:
+            raise ValueError("codes_attention=True: pass model= (its attention is switched to the 'cq' "
+                             "implementation, which reads the codes)")
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative int, got {window!r}")
         if not quantizers:
@@ -193,6 +206,8 @@ class CoupledQuantizedCache(Cache):
         self.window = window
         super().__init__(layers=[CoupledQuantizedLayer(k, v, window, rotary_emb, codes_attention)
                                  for k, v in quantizers])
+        if codes_attention and rotary_emb is None:
+            enable_cq_attention(model)
 
     def nbytes(self) -> dict:
         """Bytes of codes and of full-precision window over all layers."""
@@ -208,6 +223,7 @@ def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    layer._unread = False
     if attention_mask is not None:  # padding: attend over the decoded history with the mask
         hist_k, hist_v = layer.dequantized()
         return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2), torch.cat([hist_v, value], -2),
