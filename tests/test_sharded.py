@@ -117,6 +117,19 @@ def test_inconsistent_shards_raise_on_every_rank(tmp_path):
     assert not run(_bad_documents, 2)
 
 
+def _more_ranks_than_documents(rank, world):
+    docs, _, queries = data()
+    sharded = ShardedIndex.from_documents(docs[:2] if rank == 0 else None)
+    assert len(sharded.local) == (0, 1, 1)[rank]
+    got = sharded.search(queries, 4)
+    want = sr.SparseIndex.from_documents(docs[:2], progress=False).search(queries, 4)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_shards_without_documents():
+    assert not run(_more_ranks_than_documents, 3)
+
+
 def _one_rank_dies(rank, world):
     docs, _, queries = data()
     sharded = ShardedIndex.from_documents(docs if rank == 0 else None)

@@ -84,7 +84,9 @@ class ShardedIndex:
             queries = _broadcast_object(None if queries is None else as_sparse_batch(queries, "queries"), src,
                                         self.group)
         scores, local = self.local.search(queries, k, threads, **search_kwargs)
-        ids = torch.where(local >= 0, self.ids[local.clamp(min=0)], -1)
+        ids = torch.full_like(local, -1)
+        hit = local >= 0
+        ids[hit] = self.ids[local[hit]]
         world = _world(self.group)
         all_scores = [torch.empty_like(scores) for _ in range(world)]
         all_ids = [torch.empty_like(ids) for _ in range(world)]
