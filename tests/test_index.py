@@ -262,6 +262,10 @@ def test_filters_and_deletes_match_the_reference(simd_level, tmp_path):
         index.search(queries, 3, filter=torch.ones(230))
     with pytest.raises(ValueError, match="ids: document ids must lie"):
         index.delete([-1])
+    for bad in (np.array([True, False]), [2.7], torch.tensor([1.0])):  # never cast into ids
+        with pytest.raises(TypeError, match="ids: expected integer ids"):
+            index.delete(bad)
+    assert index.ndeleted == 40
     with pytest.raises(ValueError, match="allowed: expected a contiguous 1-D mask"):
         segs = index._segments
         ops.sparse_search(queries.indptr, queries.indices, queries.values, [s.ptr for s in segs],
@@ -308,6 +312,14 @@ def test_external_ids(kind, tmp_path):
     assert loaded.ndeleted == 20
     with pytest.raises(ValueError, match="unique"):
         index.add(docs[:1], ids=user[:1])
+    copy = index.to("cpu")  # shares nothing that a later add changes
+    index.add(docs[:1], ids=[10**7] if kind == "int" else ["new"], progress=False)
+    copy.add(docs[:1], ids=[10**7] if kind == "int" else ["new"], progress=False)
+    assert len(copy) == len(index) == 121
+    empty = sr.SparseIndex(30)
+    with pytest.raises(ValueError, match="unique"):
+        empty.add(docs[:2], ids=[5, 5] if kind == "int" else ["a", "a"])
+    empty.add(docs[:2], progress=False)  # the failed add left it without ids
     with pytest.raises(ValueError, match="pass one per document"):
         index.add(docs[:1])
     with pytest.raises(ValueError, match="filter: unknown ids"):

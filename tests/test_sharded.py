@@ -106,6 +106,25 @@ def _bad_documents(rank, world):
         ShardedIndex.from_documents([[1.0]] if rank == 0 else None)
 
 
+def _errors_reach_every_rank(rank, world):
+    """A problem on one rank raises on all (none is left waiting in a collective)."""
+    docs, _, queries = data()
+    sharded = ShardedIndex.from_documents(docs if rank == 0 else None)
+    with pytest.raises(ValueError, match="rank 1: ValueError: filter"):
+        sharded.search(queries, 3, filter=[0] if rank == 1 else None) if rank == 1 else sharded.search(queries, 3)
+    with pytest.raises(ValueError, match="rank 0: TypeError: queries"):
+        sharded.search("not queries" if rank == 0 else None, 3, src=0)
+    negative = SparseBatch(docs.indptr, docs.indices, -docs.values.abs(), docs.dim)  # block maxima refuse w < 0
+    mixed = SparseBatch.cat([docs[:60], negative[60:]])
+    with pytest.raises(ValueError, match="rank 1: ValueError: docs: block-max search needs"):
+        ShardedIndex.from_documents(mixed if rank == 0 else None, block_max=True)
+    keyed = sr.SparseIndex.from_documents(docs[:5], ids=[10, 11, 12, 13, 14] if rank == 1 else None, progress=False)
+    with pytest.raises(ValueError, match="rank 1: ValueError: local: expected a CPU index with positional ids"):
+        ShardedIndex.from_local(keyed)
+    assert torch.equal(sharded.search(queries, 3)[1], sr.SparseIndex.from_documents(docs, progress=False)
+                       .search(queries, 3)[1])  # still in step
+
+
 def test_inconsistent_shards_raise_on_every_rank(tmp_path):
     folder = str(tmp_path / "shards")
     assert not run(_save, 2, folder)
@@ -115,6 +134,7 @@ def test_inconsistent_shards_raise_on_every_rank(tmp_path):
     assert not run(_load_expecting, 2, folder, "rank 1: .*do not match the manifest")
     assert not run(_mismatched_dims, 2)
     assert not run(_bad_documents, 2)
+    assert not run(_errors_reach_every_rank, 2)
 
 
 def _more_ranks_than_documents(rank, world):

@@ -80,9 +80,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   check_1d(bm_blocks, at::kInt, -1, "bm_blocks");
   check_1d(bm_values, at::kByte, bm_blocks.numel(), "bm_values");
   check_offsets(bm_ptr, bm_blocks.numel(), "bm_ptr");
-  check_once("block-max index", {fwd_ptr, fwd_terms, dense_row, bm_ptr, bm_blocks}, {dim, block_size, rows}, [&] {
+  check_once("block-max index", {fwd_ptr, fwd_terms, doc_ids, dense_row, bm_ptr, bm_blocks}, {dim, block_size, rows},
+             [&] {
     check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
     check_lists(bm_ptr, bm_blocks, nblocks, "bm_ptr", "bm_blocks");
+    if (ndocs > 0) {
+      auto [lo, hi] = at::aminmax(doc_ids);
+      TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < ndocs, "doc_ids: ids must lie in [0, ",
+                        ndocs, ")");
+    }
     if (dim > 0) {
       auto [lo, hi] = at::aminmax(dense_row);
       TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "bm_dense_row: rows must lie in [-1, ",

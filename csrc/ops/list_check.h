@@ -86,8 +86,8 @@ void check_once(const std::string& kind, const std::vector<at::Tensor>& tensors,
     std::vector<int64_t> stamp;
   };
   static std::mutex mutex;
-  static std::deque<Entry> seen;  // most recent last; bounded
-  constexpr size_t kMaxEntries = 256;
+  static std::deque<Entry> seen;  // most recently used last; bounded
+  constexpr size_t kMaxEntries = 4096;  // entries hold weak references only: a few hundred bytes each
 
   std::vector<int64_t> stamp(extra);
   for (const auto& t : tensors) {
@@ -108,7 +108,13 @@ void check_once(const std::string& kind, const std::vector<at::Tensor>& tensors,
   };
   {
     std::lock_guard<std::mutex> lock(mutex);
-    if (std::any_of(seen.begin(), seen.end(), same)) return;
+    const auto hit = std::find_if(seen.rbegin(), seen.rend(), same);
+    if (hit != seen.rend()) {  // move to the back: a hit is recently used
+      Entry e = std::move(*hit);
+      seen.erase(std::next(hit).base());
+      seen.push_back(std::move(e));
+      return;
+    }
   }
   check();
   Entry entry{kind, {}, std::move(stamp)};

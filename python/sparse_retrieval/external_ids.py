@@ -1,6 +1,7 @@
 """User-facing document ids of a `SparseIndex`: non-negative int64 or strings, one per document in insertion order,
-unique, with the reverse map that ``delete`` and ``filter`` need. Ids are only ever appended, so a reader holding
-the first n documents' ids keeps seeing the same ids."""
+unique, with the reverse map that ``delete`` and ``filter`` need. An object never changes once built (``extended``
+and ``subset`` return new ones), so an index publishes it together with its segments and a reader's snapshot
+stays consistent."""
 from __future__ import annotations
 
 import numbers
@@ -34,8 +35,15 @@ class ExternalIds:
     def __len__(self) -> int:
         return self._ints.numel() if self.kind == "int" else len(self._strs)
 
-    def extend(self, ids, n: int) -> None:
-        """Appends the ids of n new documents; raises (changing nothing) on a wrong count, type or a repeat."""
+    def extended(self, ids, n: int) -> "ExternalIds":
+        """A copy with the ids of n new documents appended; raises on a wrong count, type or a repeat."""
+        out = ExternalIds(self.kind, self.auto, self.next_id)
+        out._ints, out._sorted, out._sorted_pos = self._ints, self._sorted, self._sorted_pos
+        out._strs, out._where = list(self._strs), dict(self._where)
+        out._append(ids, n)
+        return out
+
+    def _append(self, ids, n: int) -> None:
         if self.kind == "str":
             ids = list(ids)
             if len(ids) != n or not all(isinstance(i, str) for i in ids):
@@ -48,7 +56,7 @@ class ExternalIds:
             self._strs.extend(ids)
             self._where.update(fresh)
             return
-        new = _int_ids(ids, "ids")
+        new = as_int_ids(ids, "ids")
         if new.numel() != n:
             raise ValueError(f"ids: expected {n} ids, one per document, got {new.numel()}")
         if new.numel() and int(new.min()) < 0:
@@ -71,7 +79,7 @@ class ExternalIds:
             if missing:
                 raise ValueError(f"{name}: unknown ids {missing[:5]}")
             return torch.tensor([self._where[i] for i in ids], dtype=torch.int64)
-        want = _int_ids(ids, name)
+        want = as_int_ids(ids, name)
         at = torch.searchsorted(self._sorted, want).clamp(max=max(self._sorted.numel() - 1, 0))
         found = self._sorted.numel() > 0 and bool((self._sorted[at] == want).all()) if want.numel() else True
         if not found:
@@ -82,7 +90,7 @@ class ExternalIds:
     def subset(self, keep: torch.Tensor) -> "ExternalIds":
         """The ids at positions ``keep`` (ascending), as a new object."""
         out = ExternalIds(self.kind, self.auto, self.next_id)
-        out.extend(self._ints[keep] if self.kind == "int" else [self._strs[p] for p in keep.tolist()], keep.numel())
+        out._append(self._ints[keep] if self.kind == "int" else [self._strs[p] for p in keep.tolist()], keep.numel())
         out.next_id = self.next_id
         return out
 
@@ -134,7 +142,7 @@ class ExternalIds:
         if n_ids != n:
             raise ValueError(f"{where}: {n_ids} ids for {n} documents")
         try:
-            out.extend(ints if out.kind == "int" else strs, n)
+            out._append(ints if out.kind == "int" else strs, n)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         if out.auto:
@@ -145,7 +153,7 @@ class ExternalIds:
         return out
 
 
-def _int_ids(ids, name: str) -> torch.Tensor:
+def as_int_ids(ids, name: str) -> torch.Tensor:
     if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
         ids = [ids]
     if isinstance(ids, (set, frozenset, range)):

@@ -27,7 +27,7 @@ from ._fake import fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max
-from .external_ids import ExternalIds
+from .external_ids import ExternalIds, as_int_ids
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -162,16 +162,6 @@ class SparseIndex:
         tensor, padding -1; or for strings a numpy object array, padding None), ``delete`` and ``filter`` take
         them, and every later ``add`` must pass ids of the same kind. They are saved with the index."""
         docs = as_sparse_batch(docs, "docs")
-        if self._ids is not None and self._ids.auto:  # positional ids kept through compact(): the index assigns
-            if ids is not None:
-                raise ValueError("ids: this index assigns its own ids (its positional ids, kept by compact())")
-            ids = torch.arange(self._ids.next_id, self._ids.next_id + len(docs))
-        if ids is None and self._ids is not None:
-            raise ValueError("ids: this index keys its documents by user ids; pass one per document")
-        if ids is not None and self._ids is None and len(self) > 0:
-            raise ValueError("ids: this index already holds documents without ids (positional ids)")
-        if ids is not None and self._ids is not None and ExternalIds.kind_of(ids) != self._ids.kind:
-            raise TypeError(f"ids: this index's ids are {self._ids.kind}s")
         if docs.dim != self._dim:
             raise ValueError(f"docs: dim {docs.dim} differs from the index's dim {self._dim}")
         from tqdm.auto import tqdm
@@ -180,6 +170,19 @@ class SparseIndex:
         start = 0
         with self._writing, tqdm(total=n, desc="indexing", unit="doc",
                                  disable=not progress or n <= self.segment_size) as bar:
+            user_ids = self._ids
+            if user_ids is not None and user_ids.auto:  # positional ids kept through compact(): the index assigns
+                if ids is not None:
+                    raise ValueError("ids: this index assigns its own ids (its positional ids, kept by compact())")
+                ids = torch.arange(user_ids.next_id, user_ids.next_id + n)
+            if ids is None and user_ids is not None:
+                raise ValueError("ids: this index keys its documents by user ids; pass one per document")
+            if ids is not None and user_ids is None and len(self) > 0:
+                raise ValueError("ids: this index already holds documents without ids (positional ids)")
+            if ids is not None and user_ids is not None and ExternalIds.kind_of(ids) != user_ids.kind:
+                raise TypeError(f"ids: this index's ids are {user_ids.kind}s")
+            if ids is not None:  # checked before any work: a bad id raises with nothing changed
+                user_ids = (user_ids or ExternalIds(ExternalIds.kind_of(ids))).extended(ids, n)
             segments, tail = list(self._segments), self._tail
             while start < n:
                 last = segments[-1] if segments else None
@@ -199,25 +202,15 @@ class SparseIndex:
             deleted = self._deleted
             if deleted is not None and n:
                 deleted = torch.cat([deleted, torch.zeros(n, dtype=torch.bool)])
-            if ids is not None:  # last: a bad id raises before anything is published
-                if self._ids is None:
-                    self._ids = ExternalIds(ExternalIds.kind_of(ids))
-                self._ids.extend(ids, n)
             with self._publish:
-                self._segments, self._tail, self._deleted = segments, tail, deleted
+                self._segments, self._tail, self._deleted, self._ids = segments, tail, deleted, user_ids
 
     def delete(self, ids) -> None:
         """Marks documents deleted (ids: one, or a sequence / tensor / array of them; user ids when the index has
         them): no search mode returns them again; ids are not reused. Tombstones are saved with the index; the
         postings stay until the index is rebuilt. Deleting twice is allowed; an unknown id raises ValueError."""
-        if self._ids is not None:
-            ids = self._ids.positions(ids, "ids")
-        else:
-            ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1)) \
-                if not isinstance(ids, torch.Tensor) else ids.reshape(-1)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise TypeError(f"ids: expected integer ids, got {ids.dtype}")
-        with self._writing:
+        with self._writing:  # ids resolved under the lock: compact() may renumber positions
+            ids = self._ids.positions(ids, "ids") if self._ids is not None else as_int_ids(ids, "ids")
             n = len(self)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
                 raise ValueError(f"ids: document ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
@@ -237,8 +230,7 @@ class SparseIndex:
             keep = (~deleted).nonzero().flatten()
             docs = self._documents(0, len(deleted))[keep]
             if user_ids is None:
-                user_ids = ExternalIds("int", auto=True)
-                user_ids.extend(torch.arange(len(deleted)), len(deleted))
+                user_ids = ExternalIds("int", auto=True).extended(torch.arange(len(deleted)), len(deleted))
             user_ids = user_ids.subset(keep)
             fresh = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
             fresh.add(docs, progress=progress)

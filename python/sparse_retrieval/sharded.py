@@ -1,16 +1,19 @@
-"""`ShardedIndex`: a collection split by document over the ranks of a ``torch.distributed`` process group (gloo on
-CPUs, NCCL between GPUs; launched with ``torchrun``), as every production engine shards: each rank holds its
-documents in a `SparseIndex`, searches them, and the per-rank top-k lists are gathered and merged.
+"""`ShardedIndex`: a collection split by document over the ranks of a ``torch.distributed`` process group (launched
+with ``torchrun``), as every production engine shards: each rank holds its documents in a CPU `SparseIndex`, searches
+them, and the per-rank top-k lists are gathered and merged. Tested with gloo (CPU tensors); NCCL needs CUDA tensors
+for its collectives and is not supported yet.
 
 Global ids: each rank keeps the global id of every local document (``ids``, increasing, so that local tie order
 is global tie order). ``from_documents`` gives rank r a contiguous range; ``add`` splits new documents into one
 contiguous range per rank, ids continuing from the global count. Exact search therefore returns exactly what one
 big index over all documents would (scores, ids and ties).
 
-Every method except the properties is collective: all ranks of the group call it, in the same order. A rank that
-dies or hangs makes the others raise the backend's error within the group's timeout (``init_process_group(...,
-timeout=...)``; torch's default is 30 minutes for gloo, so set a shorter one for serving). Inconsistent shards (dim,
-weight dtype, shard count) raise ``ValueError`` on every rank at build or load time.
+Every method except the properties is collective: all ranks of the group call it, in the same order. An error on
+one rank (bad documents or queries, a damaged shard file, a full disk) is gathered and raised as ``ValueError`` on
+every rank before the next collective, so no rank is left waiting. A rank that dies or hangs makes the others raise
+the backend's error within the group's timeout (``init_process_group(..., timeout=...)``; torch's default is 30
+minutes for gloo, so set a shorter one for serving). Inconsistent shards (dim, weight dtype, shard count) raise on
+every rank at build or load time.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.distributed as dist
 
 from ._files import write_atomic
 from .index import SparseIndex, merge_top_k
-from .sparse import SparseBatch, as_sparse_batch
+from .sparse import SparseBatch, as_sparse_batch, cast_values
 
 _MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -48,14 +51,25 @@ class ShardedIndex:
         r-th contiguous range of rows. ``index_kwargs`` go to ``SparseIndex.from_documents`` on every rank (e.g.
         ``block_max=True`` for safe and approximate search)."""
         part, _ = _scatter_rows(docs, src, group)
-        local = SparseIndex.from_documents(part, progress=False, **index_kwargs)
-        return cls.from_local(local, group=group)
+
+        def build():
+            if "ids" in index_kwargs:
+                raise ValueError("ids: a ShardedIndex numbers documents globally itself")
+            return SparseIndex.from_documents(part, progress=False, **index_kwargs)
+
+        return cls.from_local(_on_every_rank(build, group), group=group)
 
     @classmethod
     def from_local(cls, local: SparseIndex, *, group=None) -> "ShardedIndex":
-        """Each rank passes its shard; global ids follow rank order (rank 0's documents first)."""
-        if not isinstance(local, SparseIndex):
-            raise TypeError(f"local: expected a SparseIndex, got {type(local).__name__}")
+        """Each rank passes its shard (a CPU index with positional ids); global ids follow rank order (rank 0's
+        documents first)."""
+        def check():
+            if not isinstance(local, SparseIndex):
+                raise TypeError(f"local: expected a SparseIndex, got {type(local).__name__}")
+            if local._ids is not None or local.device.type != "cpu":
+                raise ValueError("local: expected a CPU index with positional ids (no user ids, not compacted)")
+
+        _on_every_rank(check, group)
         facts = _all_gather_object((len(local), local.dim, str(local.dtype)), group)
         _same_everywhere(facts, lambda f: f[1:], "dim and weight dtype")
         start = sum(f[0] for f in facts[:_rank(group)])
@@ -66,11 +80,16 @@ class ShardedIndex:
         """Rank ``src`` passes the new documents, the others None; each rank appends one contiguous range of them,
         their global ids continuing from ``total``."""
         part, n = _scatter_rows(docs, src, self.group)
-        if part.dim != self.local.dim:  # the same on every rank: all raise
-            raise ValueError(f"docs: dim {part.dim} differs from the index's dim {self.local.dim}")
+
+        def check():  # what could make one rank's add fail, agreed on before any rank adds
+            if part.dim != self.local.dim:
+                raise ValueError(f"docs: dim {part.dim} differs from the index's dim {self.local.dim}")
+            return cast_values(part.values, self.local.dtype, "docs values")
+
+        values = _on_every_rank(check, self.group)
         bounds = _split_bounds(n, _world(self.group))
         lo = self.total + bounds[_rank(self.group)]
-        self.local.add(part, progress=False)
+        self.local.add(SparseBatch(part.indptr, part.indices, values, part.dim, check=False), progress=False)
         self.ids = torch.cat([self.ids, torch.arange(lo, lo + len(part), dtype=torch.int64)])
         self.total += n
 
@@ -80,10 +99,24 @@ class ShardedIndex:
         ``SparseIndex.search``'s order, ties and padding. With ``src`` only that rank passes the queries (the others
         None) and they are broadcast; otherwise every rank passes the same queries. ``search_kwargs`` (``mode``,
         ``alpha``, ``query_cut``) go to each shard's search."""
+        queries_in = queries
         if src is not None:
-            queries = _broadcast_object(None if queries is None else as_sparse_batch(queries, "queries"), src,
-                                        self.group)
-        scores, local = self.local.search(queries, k, threads, **search_kwargs)
+            queries = None
+            if _rank(self.group) == src:
+                try:
+                    queries = as_sparse_batch(queries_in, "queries")
+                except Exception as exc:
+                    queries = f"rank {src}: {type(exc).__name__}: {exc}"
+            queries = _broadcast_object(queries, src, self.group)
+            if isinstance(queries, str):
+                raise ValueError(queries)
+
+        def local_search():
+            if "filter" in search_kwargs:
+                raise ValueError("filter: not supported by ShardedIndex.search yet")
+            return self.local.search(queries, k, threads, **search_kwargs)
+
+        scores, local = _on_every_rank(local_search, self.group)
         ids = torch.full_like(local, -1)
         hit = local >= 0
         ids[hit] = self.ids[local[hit]]
@@ -101,18 +134,23 @@ class ShardedIndex:
         shard is on disk. Each file is written atomically."""
         folder = Path(folder)
         rank = _rank(self.group)
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        dist.barrier(group=self.group)
-        self.local.save(folder / f"shard-{rank}.sridx")
         ids = self.ids.numpy().astype("<i8").tobytes()
-        write_atomic(folder / f"shard-{rank}.ids", lambda f: f.write(ids))
+
+        def write_shard():  # every rank creates the folder: it need not be shared storage
+            folder.mkdir(parents=True, exist_ok=True)
+            self.local.save(folder / f"shard-{rank}.sridx")
+            write_atomic(folder / f"shard-{rank}.ids", lambda f: f.write(ids))
+
+        _on_every_rank(write_shard, self.group)
         shards = _all_gather_object({"docs": len(self.local), "ids_crc32": zlib.crc32(ids)}, self.group)
-        if rank == 0:
-            manifest = {"format": _FORMAT, "shards": len(shards), "dim": self.local.dim,
-                        "dtype": str(self.local.dtype), "total": self.total, "per_shard": shards}
-            write_atomic(folder / _MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        dist.barrier(group=self.group)
+
+        def write_manifest():
+            if rank == 0:
+                manifest = {"format": _FORMAT, "shards": len(shards), "dim": self.local.dim,
+                            "dtype": str(self.local.dtype), "total": self.total, "per_shard": shards}
+                write_atomic(folder / _MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+        _on_every_rank(write_manifest, self.group)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, group=None, mmap: bool = True) -> "ShardedIndex":
@@ -128,8 +166,8 @@ class ShardedIndex:
             elif manifest["shards"] != world:
                 problem = (f"{folder}: {manifest['shards']} shards saved, {world} ranks loading; load with as many "
                            f"ranks as shards")
-        except (OSError, ValueError, KeyError) as exc:
-            problem = f"{folder}: unreadable manifest ({exc})"
+        except Exception as exc:  # any problem must reach every rank, or they would wait for this one
+            problem = f"{folder}: unreadable manifest ({type(exc).__name__}: {exc})"
         _raise_if_any(problem, group)
         problem, local, ids = None, None, None
         try:
@@ -142,8 +180,8 @@ class ShardedIndex:
             if (local.dim, str(local.dtype)) != (manifest["dim"], manifest["dtype"]):
                 raise ValueError(f"{folder}: shard {rank} has dim {local.dim} / {local.dtype}, the manifest "
                                  f"{manifest['dim']} / {manifest['dtype']}")
-        except (OSError, ValueError) as exc:
-            problem = f"rank {rank}: {exc}"
+        except Exception as exc:
+            problem = f"rank {rank}: {type(exc).__name__}: {exc}"
         _raise_if_any(problem, group)
         return cls(local, ids, manifest["total"], group)
 
@@ -178,6 +216,17 @@ def _broadcast_object(obj, src: int, group):
     return box[0]
 
 
+def _on_every_rank(fn, group):
+    """fn()'s result on this rank; when fn raised on any rank, ValueError on every rank (none is left waiting in
+    the next collective)."""
+    try:
+        out, problem = fn(), None
+    except Exception as exc:
+        out, problem = None, f"rank {_rank(group)}: {type(exc).__name__}: {exc}"
+    _raise_if_any(problem, group)
+    return out
+
+
 def _raise_if_any(problem: str | None, group) -> None:
     """Raises on every rank when any rank found a problem (so no rank goes on into a collective alone)."""
     problems = [p for p in _all_gather_object(problem, group) if p]
@@ -206,11 +255,12 @@ def _scatter_rows(docs, src: int, group) -> tuple[SparseBatch, int]:
                 raise ValueError(f"docs: rank {src} (src) must pass the documents")
             docs = as_sparse_batch(docs, "docs").to("cpu")
             bounds = _split_bounds(len(docs), world)
+            # Copies, not views: pickling a view sends its whole storage.
             pieces = [(docs.indptr[bounds[r]:bounds[r + 1] + 1] - docs.indptr[bounds[r]],
-                       docs.indices[docs.indptr[bounds[r]]:docs.indptr[bounds[r + 1]]],
-                       docs.values[docs.indptr[bounds[r]]:docs.indptr[bounds[r + 1]]], docs.dim, len(docs))
-                      for r in range(world)]
-        except (TypeError, ValueError) as exc:
+                       docs.indices[docs.indptr[bounds[r]]:docs.indptr[bounds[r + 1]]].clone(),
+                       docs.values[docs.indptr[bounds[r]]:docs.indptr[bounds[r + 1]]].detach().clone(), docs.dim,
+                       len(docs)) for r in range(world)]
+        except Exception as exc:
             pieces = [f"rank {src}: {type(exc).__name__}: {exc}"] * world
     box = [None]
     dist.scatter_object_list(box, pieces, src=dist.get_global_rank(group, src) if group is not None else src,

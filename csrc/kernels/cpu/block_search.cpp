@@ -17,7 +17,8 @@ namespace {
 // sum (this file and search.cpp are compiled without FMA contraction), which is how exhaustive search adds a
 // sorted query's terms; products of terms outside the query are +0 and leave a sum unchanged. So scores are
 // bit-identical to exhaustive search. Four documents are interleaved to hide the latency of the additions.
-// Returns false (scoring nothing) when the block's offsets are not monotone within [0, nnz]; int32 terms are
+// Returns false (scoring nothing) when the block's offsets are not monotone within [0, nnz] or a user id is not
+// in [0, ndocs) (a change racing the search after this check is not covered); int32 terms are
 // clamped to dim (slot[dim] is 0), uint16 ones need no check (the slot map has 65536 entries).
 template <class W, class Term>
 bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
@@ -27,6 +28,7 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
   const int64_t* ptr = ix.fwd_ptr;
   for (int64_t i = d; i < end; ++i) {
     if (!(0 <= ptr[i] && ptr[i] <= ptr[i + 1] && ptr[i + 1] <= ix.nnz)) return false;
+    if (uint64_t(ix.doc_ids[i]) >= uint64_t(ix.ndocs)) return false;  // ids index the caller's filter
   }
   auto slot_of = [&](int64_t p) -> uint8_t {
     if constexpr (sizeof(Term) == 2) {

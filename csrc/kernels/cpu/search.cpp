@@ -22,13 +22,10 @@ template <class W>
 inline int64_t scatter_postings(float* acc, const int32_t* __restrict docs, const typename W::T* __restrict w,
                                 int64_t p, int64_t end, float qw, int32_t base, int32_t n) {
   float* __restrict a = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(acc) - uintptr_t(base) * sizeof(float));
-  const auto inside = [&](int32_t d) { return uint32_t(d - base) < uint32_t(n); };
+  const auto offset = [&](int32_t d) { return uint32_t(d) - uint32_t(base); };  // unsigned: no overflow
   for (; p + 4 <= end; p += 4) {  // four independent read-modify-writes in flight
     const int32_t d0 = docs[p], d1 = docs[p + 1], d2 = docs[p + 2], d3 = docs[p + 3];
-    if (std::max(std::max(uint32_t(d0 - base), uint32_t(d1 - base)),
-                 std::max(uint32_t(d2 - base), uint32_t(d3 - base))) >= uint32_t(n)) {
-      break;
-    }
+    if (std::max(std::max(offset(d0), offset(d1)), std::max(offset(d2), offset(d3))) >= uint32_t(n)) break;
     const float v0 = qw * W::load(w, p), v1 = qw * W::load(w, p + 1), v2 = qw * W::load(w, p + 2),
                 v3 = qw * W::load(w, p + 3);
     a[d0] += v0;
@@ -36,7 +33,11 @@ inline int64_t scatter_postings(float* acc, const int32_t* __restrict docs, cons
     a[d2] += v2;
     a[d3] += v3;
   }
-  for (; p < end && inside(docs[p]); ++p) a[docs[p]] += qw * W::load(w, p);
+  for (; p < end; ++p) {
+    const int32_t d = docs[p];  // read once: the value checked is the value used
+    if (offset(d) >= uint32_t(n)) break;
+    a[d] += qw * W::load(w, p);
+  }
   return p;
 }
 
