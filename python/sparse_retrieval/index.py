@@ -160,7 +160,8 @@ class SparseIndex:
         ids ``len(self)`` .. ``len(self) + len(docs) - 1``. With ``ids`` (one per document: non-negative ints, or
         strings; unique) the index keys its documents by them from then on: ``search`` returns them (an int64
         tensor, padding -1; or for strings a numpy object array, padding None), ``delete`` and ``filter`` take
-        them, and every later ``add`` must pass ids of the same kind. They are saved with the index."""
+        them, and every later ``add`` must pass ids of the same kind. They are saved with the index. Equal scores
+        are ranked by insertion order (the document added first wins), which for positional ids is the lower id."""
         docs = as_sparse_batch(docs, "docs")
         if docs.dim != self._dim:
             raise ValueError(f"docs: dim {docs.dim} differs from the index's dim {self._dim}")
@@ -239,6 +240,7 @@ class SparseIndex:
             with self._publish:
                 self._segments, self._block_max, self._tail = fresh._segments, block_max, None
                 self._deleted, self._ids = None, user_ids
+                self._mapped = None  # nothing reads a loaded file any more
 
     @property
     def ndeleted(self) -> int:
