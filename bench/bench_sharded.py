@@ -117,7 +117,7 @@ def main():
     rows.append({"setup": f"{world} processes x 1 thread", **results})
     for r in rows:
         r["vs_one_process"] = r["qps"] / rows[0]["qps"]
-    gathered = world * args.k * 12  # scores (4 bytes) and ids (8 bytes) of every rank's top k, per query
+    gathered = world * args.k * 16  # every rank's top k as float64 (score, id) pairs, per query
     print(f"{'setup':28} {'QPS':>9} {'spread ms':>10} {'p50 ms':>8} {'p99 ms':>8} {'vs 1 process':>12}")
     for r in rows:
         print(f"{r['setup']:28} {r['qps']:9.1f} {r['spread_ms']:10.2f} {r['latency_ms_p50']:8.3f} "

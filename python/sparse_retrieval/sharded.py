@@ -120,12 +120,12 @@ class ShardedIndex:
         ids = torch.full_like(local, -1)
         hit = local >= 0
         ids[hit] = self.ids[local[hit]]
-        world = _world(self.group)
-        all_scores = [torch.empty_like(scores) for _ in range(world)]
-        all_ids = [torch.empty_like(ids) for _ in range(world)]
-        dist.all_gather(all_scores, scores, group=self.group)
-        dist.all_gather(all_ids, ids, group=self.group)
-        return merge_top_k(torch.cat(all_scores, 1), torch.cat(all_ids, 1), k)
+        # One gather of scores and ids together, as float64 (exact for float32 scores and ids below 2^53).
+        packed = torch.stack([scores.double(), ids.double()])
+        parts = [torch.empty_like(packed) for _ in range(_world(self.group))]
+        dist.all_gather(parts, packed, group=self.group)
+        allp = torch.cat(parts, 2)
+        return merge_top_k(allp[0].float(), allp[1].long(), k)
 
     # ---- files (collective) ----------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
@@ -218,12 +218,15 @@ def _broadcast_object(obj, src: int, group):
 
 def _on_every_rank(fn, group):
     """fn()'s result on this rank; when fn raised on any rank, ValueError on every rank (none is left waiting in
-    the next collective)."""
+    the next collective). One small all-reduce when all went well; the messages are gathered only on failure."""
     try:
         out, problem = fn(), None
     except Exception as exc:
         out, problem = None, f"rank {_rank(group)}: {type(exc).__name__}: {exc}"
-    _raise_if_any(problem, group)
+    failed = torch.tensor([problem is not None], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if int(failed):
+        _raise_if_any(problem, group)
     return out
 
 
