@@ -59,9 +59,10 @@ def assert_same(a, b):
     assert torch.equal(a[0], b[0]), "scores differ"
 
 
-@pytest.mark.parametrize("n,block_size,k", [(1, 1, 1), (97, 8, 5), (1000, 32, 10), (777, 7, 40), (300, 64, 400)])
+@pytest.mark.parametrize("n,block_size,superblock,k", [(1, 1, 1, 1), (97, 8, 3, 5), (1000, 32, 16, 10),
+                                                      (777, 7, 5, 40), (300, 64, 1, 400), (2500, 4, 64, 10)])
 @pytest.mark.parametrize("kind", ["random", "clustered", "coarse"])
-def test_safe_equals_exhaustive(simd, n, block_size, k, kind):
+def test_safe_equals_exhaustive(simd, n, block_size, superblock, k, kind):
     gen = torch.Generator().manual_seed(n * 31 + block_size + len(kind))
     if kind == "random":
         docs = SparseBatch(*(lambda b: (b.indptr, b.indices, b.values.abs()))(
@@ -69,7 +70,8 @@ def test_safe_equals_exhaustive(simd, n, block_size, k, kind):
     else:
         docs = clustered(n, 400, 6, gen, coarse=kind == "coarse")
     queries = queries_for(docs, 40, gen, negative=kind == "random")
-    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=block_size, progress=False)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=block_size, superblock=superblock,
+                                          progress=False)
     exact = index.search(queries, k, mode="exact")
     for threads in (1, 3):
         assert_same(index.search(queries, k, threads, mode="safe"), exact)
@@ -98,11 +100,13 @@ def test_wide_dimension_uses_int32_terms():
     assert_same(index.search(queries, 7), index.search(queries, 7, mode="exact"))
 
 
-def test_safe_prunes_clustered_data():
+@pytest.mark.parametrize("superblock", [1, 8])
+def test_safe_prunes_clustered_data(superblock):
     gen = torch.Generator().manual_seed(7)
     docs = clustered(4000, 2000, 40, gen, duplicates=0.0)
     queries = queries_for(docs, 50, gen)
-    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, progress=False)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, superblock=superblock,
+                                          progress=False)
     _, _, complete, visited = index.block_max.search(queries, 10, 1.0, 1)
     assert bool(complete[queries.row_nnz() > 0].all())
     # Reordering groups each topic's documents: a query scores a small share of the blocks.
@@ -152,18 +156,51 @@ def test_version_1_files_still_load(tmp_path):
     assert_same(v1.search(queries, 5), sr.SparseIndex.from_documents(docs).search(queries, 5))
 
 
-def test_approximate_recall_grows_with_alpha():
+def test_version_2_block_max_files_load_with_rebuilt_maxima(tmp_path, monkeypatch):
+    """Version 2 stored block maxima without superblocks: load keeps the forward index and rebuilds the maxima."""
+    import sparse_retrieval.index as index_module
+
+    gen = torch.Generator().manual_seed(23)
+    docs = clustered(400, 120, 5, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=4, progress=False)
+
+    def version_2_extras(bm):
+        out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs])}
+        out.update({f"block_max.{f}": getattr(bm, f) for f in ("fwd_ptr", "fwd_terms", "fwd_weights", "doc_ids",
+                                                               "scale")})
+        out.update({"block_max.bm_dense_row": torch.full((120,), -1), "block_max.bm_dense": torch.zeros(0, dtype=torch.uint8),
+                    "block_max.bm_ptr": torch.zeros(121, dtype=torch.int64),
+                    "block_max.bm_blocks": torch.zeros(0, dtype=torch.int32),
+                    "block_max.bm_values": torch.zeros(0, dtype=torch.uint8)})
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(index_module, "_extras", version_2_extras)
+        m.setattr(index_module, "_VERSION", 2)
+        index.save(tmp_path / "v2")
+    assert struct.unpack_from("<I", (tmp_path / "v2").read_bytes(), 8)[0] == 2
+    loaded = sr.SparseIndex.load(tmp_path / "v2")
+    assert (loaded.block_max.block_size, loaded.block_max.superblock) == (4, 1)
+    assert torch.equal(loaded.block_max.sb_values, index.block_max.sb_values)
+    assert torch.equal(loaded.block_max.sb_dense, index.block_max.sb_dense)
+    queries = queries_for(docs, 30, gen)
+    assert_same(loaded.search(queries, 6, mode="safe"), index.search(queries, 6, mode="exact"))
+
+
+@pytest.mark.parametrize("superblock", [1, 4])
+def test_approximate_recall_grows_with_alpha(superblock):
     gen = torch.Generator().manual_seed(11)
     docs = clustered(3000, 1500, 30, gen, duplicates=0.0)
     queries = queries_for(docs, 80, gen)
-    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, progress=False)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=16, superblock=superblock,
+                                          progress=False)
     exact = index.search(queries, 10, mode="exact")[1]
     previous, means = None, []
     for alpha in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0):
         ids = index.search(queries, 10, mode="approximate", alpha=alpha)[1]
         per_query = torch.tensor([len(set(a.tolist()) & set(b.tolist()) - {-1}) / max(1, int((b >= 0).sum()))
                                   for a, b in zip(ids, exact)])
-        if previous is not None:  # blocks visited at a smaller alpha are a prefix of those at a larger one
+        if previous is not None:  # blocks scored at a smaller alpha are a prefix of those at a larger one
             assert bool((per_query >= previous).all())
         previous = per_query
         means.append(float(per_query.mean()))
@@ -192,6 +229,9 @@ def test_bad_parameters_raise():
         index.search(queries, 3, mode="safe", query_cut=3)
     with pytest.raises(ValueError, match="block_size"):
         sr.SparseIndex.from_documents(docs, block_max=True, block_size=0, progress=False)
+    for superblock in (0, 1025, 2.0):
+        with pytest.raises(ValueError, match="superblock"):
+            index.optimize(superblock=superblock, progress=False)
     negative = SparseBatch(docs.indptr, docs.indices, -docs.values, docs.dim)
     with pytest.raises(ValueError, match="non-negative"):
         sr.SparseIndex.from_documents(negative, block_max=True, progress=False)
@@ -228,43 +268,52 @@ def test_queries_with_more_than_255_terms_are_answered_exhaustively():
 def test_raw_op_rejects_inconsistent_structures():
     gen = torch.Generator().manual_seed(14)
     docs = clustered(100, 50, 3, gen)
-    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    bm = build_block_max(docs, torch.float32, block_size=8, superblock=2, dense_fraction=0.5, progress=False)
+    assert bm.sb_ids.numel() > 0
     q = queries_for(docs, 3, gen)
     args = dict(bm.tensors())
 
     def call(**change):
         a = dict(args, **change)
-        return ops.block_search(q.indptr, q.indices, q.values, list(a.values()), 8, 3, 1.0, 0, 1)
+        return ops.block_search(q.indptr, q.indices, q.values, list(a.values()), 8, 2, 3, 1.0, 0, 1)
 
     call()
     bad = {"fwd_ptr": args["fwd_ptr"][:-1], "fwd_weights": args["fwd_weights"][:-1],
-           "doc_ids": args["doc_ids"].int(), "scale": args["scale"][:-1], "bm_values": args["bm_values"][:-1],
-           "bm_dense_row": torch.full_like(args["bm_dense_row"], 10**6), "bm_ptr": args["bm_ptr"] + 1,
-           "bm_dense": torch.zeros(args["bm_dense"].numel() + 1, dtype=torch.uint8)}
+           "doc_ids": args["doc_ids"].int(), "scale": args["scale"][:-1], "sb_values": args["sb_values"][:-1],
+           "sb_dense_row": torch.full_like(args["sb_dense_row"], 10**6), "sb_ptr": args["sb_ptr"] + 1,
+           "sb_dense": torch.zeros(args["sb_dense"].numel() + 1, dtype=torch.uint8),
+           "blk_ptr": args["blk_ptr"][:-1], "blk_terms": args["blk_terms"].int(),
+           "blk_values": args["blk_values"][:-1]}
     for name, value in bad.items():
         with pytest.raises((ValueError, TypeError), match=name):
             call(**{name: value})
-    with pytest.raises(ValueError, match="alpha"):
-        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.5, 0, 1)
-    with pytest.raises(ValueError, match="query_cut"):
-        ops.block_search(q.indptr, q.indices, q.values, list(args.values()), 8, 3, 1.0, -1, 1)
-    with pytest.raises(ValueError, match="10 tensors"):
-        ops.block_search(q.indptr, q.indices, q.values, list(args.values())[:9], 8, 3, 1.0, 0, 1)
+    a = list(args.values())
+    for pos, value, name in [(7, 1.5, "alpha"), (8, -1, "query_cut"), (4, 0, "block_size"), (5, 0, "superblock"),
+                             (5, 2000, "superblock"), (6, -1, "k"), (4, 4, "sb_dense")]:  # sizes that do not fit
+        params = [8, 2, 3, 1.0, 0, 1]
+        params[pos - 4] = value
+        with pytest.raises(ValueError, match=name):
+            ops.block_search(q.indptr, q.indices, q.values, a, *params)
+    with pytest.raises(ValueError, match="13 tensors"):
+        ops.block_search(q.indptr, q.indices, q.values, a[:12], 8, 2, 3, 1.0, 0, 1)
 
 
 def damage_cases(bm):
     """(field, in-place damage, message) for the offset and id arrays block_search indexes with."""
-    last_sparse = int((bm.bm_ptr.diff() > 0).nonzero().max())
+    last_sparse = int((bm.sb_ptr.diff() > 0).nonzero().max())
     return [
         ("fwd_ptr", lambda t: t.__setitem__(3, t[2] - 1), "fwd_ptr: offsets"),
         ("fwd_ptr", lambda t: t.__setitem__(3, 10**9), "fwd_ptr: offsets"),
         ("fwd_terms", lambda t: t.__setitem__(0, 10**4), "fwd_terms: list"),
         ("fwd_terms", lambda t: t.__setitem__(0, -3), "fwd_terms: list"),
         ("fwd_terms", lambda t: t.__setitem__(1, t[0]), "fwd_terms: list"),
-        ("bm_blocks", lambda t: t.__setitem__(-1, 10**6), "bm_blocks: list"),
-        ("bm_blocks", lambda t: t.__setitem__(-1, -1), "bm_blocks: list"),
-        ("bm_ptr", lambda t: t.__setitem__(last_sparse, 10**9), "bm_ptr: offsets"),
-        ("bm_dense_row", lambda t: t.__setitem__(0, 10**6), "bm_dense_row"),
+        ("sb_ids", lambda t: t.__setitem__(-1, 10**6), "sb_ids: list"),
+        ("sb_ids", lambda t: t.__setitem__(-1, -1), "sb_ids: list"),
+        ("sb_ptr", lambda t: t.__setitem__(last_sparse, 10**9), "sb_ptr: offsets"),
+        ("sb_dense_row", lambda t: t.__setitem__(0, 10**6), "sb_dense_row"),
+        ("blk_ptr", lambda t: t.__setitem__(1, 10**9), "blk_ptr: offsets"),
+        ("blk_terms", lambda t: t.__setitem__(1, t[0]), "blk_terms: list"),
+        ("blk_terms", lambda t: t.__setitem__(0, 10**4), "blk_terms: list"),
     ]
 
 
@@ -274,27 +323,28 @@ def test_raw_op_checks_index_contents():
     gen = torch.Generator().manual_seed(16)
     docs = clustered(150, 60, 3, gen)
     q = queries_for(docs, 4, gen)
-    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    bm = build_block_max(docs, torch.float32, block_size=8, superblock=2, progress=False)
     for field, damage, match in damage_cases(bm):
-        fresh = build_block_max(docs, torch.float32, block_size=8, progress=False)
+        fresh = build_block_max(docs, torch.float32, block_size=8, superblock=2, progress=False)
         fresh.search(q, 3, 1.0, 1)
         changed = dict(fresh.tensors())
         changed[field] = changed[field].clone()
         damage(changed[field])
         with pytest.raises((ValueError, IndexError), match=match):
-            ops.block_search(q.indptr, q.indices, q.values, list(changed.values()), 8, 3, 1.0, 0, 1)
+            ops.block_search(q.indptr, q.indices, q.values, list(changed.values()), 8, 2, 3, 1.0, 0, 1)
         damage(getattr(fresh, field))
         with pytest.raises((ValueError, IndexError), match=match):
             fresh.search(q, 3, 1.0, 1)
 
 
-@pytest.mark.parametrize("field, value", [("fwd_ptr", 10**12), ("fwd_ptr", -4), ("bm_blocks", 10**6),
-                                          ("bm_blocks", -2), ("bm_ptr", 10**12), ("bm_dense_row", 10**6)])
+@pytest.mark.parametrize("field, value", [("fwd_ptr", 10**12), ("fwd_ptr", -4), ("sb_ids", 10**6),
+                                          ("sb_ids", -2), ("sb_ptr", 10**12), ("sb_dense_row", 10**6),
+                                          ("blk_ptr", 10**12), ("blk_ptr", -1)])
 def test_raw_op_survives_changes_behind_torchs_back(field, value):
     """Numpy writes do not move the version counter; the kernel's own bounds turn them into an error."""
     gen = torch.Generator().manual_seed(17)
     docs = clustered(150, 60, 3, gen)
-    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    bm = build_block_max(docs, torch.float32, block_size=8, superblock=2, progress=False)
     every = SparseBatch(torch.tensor([0, 60]), torch.arange(60, dtype=torch.int32), torch.rand(60) + 0.1, 60)
     bm.search(every, 3, 1.0, 1)
     arr = getattr(bm, field).numpy()
@@ -309,10 +359,11 @@ def test_validate_rejects_damaged_structures():
     good = build_block_max(docs, torch.float32, block_size=8, progress=False)
     validate_block_max(good, 50, "x")
     for field, damage in [("fwd_terms", lambda t: t.fill_(60)), ("doc_ids", lambda t: t.fill_(0)),
-                          ("bm_blocks", lambda t: t.fill_(10**6)), ("fwd_weights", lambda t: t.fill_(-1.0)),
-                          ("fwd_ptr", lambda t: t.flip(0))]:
-        bm = build_block_max(docs, torch.float32, block_size=8, dense_fraction=1.0, progress=False)
-        assert bm.bm_blocks.numel() > 0
+                          ("sb_ids", lambda t: t.fill_(10**6)), ("fwd_weights", lambda t: t.fill_(-1.0)),
+                          ("fwd_ptr", lambda t: t.flip(0)), ("blk_terms", lambda t: t.flip(0)),
+                          ("blk_values", lambda t: t[:-1]), ("blk_ptr", lambda t: t[:-1])]:
+        bm = build_block_max(docs, torch.float32, block_size=8, superblock=2, dense_fraction=1.0, progress=False)
+        assert bm.sb_ids.numel() > 0
         t = getattr(bm, field)
         setattr(bm, field, damage(t.clone()))
         with pytest.raises(ValueError):
@@ -335,43 +386,69 @@ def test_opcheck():
     docs = clustered(64, 40, 3, gen)
     bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
     q = queries_for(docs, 4, gen)
-    torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 5, 1.0,
-                                             0, 1))
+    for superblock in (1, 3):
+        bm = build_block_max(docs, torch.float32, block_size=8, superblock=superblock, progress=False)
+        torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8,
+                                                 superblock, 5, 1.0, 0, 1))
+        torch.library.opcheck(ops.block_maxima, (bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, 40, 8, superblock, 0.125))
+
+
+def tight(bound, scale, true):
+    assert bool((bound * scale >= true).all())
+    assert bool(((bound - 1).clamp(min=0) * scale < true)[true > 0].all())  # one step lower would not bound
+    assert bool((bound[true == 0] == 0).all())
 
 
 def test_block_maxima_are_tight_upper_bounds(simd):
     gen = torch.Generator().manual_seed(19)
     docs = clustered(203, 90, 5, gen, dtype=torch.bfloat16)
-    bm = build_block_max(docs, torch.bfloat16, block_size=6, dense_fraction=0.3, progress=False)
+    bm = build_block_max(docs, torch.bfloat16, block_size=6, superblock=3, dense_fraction=0.3, progress=False)
     fwd = SparseBatch(bm.fwd_ptr, bm.fwd_terms.int(), bm.fwd_weights, 90, check=False).to_dense().float()
-    true = torch.nn.functional.pad(fwd, (0, 0, 0, -len(docs) % 6)).view(-1, 6, 90).amax(1)  # (nblocks, dim)
-    bound = torch.zeros_like(true)
-    dense_terms = (bm.bm_dense_row >= 0).nonzero().flatten()
-    bound[:, dense_terms] = bm.bm_dense.view(-1, bm.nblocks)[bm.bm_dense_row[dense_terms]].T.float()
-    for t in (bm.bm_dense_row < 0).nonzero().flatten().tolist():
-        a, b = bm.bm_ptr[t], bm.bm_ptr[t + 1]
-        bound[bm.bm_blocks[a:b].long(), t] = bm.bm_values[a:b].float()
-    assert bool((bound * bm.scale >= true).all())
-    assert bool(((bound - 1).clamp(min=0) * bm.scale < true)[true > 0].all())  # one step lower would not bound
-    assert bool((bound[true == 0] == 0).all())
+
+    def true_max(group):  # (groups, dim)
+        return torch.nn.functional.pad(fwd, (0, 0, 0, -len(docs) % group)).view(-1, group, 90).amax(1)
+
+    # superblocks, term-major: dense rows and sparse entries
+    bound = torch.zeros(bm.nsuper, 90)
+    dense_terms = (bm.sb_dense_row >= 0).nonzero().flatten()
+    assert 0 < dense_terms.numel() < 90
+    bound[:, dense_terms] = bm.sb_dense.view(-1, bm.nsuper)[bm.sb_dense_row[dense_terms]].T.float()
+    for t in (bm.sb_dense_row < 0).nonzero().flatten().tolist():
+        a, b = bm.sb_ptr[t], bm.sb_ptr[t + 1]
+        bound[bm.sb_ids[a:b].long(), t] = bm.sb_values[a:b].float()
+    tight(bound, bm.scale, true_max(18))
+    # blocks, superblock-major (the last superblock has 2 of 3 blocks: its third bound is 0)
+    assert bm.nblocks == 34 and bm.nsuper == 12
+    bound = torch.zeros(bm.nsuper * 3, 90)
+    values = bm.blk_values.view(-1, 3).float()
+    for s in range(bm.nsuper):
+        a, b = bm.blk_ptr[s], bm.blk_ptr[s + 1]
+        assert bool((bm.blk_terms[a:b].diff() > 0).all())
+        bound[3 * s:3 * s + 3, bm.blk_terms[a:b].long()] = values[a:b].T
+    tight(bound[:34], bm.scale, true_max(6))
+    assert bool((bound[34:] == 0).all())
 
 
 def test_block_maxima_op_checks_its_inputs():
     gen = torch.Generator().manual_seed(20)
     docs = clustered(50, 40, 3, gen)
     ptr, terms, w = docs.indptr, docs.indices.short(), docs.values
-    for args, match in [((ptr, terms, w, 30, 4, 0.1), "fwd_terms"), ((ptr, terms, -w, 40, 4, 0.1), "fwd_weights"),
-                        ((ptr.flip(0), terms, w, 40, 4, 0.1), "fwd_ptr"), ((ptr, terms, w, 40, 0, 0.1), "block_size"),
-                        ((ptr, terms, w, 40, 4, 0.0), "dense_fraction"), ((ptr, terms, w[:-1], 40, 4, 0.1), "fwd_weights")]:
+    for args, match in [((ptr, terms, w, 30, 4, 2, 0.1), "fwd_terms"), ((ptr, terms, -w, 40, 4, 2, 0.1), "fwd_weights"),
+                        ((ptr.flip(0), terms, w, 40, 4, 2, 0.1), "fwd_ptr"),
+                        ((ptr, terms, w, 40, 0, 2, 0.1), "block_size"), ((ptr, terms, w, 40, 4, 0, 0.1), "superblock"),
+                        ((ptr, terms, w, 40, 4, 2, 0.0), "dense_fraction"),
+                        ((ptr, terms, w[:-1], 40, 4, 2, 0.1), "fwd_weights")]:
         with pytest.raises((ValueError, IndexError, TypeError), match=match):
             ops.block_maxima(*args)
 
 
-def test_query_cut_bounds_with_the_heaviest_terms_only(simd):
+@pytest.mark.parametrize("superblock", [1, 4])
+def test_query_cut_bounds_with_the_heaviest_terms_only(simd, superblock):
     gen = torch.Generator().manual_seed(21)
     docs = clustered(3000, 1500, 30, gen, duplicates=0.0)
     queries = queries_for(docs, 80, gen)
-    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, superblock=superblock,
+                                          progress=False)
     exact = index.search(queries, 10, mode="exact")
     # a cut at least as long as every query changes nothing
     assert_same(index.search(queries, 10, mode="approximate", alpha=1.0, query_cut=1000), exact)
@@ -412,7 +489,27 @@ def test_save_load_with_no_sparse_block_maxima(tmp_path):
     which load took for a truncation."""
     docs = SparseBatch.from_lists([([0, 1], [1.0, 2.0]), ([0, 1], [3.0, 1.0])] * 4, 2)
     index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=2, progress=False)
-    assert index.block_max.bm_blocks.numel() == 0
+    assert index.block_max.sb_ids.numel() == 0
     index.save(tmp_path / "x.sridx")
     q = SparseBatch.from_lists([([0], [1.0])], 2)
     assert_same(sr.SparseIndex.load(tmp_path / "x.sridx").search(q, 3), index.search(q, 3))
+
+
+def test_optimize_with_a_given_order():
+    """A reordering of the user's own (or an earlier build's) replaces the clustering; ids stay the user's."""
+    gen = torch.Generator().manual_seed(24)
+    docs = clustered(500, 200, 6, gen)
+    queries = queries_for(docs, 30, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=4, progress=False)
+    again = sr.SparseIndex.from_documents(docs, block_max=True, block_size=4, superblock=5,
+                                          order=index.block_max.doc_ids, progress=False)
+    assert torch.equal(again.block_max.doc_ids, index.block_max.doc_ids)
+    reverse = torch.arange(499, -1, -1)
+    index.optimize(block_size=4, order=reverse, progress=False)
+    assert torch.equal(index.block_max.doc_ids, reverse)
+    exact = index.search(queries, 8, mode="exact")
+    assert_same(index.search(queries, 8, mode="safe"), exact)
+    assert_same(again.search(queries, 8, mode="safe"), exact)
+    for bad in (torch.zeros(500, dtype=torch.long), torch.arange(499), torch.arange(500.0), reverse + 1):
+        with pytest.raises(ValueError, match="order"):
+            index.optimize(order=bad, progress=False)

@@ -49,41 +49,55 @@ sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fw
   return wtype;
 }
 
+void check_sizes(int64_t block_size, int64_t superblock) {
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
+                    block_size);
+  TORCH_CHECK_VALUE(superblock >= 1 && superblock <= 1024, "superblock: must lie in [1, 1024], got ", superblock);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
-    int64_t block_size, int64_t k, double alpha, int64_t query_cut, int64_t num_threads,
+    int64_t block_size, int64_t superblock, int64_t k, double alpha, int64_t query_cut, int64_t num_threads,
     const std::optional<at::Tensor>& allowed) {
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
   TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= 1.0, "alpha: must lie in (0, 1], got ", alpha);
   TORCH_CHECK_VALUE(query_cut >= 0, "query_cut: must be >= 0 (0: every term), got ", query_cut);
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
-                    block_size);
+  check_sizes(block_size, superblock);
   TORCH_CHECK_VALUE(num_threads >= 0, "num_threads: must be >= 0 (0: all), got ", num_threads);
-  TORCH_CHECK_VALUE(index.size() == 10, "index: expected 10 tensors (fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, "
-                    "bm_dense_row, bm_dense, bm_ptr, bm_blocks, bm_values), got ", index.size());
+  TORCH_CHECK_VALUE(index.size() == 13, "index: expected 13 tensors (fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, "
+                    "sb_dense_row, sb_dense, sb_ptr, sb_ids, sb_values, blk_ptr, blk_terms, blk_values), got ",
+                    index.size());
   const auto &fwd_ptr = index[0], &fwd_terms = index[1], &fwd_weights = index[2], &doc_ids = index[3],
-             &scale = index[4], &dense_row = index[5], &bm_dense = index[6], &bm_ptr = index[7],
-             &bm_blocks = index[8], &bm_values = index[9];
-  TORCH_CHECK_VALUE(bm_ptr.dim() == 1 && bm_ptr.numel() >= 1, "bm_ptr: expected dim + 1 >= 1 entries");
-  const int64_t dim = bm_ptr.numel() - 1;
+             &scale = index[4], &dense_row = index[5], &sb_dense = index[6], &sb_ptr = index[7], &sb_ids = index[8],
+             &sb_values = index[9], &blk_ptr = index[10], &blk_terms = index[11], &blk_values = index[12];
+  TORCH_CHECK_VALUE(sb_ptr.dim() == 1 && sb_ptr.numel() >= 1, "sb_ptr: expected dim + 1 >= 1 entries");
+  const int64_t dim = sb_ptr.numel() - 1;
   const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size);
   const int64_t ndocs = fwd_ptr.numel() - 1;
   const int64_t nblocks = (ndocs + block_size - 1) / block_size;
+  const int64_t nsuper = (nblocks + superblock - 1) / superblock;
   check_1d(doc_ids, at::kLong, ndocs, "doc_ids");
   check_1d(scale, at::kFloat, dim, "scale");
-  check_1d(dense_row, at::kLong, dim, "bm_dense_row");
-  check_1d(bm_dense, at::kByte, -1, "bm_dense");
-  TORCH_CHECK_VALUE(nblocks == 0 ? bm_dense.numel() == 0 : bm_dense.numel() % nblocks == 0,
-                    "bm_dense: expected a multiple of ", nblocks, " bytes (one row per dense term)");
-  const int64_t rows = nblocks ? bm_dense.numel() / nblocks : 0;
-  check_1d(bm_ptr, at::kLong, dim + 1, "bm_ptr");
-  check_1d(bm_blocks, at::kInt, -1, "bm_blocks");
-  check_1d(bm_values, at::kByte, bm_blocks.numel(), "bm_values");
-  check_offsets(bm_ptr, bm_blocks.numel(), "bm_ptr");
-  check_once("block-max index", {fwd_ptr, fwd_terms, doc_ids, dense_row, bm_ptr, bm_blocks}, {dim, block_size, rows},
-             [&] {
+  check_1d(dense_row, at::kLong, dim, "sb_dense_row");
+  check_1d(sb_dense, at::kByte, -1, "sb_dense");
+  TORCH_CHECK_VALUE(nsuper == 0 ? sb_dense.numel() == 0 : sb_dense.numel() % nsuper == 0,
+                    "sb_dense: expected a multiple of ", nsuper, " bytes (one row per dense term)");
+  const int64_t rows = nsuper ? sb_dense.numel() / nsuper : 0;
+  check_1d(sb_ptr, at::kLong, dim + 1, "sb_ptr");
+  check_1d(sb_ids, at::kInt, -1, "sb_ids");
+  check_1d(sb_values, at::kByte, sb_ids.numel(), "sb_values");
+  check_offsets(sb_ptr, sb_ids.numel(), "sb_ptr");
+  check_1d(blk_ptr, at::kLong, nsuper + 1, "blk_ptr");
+  TORCH_CHECK_TYPE(blk_terms.scalar_type() == fwd_terms.scalar_type(), "blk_terms: expected ",
+                   fwd_terms.scalar_type(), " (the type of fwd_terms), got ", blk_terms.scalar_type());
+  check_1d(blk_terms, blk_terms.scalar_type(), -1, "blk_terms");
+  check_offsets(blk_ptr, blk_terms.numel(), "blk_ptr");
+  check_1d(blk_values, at::kByte, blk_terms.numel() * superblock, "blk_values");
+  check_once("block-max index", {fwd_ptr, fwd_terms, doc_ids, dense_row, sb_ptr, sb_ids, blk_ptr, blk_terms},
+             {dim, block_size, superblock, rows}, [&] {
     check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
-    check_lists(bm_ptr, bm_blocks, nblocks, "bm_ptr", "bm_blocks");
+    check_lists(sb_ptr, sb_ids, nsuper, "sb_ptr", "sb_ids");
+    check_lists(blk_ptr, blk_terms, dim, "blk_ptr", "blk_terms");
     if (ndocs > 0) {
       auto [lo, hi] = at::aminmax(doc_ids);
       TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < ndocs, "doc_ids: ids must lie in [0, ",
@@ -91,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     }
     if (dim > 0) {
       auto [lo, hi] = at::aminmax(dense_row);
-      TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "bm_dense_row: rows must lie in [-1, ",
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, "sb_dense_row: rows must lie in [-1, ",
                         rows, ")");
     }
   });
@@ -105,13 +119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   auto visited = at::zeros({nq}, q_indptr.options());
   if (nq == 0 || k == 0 || ndocs == 0) return {out_scores, out_ids, complete, visited};
 
-  const sr::cpu::BlockMaxIndex ix{ndocs, dim, block_size, nblocks, fwd_terms.numel(), rows, bm_blocks.numel(),
-                                  fwd_ptr.data_ptr<int64_t>(),
-                                  fwd_terms.data_ptr(), fwd_terms.scalar_type() == at::kShort,
-                                  fwd_weights.data_ptr(), wtype, doc_ids.data_ptr<int64_t>(),
-                                  scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(), bm_dense.data_ptr<uint8_t>(),
-                                  bm_ptr.data_ptr<int64_t>(), bm_blocks.data_ptr<int32_t>(),
-                                  bm_values.data_ptr<uint8_t>()};
+  const sr::cpu::BlockMaxIndex ix{ndocs, dim, block_size, nblocks, superblock, nsuper, fwd_terms.numel(),
+                                  fwd_ptr.data_ptr<int64_t>(), fwd_terms.data_ptr(),
+                                  fwd_terms.scalar_type() == at::kShort, fwd_weights.data_ptr(), wtype,
+                                  doc_ids.data_ptr<int64_t>(), scale.data_ptr<float>(),
+                                  rows, sb_ids.numel(), dense_row.data_ptr<int64_t>(), sb_dense.data_ptr<uint8_t>(),
+                                  sb_ptr.data_ptr<int64_t>(), sb_ids.data_ptr<int32_t>(), sb_values.data_ptr<uint8_t>(),
+                                  blk_terms.numel(), blk_ptr.data_ptr<int64_t>(), blk_terms.data_ptr(),
+                                  blk_values.data_ptr<uint8_t>()};
   auto qp = q_indptr.contiguous();
   auto qt = q_indices.to(at::kLong).contiguous();
   auto qw = q_values.to(at::kFloat).contiguous();
@@ -124,15 +139,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<uint8_t> slot(std::max<int64_t>(dim + 1, 65536), 0);
-    std::vector<float> qslot(256), ub(nblocks);
-    std::vector<int32_t> order(nblocks);
-    const sr::cpu::BlockScratch scratch{slot.data(), qslot.data(), ub.data(), order.data()};
+    std::vector<float> qslot(256), ub(nsuper), blk_ub(superblock);
+    std::vector<int32_t> order(nsuper);
+    std::vector<uint64_t> heap(nblocks);
+    const sr::cpu::BlockScratch scratch{slot.data(), qslot.data(), ub.data(), order.data(), blk_ub.data(),
+                                        heap.data()};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
       oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, mask, scratch, os + i * k,
-                               oi + i * k,
-                               ov + i);
+                               oi + i * k, ov + i);
     }
   });
   TORCH_CHECK_VALUE(!(visited < 0).any().item<bool>(), "block_search: the index changed after it was checked "
@@ -141,17 +157,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   return {out_scores, out_ids, complete, visited};
 }
 
-// The block maxima of a forward index (see block_maxima in the kernel header): (scale, dense_row, dense, ptr,
-// blocks, values). Checks everything it reads: it runs once per build.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_maxima_cpu(
-    const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, int64_t dim,
-    int64_t block_size, double dense_fraction) {
+// The maxima of a forward index (see term_maxima and superblock_maxima in the kernel header): (scale, sb_dense_row,
+// sb_dense, sb_ptr, sb_ids, sb_values, blk_ptr, blk_terms, blk_values). Checks everything it reads: it runs once per
+// build.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, int64_t dim,
+                 int64_t block_size, int64_t superblock, double dense_fraction) {
   TORCH_CHECK_VALUE(dim >= 1 && dim < (int64_t(1) << 40), "dim: must lie in [1, 2^40), got ", dim);
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (int64_t(1) << 20), "block_size: must lie in [1, 2^20], got ",
-                    block_size);
+  check_sizes(block_size, superblock);
   TORCH_CHECK_VALUE(dense_fraction > 0.0 && dense_fraction <= 1.0, "dense_fraction: must lie in (0, 1], got ",
                     dense_fraction);
-  const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size);
+  const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size * superblock);
   const int64_t ndocs = fwd_ptr.numel() - 1;
   check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
   if (fwd_terms.numel() > 0) {
@@ -159,34 +175,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
                       "fwd_weights: must be finite and non-negative");
   }
-  const int64_t nblocks = (ndocs + block_size - 1) / block_size;
-  const int64_t min_dense = std::max<int64_t>(1, int64_t(std::ceil(dense_fraction * double(nblocks))));
-  auto scale = at::empty({dim}, fwd_ptr.options().dtype(at::kFloat));
-  auto dense_row = at::empty({dim}, fwd_ptr.options());
-  auto ptr = at::empty({dim + 1}, fwd_ptr.options());
+  const int64_t group = block_size * superblock;
+  const int64_t nsuper = (ndocs + group - 1) / group;
+  const int64_t min_dense = std::max<int64_t>(1, int64_t(std::ceil(dense_fraction * double(nsuper))));
+  const auto opts = fwd_ptr.options();
+  auto scale = at::empty({dim}, opts.dtype(at::kFloat));
+  auto dense_row = at::empty({dim}, opts);
+  auto ptr = at::empty({dim + 1}, opts);
   const bool t16 = fwd_terms.scalar_type() == at::kShort;
-  const int64_t rows = SR_SIMD_DISPATCH(block_maxima, fwd_ptr.data_ptr<int64_t>(), fwd_terms.data_ptr(), t16,
-                                        fwd_weights.data_ptr(), wtype, ndocs, dim, block_size, min_dense,
+  const int64_t* fp = fwd_ptr.data_ptr<int64_t>();
+  const void *ft = fwd_terms.data_ptr(), *fw = fwd_weights.data_ptr();
+  const int64_t rows = SR_SIMD_DISPATCH(term_maxima, fp, ft, t16, fw, wtype, ndocs, dim, group, min_dense,
                                         scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(),
                                         nullptr, nullptr, nullptr);
   const int64_t entries = ptr[-1].item<int64_t>();
-  auto dense = at::zeros({rows * nblocks}, fwd_ptr.options().dtype(at::kByte));
-  auto blocks = at::empty({entries}, fwd_ptr.options().dtype(at::kInt));
-  auto values = at::empty({entries}, fwd_ptr.options().dtype(at::kByte));
-  SR_SIMD_DISPATCH(block_maxima, fwd_ptr.data_ptr<int64_t>(), fwd_terms.data_ptr(), t16, fwd_weights.data_ptr(),
-                   wtype, ndocs, dim, block_size, min_dense, scale.data_ptr<float>(), dense_row.data_ptr<int64_t>(),
-                   ptr.data_ptr<int64_t>(), dense.data_ptr<uint8_t>(), blocks.data_ptr<int32_t>(),
-                   values.data_ptr<uint8_t>());
-  return {scale, dense_row, dense, ptr, blocks, values};
+  auto dense = at::zeros({rows * nsuper}, opts.dtype(at::kByte));
+  auto ids = at::empty({entries}, opts.dtype(at::kInt));
+  auto values = at::empty({entries}, opts.dtype(at::kByte));
+  SR_SIMD_DISPATCH(term_maxima, fp, ft, t16, fw, wtype, ndocs, dim, group, min_dense, scale.data_ptr<float>(),
+                   dense_row.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(), dense.data_ptr<uint8_t>(),
+                   ids.data_ptr<int32_t>(), values.data_ptr<uint8_t>());
+
+  // Superblock-major block maxima: counted, then filled, each superblock independently. A superblock of one block
+  // needs none (its bounds are the block's).
+  const float* sc = scale.data_ptr<float>();
+  auto blk_ptr = at::zeros({nsuper + 1}, opts);
+  int64_t* bp = blk_ptr.data_ptr<int64_t>();
+  if (superblock > 1) at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
+    SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
+                     bp + lo + 1, nullptr, nullptr, nullptr);
+  });
+  blk_ptr.cumsum_(0);
+  const int64_t blk_entries = bp[nsuper];
+  auto blk_terms = at::empty({blk_entries}, opts.dtype(fwd_terms.scalar_type()));
+  auto blk_values = at::empty({blk_entries * superblock}, opts.dtype(at::kByte));
+  void* bt = blk_terms.data_ptr();
+  uint8_t* bv = blk_values.data_ptr<uint8_t>();
+  if (superblock > 1) at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
+    SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
+                     nullptr, bp, bt, bv);
+  });
+  return {scale, dense_row, dense, ptr, ids, values, blk_ptr, blk_terms, blk_values};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
-  m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, int k, "
-        "float alpha, int query_cut, int num_threads, Tensor? allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, "
-        "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, "
+        "int superblock, int k, float alpha, int query_cut, int num_threads, Tensor? allowed=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, int superblock, "
+        "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) {

@@ -1,16 +1,19 @@
 """Block-max pruned search (safe and approximate) for `SparseIndex`.
 
-After BMP (Mallia, Suel, Tonellotto, SIGIR 2024). Documents are put in a clustered order (hierarchical spherical
-k-means, `cluster_order`) so that similar ones are neighbours, then cut into blocks of ``block_size``. Each term
-keeps an 8-bit upper bound of its weight in every block (``ceil(max / scale[t])``, ``scale[t]`` = the term's
-largest weight / 255): a dense row of one byte per block for frequent terms, sparse (block, bound) entries for the
-others. A query bounds every block's score (sum of its positive weights times the block bounds), visits blocks in
-decreasing bound order (bucketed), scores each visited block's documents from a forward index, and stops as soon
-as its k-th score exceeds ``alpha`` times the largest bound left. ``alpha = 1`` is safe: the results are those of
-exhaustive search, scores bit for bit. ``alpha < 1`` trades recall for speed; the blocks visited for a smaller
-alpha are a prefix of those visited for a larger one, so recall can only grow with alpha. A second approximate
-knob, ``query_cut``, computes the bounds from the query's ``query_cut`` terms of largest weight x maximum only
-(cheaper bounds, which miss the other terms' share; scores still use every term).
+After BMP (Mallia, Suel, Tonellotto, SIGIR 2024) and its superblocks (DSP, Carlson et al., SIGIR 2025). Documents
+are put in a clustered order (hierarchical spherical k-means, `cluster_order`) so that similar ones are neighbours,
+then cut into blocks of ``block_size``, and runs of ``superblock`` blocks form superblocks. Each term keeps an 8-bit
+upper bound of its weight (``ceil(max / scale[t])``, ``scale[t]`` = the term's largest weight / 255) in every
+superblock (term-major: a dense row of one byte per superblock for frequent terms, sparse (superblock, bound)
+entries for the others) and in every block (superblock-major: each superblock lists its terms with one byte per
+block). A query bounds every superblock's score (sum of its positive weights times the bounds), visits superblocks
+in decreasing bound order, bounds their blocks, scores from a forward index the blocks whose bound can still beat
+its k-th score, and stops as soon as its k-th score exceeds ``alpha`` times the largest superblock bound left.
+``alpha = 1`` is safe: the results are those of exhaustive search, scores bit for bit. ``alpha < 1`` trades recall
+for speed: the superblocks covered for a smaller alpha are a prefix of those covered for a larger one, and blocks
+are pruned safely inside them, so recall can only grow with alpha. A second approximate knob, ``query_cut``,
+computes the bounds from the query's ``query_cut`` terms of largest weight x maximum only (cheaper bounds, which
+miss the other terms' share; scores still use every term).
 
 Safe search needs non-negative, finite document weights (learned sparse encoders produce these). Queries with
 negative weights are fine (those terms only lower scores). A query that matches fewer than k documents with a
@@ -34,25 +37,35 @@ _ops = torch.ops.sparse_retrieval
 
 @dataclass
 class BlockMax:
-    """The forward index (stored order) and the block maxima of the first ``ndocs`` documents of an index: term
-    t's bound on block b is ``value * scale[t]``, from a dense row (``bm_dense_row[t] >= 0``: that row of
-    ``bm_dense``, one byte per block) or from the sparse (block, value) entries ``bm_ptr[t]:bm_ptr[t + 1]``."""
+    """The forward index (stored order) and the maxima of the first ``ndocs`` documents of an index. Term t's bound
+    on superblock s is ``value * scale[t]``, from a dense row (``sb_dense_row[t] >= 0``: that row of ``sb_dense``,
+    one byte per superblock) or from the sparse (superblock, value) entries ``sb_ptr[t]:sb_ptr[t + 1]``; its bounds
+    on the blocks of superblock s are ``superblock`` bytes at entry e of ``blk_values`` (viewed as rows of
+    ``superblock``), where ``blk_terms[e] == t`` among ``blk_ptr[s]:blk_ptr[s + 1]``."""
     block_size: int
+    superblock: int
     ndocs: int
     fwd_ptr: torch.Tensor      # int64 (ndocs + 1,)
     fwd_terms: torch.Tensor    # int16 (read as uint16, dim <= 65536) or int32 (nnz,), ascending per document
     fwd_weights: torch.Tensor  # the index's weight dtype (nnz,)
     doc_ids: torch.Tensor      # int64 (ndocs,): the id of the document stored at each position
     scale: torch.Tensor        # float32 (dim,)
-    bm_dense_row: torch.Tensor  # int64 (dim,)
-    bm_dense: torch.Tensor      # uint8 (rows * nblocks,)
-    bm_ptr: torch.Tensor        # int64 (dim + 1,)
-    bm_blocks: torch.Tensor     # int32 (entries,)
-    bm_values: torch.Tensor     # uint8 (entries,)
+    sb_dense_row: torch.Tensor  # int64 (dim,)
+    sb_dense: torch.Tensor      # uint8 (rows * nsuper,)
+    sb_ptr: torch.Tensor        # int64 (dim + 1,)
+    sb_ids: torch.Tensor        # int32 (entries,)
+    sb_values: torch.Tensor     # uint8 (entries,)
+    blk_ptr: torch.Tensor       # int64 (nsuper + 1,)
+    blk_terms: torch.Tensor     # fwd_terms' dtype (block entries,)
+    blk_values: torch.Tensor    # uint8 (block entries * superblock,)
 
     @property
     def nblocks(self) -> int:
         return -(-self.ndocs // self.block_size)
+
+    @property
+    def nsuper(self) -> int:
+        return -(-self.nblocks // self.superblock)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, in the order the op takes them."""
@@ -68,22 +81,24 @@ class BlockMax:
         searched exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate);
         ``allowed`` (bool, one per document) restricts the candidates."""
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
-                                 list(self.tensors().values()), self.block_size, k, alpha, query_cut, threads,
-                                 allowed)
+                                 list(self.tensors().values()), self.block_size, self.superblock, k, alpha,
+                                 query_cut, threads, allowed)
 
 
-_SIZES = ("block_size", "ndocs")
+_SIZES = ("block_size", "superblock", "ndocs")
 
 
-def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 8, reorder: bool = True,
-                    dense_fraction: float = 0.125, seed: int = 0, progress: bool = True) -> BlockMax:
+def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 8, superblock: int = 1,
+                    reorder: bool = True, order: torch.Tensor | None = None, dense_fraction: float = 0.125,
+                    seed: int = 0, progress: bool = True) -> BlockMax:
     """The block-max structure of ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype``.
 
-    ``reorder`` clusters documents first (`cluster_order`); without it blocks follow the id order. A term whose
-    sparse entries would cover at least ``dense_fraction`` of the blocks gets a dense row instead (faster bounds,
-    at most 1 / (5 * dense_fraction) times the bytes of its sparse entries)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= 1 << 20:
-        raise ValueError(f"block_size: expected an int in [1, 2^20], got {block_size!r}")
+    ``reorder`` clusters documents first (`cluster_order`); without it blocks follow the id order. ``order`` (a
+    permutation of the ids, e.g. from recursive graph bisection or an earlier `cluster_order`) replaces both. A term whose
+    sparse superblock entries would cover at least ``dense_fraction`` of the superblocks gets a dense row instead
+    (faster bounds, at most 1 / (5 * dense_fraction) times the bytes of its sparse entries)."""
+    _check_int("block_size", block_size, 1 << 20)
+    _check_int("superblock", superblock, 1024)
     if not 0.0 < dense_fraction <= 1.0:
         raise ValueError(f"dense_fraction: expected a number in (0, 1], got {dense_fraction!r}")
     docs = docs.to("cpu")
@@ -93,38 +108,74 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
         raise ValueError("docs: block-max search needs finite, non-negative document weights (use mode='exact')")
     docs = SparseBatch(docs.indptr, docs.indices, weights, docs.dim, check=False)
     n, dim = len(docs), docs.dim
-    order = cluster_order(docs, leaf=block_size, seed=seed, progress=progress) if reorder and n > block_size \
-        else torch.arange(n)
+    if order is not None:
+        order = torch.as_tensor(order).cpu()
+        if order.dtype.is_floating_point or order.dtype == torch.bool or order.shape != (n,) or \
+                not torch.equal(torch.sort(order.long()).values, torch.arange(n)):
+            raise ValueError(f"order: expected a permutation of the {n} document positions 0 .. {n - 1}")
+    elif reorder and n > block_size:
+        order = cluster_order(docs, leaf=block_size, seed=seed, progress=progress)
+    else:
+        order = torch.arange(n)
     # Permuted a million rows at a time: one fancy-indexing call over all postings builds three int64 arrays of
     # their size (about 14 GB for 8.8M documents, which ran the 24 GiB dev machine out of memory).
     step = 1 << 20
     fwd = SparseBatch.cat([docs[order[a:a + step]] for a in range(0, n, step)]) if n else docs
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
-    scale, *maxima = _ops.block_maxima(fwd.indptr, terms, fwd.values, dim, block_size, dense_fraction)
-    return BlockMax(block_size, n, fwd.indptr, terms, fwd.values, order.long(), scale, *maxima)
+    return with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction)
+
+
+def with_maxima(dim: int, block_size: int, superblock: int, fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor,
+                fwd_weights: torch.Tensor, doc_ids: torch.Tensor, dense_fraction: float = 0.125) -> BlockMax:
+    """The block-max structure of a forward index over ``dim`` terms in stored order (maxima computed here)."""
+    maxima = _ops.block_maxima(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fraction)
+    return BlockMax(block_size, superblock, fwd_ptr.numel() - 1, fwd_ptr, fwd_terms, fwd_weights, doc_ids, *maxima)
+
+
+def _check_int(name: str, value, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{name}: expected an int in [1, {high}], got {value!r}")
+
+
+def validate_forward(fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor, fwd_weights: torch.Tensor,
+                     doc_ids: torch.Tensor, dim: int, where: str) -> None:
+    """The forward index's invariants (see `validate_block_max`)."""
+    n = fwd_ptr.numel() - 1
+    if n < 0 or fwd_weights.numel() != fwd_terms.numel() or fwd_terms.dtype not in (torch.int16, torch.int32) or \
+            (fwd_terms.dtype == torch.int16 and dim > 65536):
+        raise ValueError(f"{where}: forward index offsets are inconsistent")
+    check_lists(fwd_ptr, _as_long(fwd_terms), dim, where, "forward index (terms of each document)")
+    if doc_ids.numel() != n or not torch.equal(torch.sort(doc_ids).values, torch.arange(n)):
+        raise ValueError(f"{where}: document order is not a permutation of [0, {n})")
+    w = fwd_weights.float()
+    if w.numel() and not bool(((w >= 0) & torch.isfinite(w)).all()):
+        raise ValueError(f"{where}: forward index weights must be finite and non-negative")
 
 
 def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
     """The invariants the kernel relies on (memory safety and bit-identical scores), checked after loading."""
-    n, nb = bm.ndocs, bm.nblocks
-    if bm.fwd_ptr.numel() != n + 1 or bm.fwd_weights.numel() != bm.fwd_terms.numel():
+    ns = bm.nsuper
+    if bm.fwd_ptr.numel() != bm.ndocs + 1:
         raise ValueError(f"{where}: forward index offsets are inconsistent")
-    terms = bm.fwd_terms.long() & 0xFFFF if bm.fwd_terms.dtype == torch.int16 else bm.fwd_terms.long()
-    check_lists(bm.fwd_ptr, terms, dim, where, "forward index (terms of each document)")
-    if bm.doc_ids.numel() != n or not torch.equal(torch.sort(bm.doc_ids).values, torch.arange(n)):
-        raise ValueError(f"{where}: document order is not a permutation of [0, {n})")
-    w = bm.fwd_weights.float()
-    if w.numel() and not bool(((w >= 0) & torch.isfinite(w)).all()):
-        raise ValueError(f"{where}: forward index weights must be finite and non-negative")
+    validate_forward(bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.doc_ids, dim, where)
     if bm.scale.numel() != dim or not bool((torch.isfinite(bm.scale) & (bm.scale > 0)).all()):
         raise ValueError(f"{where}: block maxima scales are invalid")
-    rows = bm.bm_dense.numel() // max(nb, 1)
-    if bm.bm_dense_row.numel() != dim or (nb and bm.bm_dense.numel() != rows * nb) or \
-            (dim and (int(bm.bm_dense_row.min()) < -1 or int(bm.bm_dense_row.max()) >= rows)):
-        raise ValueError(f"{where}: dense block maxima rows are inconsistent")
-    if bm.bm_ptr.numel() != dim + 1 or bm.bm_values.numel() != bm.bm_blocks.numel():
-        raise ValueError(f"{where}: sparse block maxima offsets are inconsistent")
-    check_lists(bm.bm_ptr, bm.bm_blocks, nb, where, "sparse block maxima (blocks of each term)")
+    rows = bm.sb_dense.numel() // max(ns, 1)
+    if bm.sb_dense_row.numel() != dim or (ns and bm.sb_dense.numel() != rows * ns) or \
+            (dim and (int(bm.sb_dense_row.min()) < -1 or int(bm.sb_dense_row.max()) >= rows)):
+        raise ValueError(f"{where}: dense superblock maxima rows are inconsistent")
+    if bm.sb_ptr.numel() != dim + 1 or bm.sb_values.numel() != bm.sb_ids.numel():
+        raise ValueError(f"{where}: sparse superblock maxima offsets are inconsistent")
+    check_lists(bm.sb_ptr, bm.sb_ids, ns, where, "superblock maxima (superblocks of each term)")
+    if bm.blk_ptr.numel() != ns + 1 or bm.blk_terms.dtype != bm.fwd_terms.dtype or \
+            bm.blk_values.numel() != bm.blk_terms.numel() * bm.superblock:
+        raise ValueError(f"{where}: block maxima offsets are inconsistent")
+    check_lists(bm.blk_ptr, _as_long(bm.blk_terms), dim, where, "block maxima (terms of each superblock)")
+
+
+def _as_long(terms: torch.Tensor) -> torch.Tensor:
+    """Terms stored as int16 hold uint16 bits."""
+    return terms.long() & 0xFFFF if terms.dtype == torch.int16 else terms.long()
 
 
 def cluster_order(docs: SparseBatch, leaf: int = 8, fanout: int = 64, iters: int = 6, sample: int = 65536,
@@ -224,17 +275,19 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 
 @fake("block_search")
-def _(q_indptr, q_indices, q_values, index, block_size, k, alpha, query_cut, num_threads, allowed=None):
+def _(q_indptr, q_indices, q_values, index, block_size, superblock, k, alpha, query_cut, num_threads, allowed=None):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))
 
 
 @fake("block_maxima")
-def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, dense_fraction):
+def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fraction):
     ctx = torch.library.get_ctx()
-    nblocks = (fwd_ptr.shape[0] - 1 + block_size - 1) // block_size
-    rows, entries = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    nsuper = (fwd_ptr.shape[0] - 1 + block_size * superblock - 1) // (block_size * superblock)
+    dense, entries, blk_entries = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
     return (fwd_weights.new_empty((dim,), dtype=torch.float32), fwd_ptr.new_empty((dim,)),
-            fwd_ptr.new_empty((rows * nblocks,), dtype=torch.uint8), fwd_ptr.new_empty((dim + 1,)),
-            fwd_ptr.new_empty((entries,), dtype=torch.int32), fwd_ptr.new_empty((entries,), dtype=torch.uint8))
+            fwd_ptr.new_empty((dense,), dtype=torch.uint8), fwd_ptr.new_empty((dim + 1,)),
+            fwd_ptr.new_empty((entries,), dtype=torch.int32), fwd_ptr.new_empty((entries,), dtype=torch.uint8),
+            fwd_ptr.new_empty((nsuper + 1,)), fwd_terms.new_empty((blk_entries,)),
+            fwd_ptr.new_empty((blk_entries * superblock,), dtype=torch.uint8))

@@ -26,7 +26,7 @@ import torch
 from ._fake import fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
-from .block_search import BlockMax, build_block_max, validate_block_max
+from .block_search import BlockMax, build_block_max, validate_block_max, validate_forward, with_maxima
 from .external_ids import ExternalIds, as_int_ids
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
@@ -35,9 +35,13 @@ _ops = torch.ops.sparse_retrieval
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _MAGIC = b"SRSPIDX\x00"
-_VERSION = 2  # 2 adds named extra arrays (the block-max structure); version 1 files still load
+# 2 adds named extra arrays (the block-max structure); 3 has superblocks in the block-max structure (the layout is
+# that of 2). Files of versions 1 and 2 still load (a version 2 block-max structure gets superblock maxima rebuilt
+# from its forward index).
+_VERSION = 3
 _HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
-            2: struct.Struct("<8sIIQQQQQ")}  # ... and the number of extra arrays
+            2: struct.Struct("<8sIIQQQQQ"),  # ... and the number of extra arrays
+            3: struct.Struct("<8sIIQQQQQ")}
 _HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
 _EXTRA = struct.Struct("<32sIQQI8x")  # name, dtype code, offset, count, crc32
@@ -45,6 +49,9 @@ _EXTRA_DTYPES = {0: torch.int64, 1: torch.int32, 2: torch.int16, 3: torch.uint8,
                  6: torch.bfloat16}
 _EXTRA_CODES = {v: k for k, v in _EXTRA_DTYPES.items()}
 _MODES = ("exact", "safe", "approximate")
+_BLOCK_MAX_FIELDS = tuple(f for f in BlockMax.__dataclass_fields__ if f not in _BLOCK_MAX_SIZES)
+_BLOCK_MAX_FIELDS_V2 = ("fwd_ptr", "fwd_terms", "fwd_weights", "doc_ids", "scale", "bm_dense_row", "bm_dense",
+                        "bm_ptr", "bm_blocks", "bm_values")
 _ALIGN = 64
 
 
@@ -124,8 +131,8 @@ class SparseIndex:
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
     def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
-                       block_max: bool = False, block_size: int = 8, reorder: bool = True,
-                       progress: bool = True) -> "SparseIndex":
+                       block_max: bool = False, block_size: int = 8, superblock: int = 1, reorder: bool = True,
+                       order=None, progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
         (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
         also builds the structure of safe and approximate search (see ``optimize``)."""
@@ -133,25 +140,32 @@ class SparseIndex:
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
         index.add(docs, ids=ids, progress=progress)
         if block_max:
-            index._optimize(docs, block_size, reorder, progress)
+            index._optimize(docs, block_size, superblock, reorder, order, progress)
         return index
 
-    def optimize(self, *, block_size: int = 8, reorder: bool = True, progress: bool = True) -> None:
+    def optimize(self, *, block_size: int = 8, superblock: int = 1, reorder: bool = True, order=None,
+                 progress: bool = True) -> None:
         """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
-        blocks of ``block_size`` with 8-bit per-term block maxima, and a forward index. Needs finite,
-        non-negative document weights; memory: about the size of the postings again."""
-        self._optimize(None, block_size, reorder, progress)
+        blocks of ``block_size`` documents and superblocks of ``superblock`` blocks with 8-bit per-term maxima,
+        and a forward index. ``order`` (a permutation of the document positions 0 .. len - 1: your own reordering,
+        e.g. recursive graph bisection, or ``index.block_max.doc_ids`` of an earlier build) skips the clustering.
+        ``superblock`` > 1 bounds superblocks first and blocks only inside the promising ones (DSP); on the
+        collections measured here (200k real passages, 1M derived ones) that was slower than bounding every block
+        (see docs/benchmarks.md), hence the default 1. Needs finite, non-negative document weights; memory: about the size of the postings
+        again."""
+        self._optimize(None, block_size, superblock, reorder, order, progress)
 
-    def _optimize(self, docs: SparseBatch | None, block_size: int, reorder: bool, progress: bool) -> None:
+    def _optimize(self, docs: SparseBatch | None, block_size: int, superblock: int, reorder: bool, order,
+                  progress: bool) -> None:
         """optimize() over ``docs`` (all of the index's documents, when the caller has them: no rebuild from the
         postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
         with self._writing:
             docs = self._documents(0, len(self)) if docs is None else docs
-            block_max = build_block_max(docs, self._dtype, block_size=block_size, reorder=reorder,
-                                        progress=progress)
+            block_max = build_block_max(docs, self._dtype, block_size=block_size, superblock=superblock,
+                                        reorder=reorder, order=order, progress=progress)
             with self._publish:
                 self._block_max, self._tail = block_max, None
 
@@ -236,7 +250,8 @@ class SparseIndex:
             fresh = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
             fresh.add(docs, progress=progress)
             if block_max is not None:
-                block_max = build_block_max(docs, self._dtype, block_size=block_max.block_size, progress=progress)
+                block_max = build_block_max(docs, self._dtype, block_size=block_max.block_size,
+                                            superblock=block_max.superblock, progress=progress)
             with self._publish:
                 self._segments, self._block_max, self._tail = fresh._segments, block_max, None
                 self._deleted, self._ids = None, user_ids
@@ -481,7 +496,7 @@ class SparseIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
-        """Reads an index written by ``save`` (format version 1 or 2); with ``mmap`` its arrays map the file
+        """Reads an index written by ``save`` (format version 1, 2 or 3); with ``mmap`` its arrays map the file
         instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
         ``ValueError``."""
         path = Path(path)
@@ -499,7 +514,7 @@ class SparseIndex:
             raise ValueError(f"{path}: not a sparse_retrieval index file (bad magic or shorter than a header)")
         version = struct.unpack_from("<I", head, 8)[0]
         if version not in _HEADERS:
-            raise ValueError(f"{path}: format version {version}, this library reads versions 1 and {_VERSION}")
+            raise ValueError(f"{path}: format version {version}, this library reads versions 1 to {_VERSION}")
         fmt = _HEADERS[version]
         magic, version, code, dim, ndocs, nseg, segment_size, *rest = fmt.unpack_from(head)
         nextra = rest[0] if rest else 0
@@ -559,18 +574,28 @@ class SparseIndex:
                 raise ValueError(f"{path}: the tombstones do not match the {len(index)} documents")
             index._deleted = deleted.bool()
         if extras:
-            index._load_block_max(extras, f"{path}")
+            index._load_block_max(extras, version, f"{path}")
         return index
 
-    def _load_block_max(self, extras: dict[str, torch.Tensor], where: str) -> None:
-        names = {f"block_max.{f}" for f in ("meta", *BlockMax.__dataclass_fields__) if f not in _BLOCK_MAX_SIZES}
-        if set(extras) != names or extras["block_max.meta"].numel() != 2:
+    def _load_block_max(self, extras: dict[str, torch.Tensor], version: int, where: str) -> None:
+        fields = _BLOCK_MAX_FIELDS if version >= 3 else _BLOCK_MAX_FIELDS_V2
+        sizes = 3 if version >= 3 else 2
+        if set(extras) != {f"block_max.{f}" for f in ("meta", *fields)} or extras["block_max.meta"].numel() != sizes:
             raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
-        block_size, ndocs = extras["block_max.meta"].tolist()
-        if not 1 <= block_size <= 1 << 20 or not 0 <= ndocs <= len(self):
-            raise ValueError(f"{where}: invalid block-max sizes (block {block_size}, documents {ndocs})")
-        bm = BlockMax(block_size, ndocs,
-                      **{k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"})
+        block_size, superblock, ndocs = extras["block_max.meta"].tolist() if version >= 3 else \
+            (extras["block_max.meta"][0].item(), 1, extras["block_max.meta"][1].item())
+        if not 1 <= block_size <= 1 << 20 or not 1 <= superblock <= 1024 or not 0 <= ndocs <= len(self):
+            raise ValueError(f"{where}: invalid block-max sizes (block {block_size}, superblock {superblock}, "
+                             f"documents {ndocs})")
+        arrays = {k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"}
+        if version < 3:  # the forward index is all that version 2 shares with this structure: maxima rebuilt
+            fwd = {f: arrays[f] for f in _BLOCK_MAX_FIELDS_V2[:4]}
+            if arrays["fwd_ptr"].numel() != ndocs + 1:
+                raise ValueError(f"{where}: block_max: forward index offsets are inconsistent")
+            validate_forward(*fwd.values(), self._dim, f"{where}: block_max")
+            bm = with_maxima(self._dim, block_size, superblock, *fwd.values())
+        else:
+            bm = BlockMax(block_size, superblock, ndocs, **arrays)
         if bm.fwd_weights.dtype != self._dtype:
             raise ValueError(f"{where}: block-max weights are {bm.fwd_weights.dtype}, the index's {self._dtype}")
         validate_block_max(bm, self._dim, f"{where}: block_max")
@@ -620,7 +645,7 @@ def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
     """Named arrays saved beside the segments: the block-max structure (the tail is rebuilt on load)."""
     if bm is None:
         return {}
-    out = {"block_max.meta": torch.tensor([bm.block_size, bm.ndocs], dtype=torch.int64)}
+    out = {"block_max.meta": torch.tensor([bm.block_size, bm.superblock, bm.ndocs], dtype=torch.int64)}
     out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
     return out
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -64,9 +65,25 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
   return true;
 }
 
-// ub[b] += qs * row[b] over a dense row of block maxima (vectorised by the compiler at each level).
+// ub[b] += qs * row[b] over a row of 8-bit maxima: a superblock's (long, vectorised by the compiler) or a block's
+// bounds in a superblock (16 by default, where the compiler's 32-wide loop would leave everything to its scalar
+// tail). One rounding per product and per sum at every level (no FMA), so bounds do not depend on the level.
 inline void add_dense_row(float* __restrict ub, const uint8_t* __restrict row, int64_t n, float qs) {
-  for (int64_t b = 0; b < n; ++b) ub[b] += qs * float(row[b]);
+  int64_t b = 0;
+#if SR_SIMD_LEVEL == 3
+  const __m512 w = _mm512_set1_ps(qs);
+  for (; b + 16 <= n; b += 16) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b))));
+    _mm512_storeu_ps(ub + b, _mm512_add_ps(_mm512_loadu_ps(ub + b), _mm512_mul_ps(w, v)));
+  }
+#elif SR_SIMD_LEVEL == 2
+  const __m256 w = _mm256_set1_ps(qs);
+  for (; b + 8 <= n; b += 8) {
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b))));
+    _mm256_storeu_ps(ub + b, _mm256_add_ps(_mm256_loadu_ps(ub + b), _mm256_mul_ps(w, v)));
+  }
+#endif
+  for (; b < n; ++b) ub[b] += qs * float(row[b]);
 }
 
 // The largest of ub[0, n) (all >= 0).
@@ -115,6 +132,75 @@ constexpr int64_t kSortChunk = 32;
 // blocks) and ordering a band costs more than another SIMD pass over the bounds.
 constexpr float kBand = 0.6f;
 
+// Heap keys of blocks: bound (a positive float, whose bits order like it) above, block number (complemented: ties
+// to the lower block) below.
+inline uint64_t block_key(float bound, int64_t block) {
+  uint32_t bits;
+  std::memcpy(&bits, &bound, sizeof bits);
+  return (uint64_t(bits) << 32) | uint64_t(~uint32_t(block));
+}
+inline float key_bound(uint64_t key) {
+  const uint32_t bits = uint32_t(key >> 32);
+  float bound;
+  std::memcpy(&bound, &bits, sizeof bound);
+  return bound;
+}
+inline int64_t key_block(uint64_t key) { return int64_t(~uint32_t(key)); }
+
+// Superblocks with a positive bound in decreasing bound order (ties to the lower one), produced lazily: bands
+// [kBand x hi, hi) of bounds, from hi = max, are collected with one pass over the bounds each and put in order a
+// chunk at a time (most queries stop within the first band).
+class SuperblockOrder {
+ public:
+  SuperblockOrder(const float* ub, int64_t n, int32_t* order, float mx)
+      : ub_(ub), n_(n), order_(order), mx_(mx), lo_(mx * kBand) {
+    m_ = collect_band(ub_, n_, lo_, hi_, order_);
+  }
+
+  // The next superblock, or -1 when none is left.
+  int32_t peek() {
+    while (j_ == m_) {
+      if (lo_ <= 0.0f) return -1;
+      hi_ = lo_;
+      lo_ = lo_ > mx_ * 1e-6f ? lo_ * kBand : 0.0f;
+      m_ = collect_band(ub_, n_, lo_, hi_, order_);
+      j_ = sorted_ = 0;
+    }
+    if (j_ == sorted_) {
+      const auto before = [&](int32_t a, int32_t b) { return ub_[a] > ub_[b] || (ub_[a] == ub_[b] && a < b); };
+      sorted_ = std::min(m_, j_ + kSortChunk);
+      std::nth_element(order_ + j_, order_ + sorted_ - 1, order_ + m_, before);
+      std::sort(order_ + j_, order_ + sorted_, before);
+    }
+    return order_[j_];
+  }
+  void pop() { ++j_; }
+
+ private:
+  const float* ub_;
+  int64_t n_;
+  int32_t* order_;
+  float mx_, lo_, hi_ = std::numeric_limits<float>::infinity();
+  int64_t m_ = 0, j_ = 0, sorted_ = 0;
+};
+
+// The first position in [p, e) of ascending `terms` whose term is >= t (or e). A superblock lists ~1,500 terms
+// and a query brings ~26, far apart: windows of 32 whose last term is below t are skipped with one predictable
+// comparison each, and the last window is counted with a compare the compiler vectorises (a binary search per
+// query term, mispredicting about half its steps, made a superblock cost ~3 us).
+template <class Term>
+inline int64_t skip_below(const Term* __restrict terms, int64_t p, int64_t e, Term t) {
+  constexpr int64_t kWindow = 32;
+  while (p + kWindow <= e && terms[p + kWindow - 1] < t) p += kWindow;
+  if (p + kWindow <= e) {
+    int64_t below = 0;
+    for (int64_t j = 0; j < kWindow; ++j) below += terms[p + j] < t ? 1 : 0;
+    return p + below;
+  }
+  while (p < e && terms[p] < t) ++p;
+  return p;
+}
+
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
                   const uint8_t* allowed, const BlockScratch& s,
@@ -130,8 +216,8 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   for (int64_t t = 0; t < q.nterms; ++t) {
     if (!std::isfinite(q.weights[t]) || (t > 0 && q.terms[t] <= q.terms[t - 1])) return false;
   }
-  const int64_t nb = ix.nblocks;
-  std::fill(s.ub, s.ub + nb, 0.0f);
+  const int64_t ns = ix.nsuper, S = ix.superblock;
+  std::fill(s.ub, s.ub + ns, 0.0f);
   // Terms with negative weights only lower scores (document weights are >= 0): they add nothing to the bounds.
   int32_t bound_terms[256];  // q.nterms <= 255
   int64_t nbound = 0;
@@ -145,26 +231,27 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     };
     std::nth_element(bound_terms, bound_terms + query_cut - 1, bound_terms + nbound, larger);
     nbound = query_cut;
+    std::sort(bound_terms, bound_terms + nbound);  // terms ascending again, for the merge with superblock terms
   }
+  float bound_weight[256];
   for (int64_t i = 0; i < nbound; ++i) {
-    const int64_t t = bound_terms[i];
-    const int64_t term = q.terms[t];
-    const float qs = q.weights[t] * ix.scale[term];
-    const int64_t row = ix.dense_row[term];
-    if (row >= ix.dense_rows) return malformed();
+    const int64_t term = q.terms[bound_terms[i]];
+    const float qs = bound_weight[i] = q.weights[bound_terms[i]] * ix.scale[term];
+    const int64_t row = ix.sb_dense_row[term];
+    if (row >= ix.sb_dense_rows) return malformed();
     if (row >= 0) {
-      add_dense_row(s.ub, ix.bm_dense + row * nb, nb, qs);
+      add_dense_row(s.ub, ix.sb_dense + row * ns, ns, qs);
       continue;
     }
-    const int64_t a = ix.bm_ptr[term], b = ix.bm_ptr[term + 1];
-    if (!(0 <= a && a <= b && b <= ix.entries)) return malformed();
+    const int64_t a = ix.sb_ptr[term], b = ix.sb_ptr[term + 1];
+    if (!(0 <= a && a <= b && b <= ix.sb_entries)) return malformed();
     for (int64_t e = a; e < b; ++e) {
-      const uint32_t blk = uint32_t(ix.bm_blocks[e]);
-      if (blk >= uint64_t(nb)) return malformed();
-      s.ub[blk] += qs * float(ix.bm_values[e]);
+      const uint32_t sb = uint32_t(ix.sb_ids[e]);
+      if (sb >= uint64_t(ns)) return malformed();
+      s.ub[sb] += qs * float(ix.sb_values[e]);
     }
   }
-  const float mx = max_bound(s.ub, nb);
+  const float mx = max_bound(s.ub, ns);
   if (!(mx > 0.0f)) return false;
   s.qslot[0] = 0.0f;
   for (int64_t t = 0; t < q.nterms; ++t) {
@@ -172,40 +259,82 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     s.qslot[t + 1] = q.weights[t];
   }
 
-  // Blocks are visited in decreasing bound order (ties to the lower block): bands [kBand x hi, hi) of bounds, from
-  // hi = max, are collected with one pass over the bounds each and put in order a chunk at a time.
-  // The visiting order depends on the bounds only and alpha only on where it stops, so a smaller alpha visits a
-  // prefix of the blocks a larger one visits. Bounds and scores round differently: the bounds get a margin of
-  // 4 units in the last place per added term.
+  // Bounds and scores round differently: the bounds get a margin of 4 units in the last place per added term.
   const float margin = 1.0f + float(q.nterms + 4) * 2.4e-7f;
   BestK best(out_scores, out_ids, k, allowed);
-  int64_t visited = 0;
-  bool stopped = false;
-  float hi = std::numeric_limits<float>::infinity();
-  for (float lo = mx * kBand; !stopped && hi > 0.0f; hi = lo, lo = lo > mx * 1e-6f ? lo * kBand : 0.0f) {
-    if (best.full() && best.floor() > alpha * std::min(hi, mx) * margin) break;
-    const int64_t m = collect_band(s.ub, nb, lo, hi, s.order);
-    const auto before = [&](int32_t a, int32_t b) { return s.ub[a] > s.ub[b] || (s.ub[a] == s.ub[b] && a < b); };
-    for (int64_t j = 0; j < m && !stopped; ++j) {
-      if (j % kSortChunk == 0) {  // order the band lazily, a chunk at a time: most queries stop in the first
-        const int64_t e = std::min(m, j + kSortChunk);
-        std::nth_element(s.order + j, s.order + e - 1, s.order + m, before);
-        std::sort(s.order + j, s.order + e, before);
+  const auto beaten = [&](float bound) { return best.full() && best.floor() > bound * margin; };
+  const auto* bterms = static_cast<const Term*>(ix.blk_terms);
+  int64_t heap_size = 0;
+  int64_t match_at[256];
+  int32_t match_term[256];
+  // Bounds the blocks of superblock sb (merging the bound terms with its terms, both ascending) and queues those
+  // that can still beat the k-th score.
+  const auto expand = [&](int64_t sb) {
+    const int64_t a = ix.blk_ptr[sb], e = ix.blk_ptr[sb + 1];
+    if (!(0 <= a && a <= e && e <= ix.blk_entries)) return false;
+    if (S == 1) {  // the block is the superblock: same bound, bit for bit
+      if (!beaten(s.ub[sb])) {
+        s.heap[heap_size++] = block_key(s.ub[sb], sb);
+        std::push_heap(s.heap, s.heap + heap_size);
       }
-      const int32_t b = s.order[j];
-      if (best.full() && best.floor() > alpha * s.ub[b] * margin) {
-        stopped = true;
-        continue;
-      }
-      const int64_t d = int64_t(b) * ix.block_size;
-      if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best)) {
-        for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
-        return malformed();
-      }
-      ++visited;
+      return true;
     }
+    std::fill(s.blk_ub, s.blk_ub + S, 0.0f);
+    // Matches first, their bounds prefetched, then added: the bounds of a superblock sit in a random place of a
+    // large array, and looking them up one at a time waited out a memory latency per query term.
+    int64_t matches = 0;
+    for (int64_t i = 0, p = a; i < nbound && p < e; ++i) {
+      const int64_t term = q.terms[bound_terms[i]];
+      p = skip_below(bterms, p, e, Term(term));
+      if (p < e && int64_t(bterms[p]) == term) {
+        __builtin_prefetch(ix.blk_values + S * p);
+        match_at[matches] = p;
+        match_term[matches++] = int32_t(i);
+      }
+    }
+    for (int64_t j = 0; j < matches; ++j) {
+      add_dense_row(s.blk_ub, ix.blk_values + S * match_at[j], S, bound_weight[match_term[j]]);
+    }
+    const int64_t first = sb * S, nblk = std::min(S, ix.nblocks - first);
+    for (int64_t j = 0; j < nblk; ++j) {
+      if (s.blk_ub[j] > 0.0f && !beaten(s.blk_ub[j])) {
+        s.heap[heap_size++] = block_key(s.blk_ub[j], first + j);
+        std::push_heap(s.heap, s.heap + heap_size);
+      }
+    }
+    return true;
+  };
+
+  // Blocks are scored in decreasing bound order (ties to the lower block) across the whole index, as if every
+  // block had been bounded: a superblock is expanded before any block whose bound is not above its own (a block's
+  // bound never exceeds its superblock's: same terms in the same order, smaller maxima). So the blocks scored are
+  // a prefix of one order that depends on the bounds only, alpha only cuts it shorter, and recall grows with alpha.
+  SuperblockOrder supers(s.ub, ns, s.order, mx);
+  int64_t visited = 0;
+  while (true) {
+    const int32_t sb = supers.peek();
+    const float top_super = sb >= 0 ? s.ub[sb] : 0.0f;
+    const float top_block = heap_size > 0 ? key_bound(s.heap[0]) : 0.0f;
+    const float top = std::max(top_super, top_block);
+    if (!(top > 0.0f) || beaten(alpha * top)) break;
+    if (sb >= 0 && top_super >= top_block) {
+      supers.pop();
+      if (!expand(sb)) {
+        visited = -1;
+        break;
+      }
+      continue;
+    }
+    std::pop_heap(s.heap, s.heap + heap_size--);
+    const int64_t d = key_block(s.heap[heap_size]) * ix.block_size;
+    if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best)) {
+      visited = -1;
+      break;
+    }
+    ++visited;
   }
   for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
+  if (visited < 0) return malformed();
   *blocks_visited = visited;
   const bool complete = best.full() && best.floor() > 0.0f;
   best.finish();
@@ -231,36 +360,38 @@ bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// The end of block b's postings.
-inline int64_t ptr_end(const int64_t* fwd_ptr, int64_t b, int64_t block_size, int64_t ndocs) {
-  return fwd_ptr[std::min(ndocs, (b + 1) * block_size)];
+// The 8-bit bound of a largest weight mx: the smallest q with q * scale >= mx in float32 (as the kernels dequantize).
+inline uint8_t quantize_max(float mx, float scale) {
+  float q = std::ceil(mx / scale);
+  while (q * scale < mx) q += 1.0f;
+  return uint8_t(std::min(q, 255.0f));
 }
 
 template <class W, class Term>
-int64_t block_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typename W::T* w, int64_t ndocs,
-                          int64_t dim, int64_t block_size, int64_t min_dense, float* scale, int64_t* dense_row,
-                          int64_t* ptr, uint8_t* dense, int32_t* blocks, uint8_t* values) {
-  const int64_t nblocks = (ndocs + block_size - 1) / block_size;
-  std::vector<float> bmax(dim, -1.0f);
+int64_t term_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typename W::T* w, int64_t ndocs,
+                         int64_t dim, int64_t group, int64_t min_dense, float* scale, int64_t* dense_row,
+                         int64_t* ptr, uint8_t* dense, int32_t* groups, uint8_t* values) {
+  const int64_t ngroups = (ndocs + group - 1) / group;
+  std::vector<float> gmax(dim, -1.0f);
   std::vector<int64_t> touched;
-  // Calls emit(term, block, max weight) for every term present in every block, blocks in order.
-  auto each_block_max = [&](auto&& emit) {
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t e = ptr_end(fwd_ptr, b, block_size, ndocs);
-      for (int64_t p = fwd_ptr[b * block_size]; p < e; ++p) {
+  // Calls emit(term, group, max weight) for every term present in every group, groups in order.
+  auto each_group_max = [&](auto&& emit) {
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t e = fwd_ptr[std::min(ndocs, (g + 1) * group)];
+      for (int64_t p = fwd_ptr[g * group]; p < e; ++p) {
         const int64_t t = terms[p];
         const float v = W::load(w, p);
-        if (bmax[t] < 0.0f) touched.push_back(t);
-        bmax[t] = std::max(bmax[t], v);
+        if (gmax[t] < 0.0f) touched.push_back(t);
+        gmax[t] = std::max(gmax[t], v);
       }
       for (const int64_t t : touched) {
-        emit(t, b, bmax[t]);
-        bmax[t] = -1.0f;
+        emit(t, g, gmax[t]);
+        gmax[t] = -1.0f;
       }
       touched.clear();
     }
   };
-  const bool fill = dense != nullptr || blocks != nullptr;
+  const bool fill = dense != nullptr || groups != nullptr;
   if (!fill) {
     std::fill(scale, scale + dim, 0.0f);
     const int64_t nnz = fwd_ptr[ndocs];
@@ -269,7 +400,7 @@ int64_t block_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typen
       scale[t] = scale[t] > 0.0f ? float(double(scale[t]) / 255.0 * (1.0 + 0x1p-20)) : 1.0f;
     }
     std::fill(ptr, ptr + dim + 1, int64_t(0));
-    each_block_max([&](int64_t t, int64_t, float) { ++ptr[t + 1]; });
+    each_group_max([&](int64_t t, int64_t, float) { ++ptr[t + 1]; });
     int64_t rows = 0;
     for (int64_t t = 0; t < dim; ++t) {
       dense_row[t] = ptr[t + 1] >= min_dense ? rows++ : -1;
@@ -279,32 +410,88 @@ int64_t block_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typen
     return rows;
   }
   std::vector<int64_t> cursor(ptr, ptr + dim);
-  each_block_max([&](int64_t t, int64_t b, float mx) {
-    float q = std::ceil(mx / scale[t]);
-    while (q * scale[t] < mx) q += 1.0f;  // the kernels dequantize as q * scale in float32
-    const uint8_t v = uint8_t(std::min(q, 255.0f));
+  each_group_max([&](int64_t t, int64_t g, float mx) {
+    const uint8_t v = quantize_max(mx, scale[t]);
     if (dense_row[t] >= 0) {
-      dense[dense_row[t] * nblocks + b] = v;
+      dense[dense_row[t] * ngroups + g] = v;
     } else {
-      blocks[cursor[t]] = int32_t(b);
+      groups[cursor[t]] = int32_t(g);
       values[cursor[t]++] = v;
     }
   });
   return 0;
 }
 
+template <class W, class Term>
+void superblock_maxima_impl(const int64_t* fwd_ptr, const Term* terms, const typename W::T* w, int64_t ndocs,
+                            int64_t dim, int64_t block_size, int64_t S, const float* scale, int64_t s_lo,
+                            int64_t s_hi, int64_t* counts, const int64_t* ptr, Term* out_terms, uint8_t* values) {
+  std::vector<int32_t> local(dim, -1);  // a term's row in bmax, -1 when not in the superblock
+  std::vector<Term> touched;
+  std::vector<float> bmax;  // touched.size() x S block maxima
+  for (int64_t s = s_lo; s < s_hi; ++s) {
+    for (int64_t j = 0; j < S && (s * S + j) * block_size < ndocs; ++j) {
+      const int64_t d = (s * S + j) * block_size;
+      const int64_t e = fwd_ptr[std::min(ndocs, d + block_size)];
+      for (int64_t p = fwd_ptr[d]; p < e; ++p) {
+        const Term t = terms[p];
+        if (local[t] < 0) {
+          local[t] = int32_t(touched.size());
+          touched.push_back(t);
+          bmax.resize(bmax.size() + S, 0.0f);
+        }
+        float& m = bmax[local[t] * S + j];
+        m = std::max(m, W::load(w, p));
+      }
+    }
+    if (counts != nullptr) {
+      counts[s - s_lo] = int64_t(touched.size());
+    } else {
+      std::sort(touched.begin(), touched.end());
+      for (size_t i = 0; i < touched.size(); ++i) {
+        const Term t = touched[i];
+        out_terms[ptr[s] + i] = t;
+        for (int64_t j = 0; j < S; ++j) {
+          values[(ptr[s] + int64_t(i)) * S + j] = quantize_max(bmax[local[t] * S + j], scale[t]);
+        }
+      }
+    }
+    for (const Term t : touched) local[t] = -1;
+    touched.clear();
+    bmax.clear();
+  }
+}
+
 }  // namespace
 
-int64_t block_maxima(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16, const void* fwd_weights,
-                     ValueType wtype, int64_t ndocs, int64_t dim, int64_t block_size, int64_t min_dense, float* scale,
-                     int64_t* dense_row, int64_t* ptr, uint8_t* dense, int32_t* blocks, uint8_t* values) {
+int64_t term_maxima(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16, const void* fwd_weights,
+                    ValueType wtype, int64_t ndocs, int64_t dim, int64_t group, int64_t min_dense, float* scale,
+                    int64_t* dense_row, int64_t* ptr, uint8_t* dense, int32_t* groups, uint8_t* values) {
   return visit_value_type(wtype, [&](auto v) {
     using W = decltype(v);
     const auto* w = static_cast<const typename W::T*>(fwd_weights);
-    return terms16 ? block_maxima_impl<W>(fwd_ptr, static_cast<const uint16_t*>(fwd_terms), w, ndocs, dim,
-                                          block_size, min_dense, scale, dense_row, ptr, dense, blocks, values)
-                   : block_maxima_impl<W>(fwd_ptr, static_cast<const int32_t*>(fwd_terms), w, ndocs, dim,
-                                          block_size, min_dense, scale, dense_row, ptr, dense, blocks, values);
+    return terms16 ? term_maxima_impl<W>(fwd_ptr, static_cast<const uint16_t*>(fwd_terms), w, ndocs, dim, group,
+                                         min_dense, scale, dense_row, ptr, dense, groups, values)
+                   : term_maxima_impl<W>(fwd_ptr, static_cast<const int32_t*>(fwd_terms), w, ndocs, dim, group,
+                                         min_dense, scale, dense_row, ptr, dense, groups, values);
+  });
+}
+
+void superblock_maxima(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16, const void* fwd_weights,
+                       ValueType wtype, int64_t ndocs, int64_t dim, int64_t block_size, int64_t superblock,
+                       const float* scale, int64_t s_lo, int64_t s_hi, int64_t* counts, const int64_t* ptr,
+                       void* terms, uint8_t* values) {
+  visit_value_type(wtype, [&](auto v) {
+    using W = decltype(v);
+    const auto* w = static_cast<const typename W::T*>(fwd_weights);
+    if (terms16) {
+      superblock_maxima_impl<W>(fwd_ptr, static_cast<const uint16_t*>(fwd_terms), w, ndocs, dim, block_size,
+                                superblock, scale, s_lo, s_hi, counts, ptr, static_cast<uint16_t*>(terms), values);
+    } else {
+      superblock_maxima_impl<W>(fwd_ptr, static_cast<const int32_t*>(fwd_terms), w, ndocs, dim, block_size,
+                                superblock, scale, s_lo, s_hi, counts, ptr, static_cast<int32_t*>(terms), values);
+    }
+    return 0;
   });
 }
 
