@@ -195,3 +195,79 @@ def test_beam_search_reorders_codes(model, quantizers):
         want = model.generate(ids, past_key_values=Cache(layers=[SimulatedLayer(k, v) for k, v in quantizers]),
                               **kwargs)
     assert torch.equal(got, want)
+
+
+class SimulatedCQCache(DynamicCache):
+    """What a per-token quantizing cache returns: the history in full precision at a prefill longer than the
+    window, afterwards every token older than the last `window` quantized and dequantized."""
+
+    def __init__(self, quantizers, window):
+        super().__init__()
+        self.quantizers, self.window = quantizers, window
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        old = keys.shape[2] - self.window
+        if key_states.shape[2] > self.window or old <= 0:
+            return keys, values
+        kq, vq = self.quantizers[layer_idx]
+
+        def qdq(q, x):
+            B, H, n, D = x.shape
+            y = q.decode(q.encode(x.transpose(1, 2).reshape(B, n, H * D)))
+            return y.reshape(B, n, H, D).transpose(1, 2).to(x.dtype)
+
+        return (torch.cat([qdq(kq, keys[:, :, :old]), keys[:, :, old:]], 2),
+                torch.cat([qdq(vq, values[:, :, :old]), values[:, :, old:]], 2))
+
+
+def _tiny(arch):
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  max_position_embeddings=256, attn_implementation="sdpa")
+    if arch == "qwen3":  # query and key norms
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, **common))
+    if arch == "gemma3":  # sliding and global layers, one KV head, head_dim 256
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+        return Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, num_key_value_heads=1, head_dim=256,
+                                                  sliding_window=8, layer_types=["sliding_attention",
+                                                                                 "sliding_attention",
+                                                                                 "full_attention"], **common))
+    if arch == "mistral":  # sliding window, MQA
+        from transformers import MistralConfig, MistralForCausalLM
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=16,
+                                                sliding_window=12, **common))
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral"])
+def test_other_architectures_calibrate_and_generate(arch, texts):
+    """Calibration records what each layer hands to the cache, so norms, rotations, sliding layers and head shapes
+    of any architecture are covered; the cache then matches a simulated per-token quantizing cache."""
+    torch.manual_seed(3)
+    model = _tiny(arch).eval()
+    quantizers = calibrate(model, texts, group_size=8, bits=6, iters=4, progress=False)
+    n_layers = model.config.num_hidden_layers
+    channels = model.config.num_key_value_heads * model.config.head_dim
+    assert len(quantizers) == n_layers and all(k.channels == v.channels == channels for k, v in quantizers)
+    fisher = calibrate(model, texts[:2], group_size=8, bits=4, fisher=True, iters=2, progress=False)
+    assert len(fisher) == n_layers and all(bool(k.fitted) and bool(v.fitted) for k, v in fisher)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=CoupledQuantizedCache(quantizers, window=6), max_new_tokens=8,
+                             min_new_tokens=8, do_sample=False)
+        assert out.shape == (2, 28)
+        logits = []
+        for cache in (CoupledQuantizedCache(quantizers, window=6), SimulatedCQCache(quantizers, 6)):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits.append(torch.cat([model(input_ids=out[:, 20 + i:21 + i], past_key_values=cache,
+                                           use_cache=True).logits for i in range(8)], 1))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_pre_rope_calibration_needs_the_llama_layout(texts):
+    torch.manual_seed(5)
+    model = _tiny("gemma3").eval()
+    model.model.layers[0].self_attn.k_proj = None  # not a Llama-layout projection any more
+    with pytest.raises(ValueError, match="Llama-layout"):
+        calibrate(model, texts, group_size=8, bits=4, rope="pre", iters=1, progress=False)

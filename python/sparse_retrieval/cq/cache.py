@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` integration: a coupled-quantized KV cache and calibration of its quantizers.
 
-Needs ``transformers`` (tested with 5.23). Llama-family layouts: decoder layers at ``model.model.layers``, each with
-``self_attn.k_proj`` / ``v_proj`` and the rotary embedding at ``model.model.rotary_emb``.
+Needs ``transformers`` (tested with 5.23). Calibration and the cache work with any decoder whose attention goes
+through the cache (tested: Llama, Qwen3, Gemma 3, Mistral); pre-RoPE keys (``rope="pre"``, ``rotary_emb=``) need
+the Llama layout (``model.model.layers[i].self_attn.k_proj`` and ``model.model.rotary_emb``).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -255,41 +256,71 @@ def _token_batches(texts, tokenizer, max_length: int):
             yield t[:max_length][None]
 
 
-def calibrate(model, texts, group_size: int, bits: int, fisher: bool = False, tokenizer=None,
-              max_length: int = 2048, rope: str = "post", iters: int = 20, seed: int = 0,
-              progress: bool = True) -> list[tuple[CoupledQuantizer, CoupledQuantizer]]:
-    """Fits one (key, value) pair of coupled quantizers per decoder layer on the keys/values the model computes
-    for ``texts`` (strings with ``tokenizer``, or 1-D token-id tensors), captured with forward hooks on
-    ``k_proj``/``v_proj``. ``rope="post"`` fits keys after RoPE (for ``CoupledQuantizedCache``'s default),
-    ``"pre"`` before. ``fisher=True`` also runs a backward pass of the language-modelling loss and weights each
-    token's channel group by its summed squared gradient (Fisher information)."""
-    if rope not in ("post", "pre"):
-        raise ValueError(f"rope must be 'post' or 'pre', got {rope!r}")
-    layers = model.model.layers
-    attn0 = layers[0].self_attn
-    head_dim = attn0.head_dim
-    keys = [[] for _ in layers]
-    vals = [[] for _ in layers]
-    k_grads = [[] for _ in layers]
-    v_grads = [[] for _ in layers]
+class _RecordingCache(DynamicCache):
+    """The cache of a calibration forward: records what each layer's attention hands to the cache (keys after every
+    norm and rotation the architecture applies, values), and with ``fisher`` the gradients of the loss with respect
+    to them."""
 
-    def capture(store, grads):
+    def __init__(self, config, records: dict, fisher: bool):
+        super().__init__(config=config)
+        self._records, self._fisher = records, fisher
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        rec = self._records.setdefault(layer_idx, ([], [], [], []))
+        rec[0].append(_tokens(key_states.detach()))
+        rec[1].append(_tokens(value_states.detach()))
+        if self._fisher and key_states.requires_grad:
+            key_states.register_hook(lambda g: rec[2].append(_tokens(g.detach())))
+            value_states.register_hook(lambda g: rec[3].append(_tokens(g.detach())))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(1, H, T, D) -> (T, H * D): heads outermost, as the quantizers' channels."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])
+
+
+def _record_cache_inputs(model, batches, fisher: bool, progress: bool) -> list:
+    records = {}
+    for ids in tqdm(batches, desc="calibration forward", disable=not progress, leave=False):
+        cache = _RecordingCache(model.config, records, fisher)
+        if fisher:
+            with torch.enable_grad():
+                model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+    missing = sorted(set(range(max(records, default=-1) + 1)) - set(records))
+    if not records or missing:
+        raise ValueError(f"calibrate: layers {missing or 'all'} never handed keys to the cache (does the model "
+                         "take past_key_values?)")
+    return [records[i] for i in range(len(records))]
+
+
+def _record_projections(model, batches, fisher: bool, progress: bool) -> list:
+    """Pre-RoPE keys (outputs of k_proj) and values of a Llama-layout model, with forward hooks."""
+    try:
+        layers = model.model.layers
+        projections = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
+    except AttributeError:
+        projections = None
+    if not projections or not all(isinstance(p, torch.nn.Module) for pair in projections for p in pair):
+        raise ValueError("calibrate(rope='pre') needs a Llama-layout model (model.model.layers[i].self_attn.k_proj "
+                         "and v_proj); rope='post' works with any architecture")
+    records = [([], [], [], []) for _ in layers]
+
+    def capture(rec, which):
         def hook(_module, _inp, out):
-            store.append(out.detach())
+            rec[which].append(out.detach().reshape(-1, out.shape[-1]))
             if fisher:
-                out.register_hook(lambda g: grads.append(g.detach()))
+                out.register_hook(lambda g: rec[which + 2].append(g.detach().reshape(-1, g.shape[-1])))
         return hook
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(capture(keys[i], k_grads[i])))
-        handles.append(layer.self_attn.v_proj.register_forward_hook(capture(vals[i], v_grads[i])))
-    was_training = model.training
-    model.eval()
+    handles = [proj.register_forward_hook(capture(rec, which))
+               for rec, pair in zip(records, projections) for which, proj in enumerate(pair)]
     try:
-        for ids in tqdm(list(_token_batches(texts, tokenizer, max_length)), desc="calibration forward",
-                        disable=not progress, leave=False):
-            ids = ids.to(next(model.parameters()).device)
+        for ids in tqdm(batches, desc="calibration forward", disable=not progress, leave=False):
             if fisher:
                 with torch.enable_grad():
                     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -300,36 +331,43 @@ def calibrate(model, texts, group_size: int, bits: int, fisher: bool = False, to
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if not keys[0]:
+    return records
+
+
+def calibrate(model, texts, group_size: int, bits: int, fisher: bool = False, tokenizer=None,
+              max_length: int = 2048, rope: str = "post", iters: int = 20, seed: int = 0,
+              progress: bool = True) -> list[tuple[CoupledQuantizer, CoupledQuantizer]]:
+    """Fits one (key, value) pair of coupled quantizers per layer on the keys/values the model computes for
+    ``texts`` (strings with ``tokenizer``, or 1-D token-id tensors).
+
+    ``rope="post"`` (for ``CoupledQuantizedCache``'s default) records exactly what each layer hands to the cache:
+    keys after every norm and rotation, so any architecture whose attention uses the cache works (Llama, Qwen3's
+    key norms, Gemma 3's sliding and global layers, MQA/GQA, layers of different shapes). ``"pre"`` fits keys
+    before RoPE, captured at ``k_proj`` of a Llama-layout model. ``fisher=True`` also runs a backward pass of the
+    language-modelling loss and weights each token's channel group by its summed squared gradient (Fisher
+    information) with respect to the same tensors."""
+    if rope not in ("post", "pre"):
+        raise ValueError(f"rope must be 'post' or 'pre', got {rope!r}")
+    device = next(model.parameters()).device
+    batches = [ids.to(device) for ids in _token_batches(texts, tokenizer, max_length)]
+    if not batches:
         raise ValueError("texts hold no tokens")
+    was_training = model.training
+    model.eval()
+    try:
+        record = _record_cache_inputs if rope == "post" else _record_projections
+        records = record(model, batches, fisher, progress)
+    finally:
+        model.train(was_training)
 
-    def heads(t):  # (1, T, H * D) -> (1, H, T, D)
-        return t.reshape(t.shape[0], t.shape[1], -1, head_dim).transpose(1, 2)
-
-    def tokens(t):  # (1, H, T, D) -> (T, H * D)
-        return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])
-
-    def rotate(chunks):
-        out = []
-        for t in chunks:
-            h = heads(t.float())
-            out.append(tokens(_rope(h, *_rope_angles(model.model.rotary_emb, h, 0, h.shape[2]))))
-        return out
+    def weights(grads):  # one gradient per text, in text order (each backward runs before the next forward)
+        g = torch.cat(grads).float()
+        return g.pow(2).reshape(g.shape[0], -1, group_size).sum(-1)
 
     quantizers = []
-    for i in tqdm(range(len(layers)), desc="fitting quantizers", disable=not progress):
-        k_chunks = rotate(keys[i]) if rope == "post" else [c.reshape(-1, c.shape[-1]) for c in keys[i]]
-        v_chunks = [c.reshape(-1, c.shape[-1]) for c in vals[i]]
-        k_w = v_w = None
-        if fisher:
-            # One gradient per text, in text order (each backward runs before the next forward); they rotate
-            # like the keys.
-            kg = rotate(k_grads[i]) if rope == "post" else [g.reshape(-1, g.shape[-1]) for g in k_grads[i]]
-            vg = [g.reshape(-1, g.shape[-1]) for g in v_grads[i]]
-            k_w = torch.cat(kg).float().pow(2).reshape(-1, kg[0].shape[-1] // group_size, group_size).sum(-1)
-            v_w = torch.cat(vg).float().pow(2).reshape(-1, vg[0].shape[-1] // group_size, group_size).sum(-1)
-        k_x, v_x = torch.cat(k_chunks).float(), torch.cat(v_chunks).float()
+    for keys, values, k_grads, v_grads in tqdm(records, desc="fitting quantizers", disable=not progress):
+        k_x, v_x = torch.cat(keys).float(), torch.cat(values).float()
+        k_w, v_w = (weights(k_grads), weights(v_grads)) if fisher else (None, None)
         kq = CoupledQuantizer(k_x.shape[1], group_size, bits, seed).fit(k_x, k_w, iters=iters, progress=False)
         vq = CoupledQuantizer(v_x.shape[1], group_size, bits, seed).fit(v_x, v_w, iters=iters, progress=False)
         quantizers.append((kq, vq))
