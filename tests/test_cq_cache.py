@@ -271,3 +271,36 @@ def test_pre_rope_calibration_needs_the_llama_layout(texts):
     model.model.layers[0].self_attn.k_proj = None  # not a Llama-layout projection any more
     with pytest.raises(ValueError, match="Llama-layout"):
         calibrate(model, texts, group_size=8, bits=4, rope="pre", iters=1, progress=False)
+
+
+def test_quantizers_save_and_load(tmp_path, model, texts, quantizers):
+    """One file with every layer's codebooks and what they were fitted on; the loader refuses another model and
+    damaged files, and the cache refuses quantizers fitted in the other RoPE frame."""
+    path = tmp_path / "q.safetensors"
+    cq.save_quantizers(path, quantizers, model)
+    loaded = cq.load_quantizers(path, model)
+    assert len(loaded) == len(quantizers)
+    for (k0, v0), (k1, v1) in zip(quantizers, loaded):
+        assert torch.equal(k0.codebooks, k1.codebooks) and torch.equal(v0.codebooks, v1.codebooks)
+        assert (k1.group_size, k1.bits, k1.rope) == (4, 8, "post")
+    ids = torch.randint(0, 97, (1, 15))
+    with torch.no_grad():
+        want = model(input_ids=ids, past_key_values=CoupledQuantizedCache(quantizers, window=4)).logits
+        got = model(input_ids=ids, past_key_values=CoupledQuantizedCache(loaded, window=4)).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    other = _tiny("qwen3")
+    with pytest.raises(ValueError, match="another model"):
+        cq.load_quantizers(path, other)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "bad").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        cq.load_quantizers(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match="not a readable"):
+        cq.load_quantizers(tmp_path / "short")
+    pre = calibrate(model, texts[:1], group_size=4, bits=4, rope="pre", iters=1, progress=False)
+    with pytest.raises(ValueError, match="pre-RoPE"):
+        CoupledQuantizedCache(pre, window=4)
+    with pytest.raises(ValueError, match="rope='pre'"):
+        CoupledQuantizedCache(quantizers, window=4, rotary_emb=model.model.rotary_emb)

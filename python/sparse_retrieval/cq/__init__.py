@@ -11,7 +11,8 @@ codebooks were fitted on keys in the same frame as the queries. :class:`CoupledQ
 **post-RoPE** keys (what transformers hands to a cache); ``rope="pre"`` codes pre-RoPE keys instead (as in the
 paper) and re-applies RoPE after decoding, at the cost of dequantizing the history for each step.
 
-The transformers pieces (:class:`CoupledQuantizedCache`, :func:`calibrate`) import transformers lazily.
+The transformers pieces (:class:`CoupledQuantizedCache`, :func:`calibrate`) import transformers lazily;
+:func:`save_quantizers` / :func:`load_quantizers` keep a model's quantizers in one safetensors file.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .. import reference
 from .._fake import fake
 
 __all__ = ["CoupledQuantizer", "attention", "encode", "decode", "CoupledQuantizedCache", "calibrate",
-           "enable_cq_attention"]
+           "enable_cq_attention", "save_quantizers", "load_quantizers"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BITS = 15
@@ -156,6 +157,7 @@ class CoupledQuantizer(torch.nn.Module):
         self.n_centroids = 2 ** bits
         self.register_buffer("codebooks", torch.full((self.groups, self.n_centroids, group_size), math.nan))
         self.register_buffer("fitted", torch.tensor(False))
+        self.rope: str | None = None  # "post" or "pre": the frame of the keys it was fitted on (set by calibrate)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, group_size={self.group_size}, bits={self.bits} "
@@ -331,4 +333,8 @@ def __getattr__(name):
         from . import cache
 
         return getattr(cache, name)
+    if name in ("save_quantizers", "load_quantizers"):
+        from . import files
+
+        return getattr(files, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

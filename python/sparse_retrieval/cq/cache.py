@@ -204,6 +204,11 @@ class CoupledQuantizedCache(Cache):
                 raise TypeError(f"quantizers[{i}] must be a (key, value) pair of CoupledQuantizer")
             for q in pair:
                 q._require_fitted()
+            frame = pair[0].rope
+            if frame is not None and frame != ("pre" if rotary_emb is not None else "post"):
+                raise ValueError(f"quantizers[{i}] were calibrated on {frame}-RoPE keys; "
+                                 + ("pass rotary_emb= (pre-RoPE coding)" if frame == "pre" else
+                                    "this cache codes pre-RoPE keys (rotary_emb= given): calibrate with rope='pre'"))
         self.window = window
         super().__init__(layers=[CoupledQuantizedLayer(k, v, window, rotary_emb, codes_attention)
                                  for k, v in quantizers])
@@ -370,5 +375,6 @@ def calibrate(model, texts, group_size: int, bits: int, fisher: bool = False, to
         k_w, v_w = (weights(k_grads), weights(v_grads)) if fisher else (None, None)
         kq = CoupledQuantizer(k_x.shape[1], group_size, bits, seed).fit(k_x, k_w, iters=iters, progress=False)
         vq = CoupledQuantizer(v_x.shape[1], group_size, bits, seed).fit(v_x, v_w, iters=iters, progress=False)
+        kq.rope = vq.rope = rope
         quantizers.append((kq, vq))
     return quantizers
