@@ -304,3 +304,23 @@ def test_quantizers_save_and_load(tmp_path, model, texts, quantizers):
         CoupledQuantizedCache(pre, window=4)
     with pytest.raises(ValueError, match="rope='pre'"):
         CoupledQuantizedCache(quantizers, window=4, rotary_emb=model.model.rotary_emb)
+
+
+def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers):
+    """Left padding: each row of a padded batch decodes the tokens it would decode alone."""
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randint(1, 97, (n,), generator=gen) for n in (14, 9)]
+    ids = torch.zeros(2, 14, dtype=torch.long)
+    mask = torch.zeros(2, 14, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 14 - r.numel():], mask[i, 14 - r.numel():] = r, 1
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            batch = model.generate(ids, attention_mask=mask, past_key_values=CoupledQuantizedCache(
+                quantizers, window=4, codes_attention=True, model=model), **kw)
+            for i, r in enumerate(rows):
+                alone = model.generate(r[None], past_key_values=CoupledQuantizedCache(quantizers, window=4), **kw)
+                assert torch.equal(batch[i, 14:], alone[0, r.numel():])
+    finally:
+        model.set_attn_implementation("sdpa")
