@@ -173,7 +173,10 @@ class CSRLoss(WarmupSteps, torch.nn.Module):
     def forward(self, model: SparseAutoEncoder, anchors: torch.Tensor,
                 positives: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(model, SparseAutoEncoder):
-            raise TypeError(f"model: expected a SparseAutoEncoder, got {type(model).__name__}")
+            kind = type(model)
+            raise TypeError(f"model: expected sparse_retrieval.SparseAutoEncoder, got {kind.__module__}."
+                            f"{kind.__qualname__}" + (" (sentence-transformers' CSR head: train it with its CSRLoss)"
+                                                       if kind.__module__.startswith("sentence_transformers") else ""))
         x = model._check_input(anchors)
         if positives is not None:
             p = model._check_input(positives)
