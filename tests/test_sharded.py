@@ -67,6 +67,19 @@ def _search_equals_one_index(rank, world, folder):
             got = sharded.search(queries, k, mode=mode)
             want = one.search(queries, k)
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (k, mode)
+    # filters (global ids or a mask over all documents) and deletes, in every mode
+    allowed = list(range(3, 97, 4))
+    mask = torch.zeros(len(docs), dtype=torch.bool)
+    mask[allowed] = True
+    for mode in ("exact", "safe"):
+        want = one.search(queries, 7, filter=allowed, mode="exact")
+        for f in (allowed, mask, set(allowed)):
+            got = sharded.search(queries, 7, filter=f, mode=mode)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), mode
+    sharded.delete([5, 50, 96])
+    one.delete([5, 50, 96])
+    with pytest.raises(ValueError, match="ids: document ids must lie"):
+        sharded.delete([len(docs)])
     sharded.add(more if rank == 0 else None)
     one.add(more, progress=False)
     got = sharded.search(queries if rank == 1 else None, 20, src=1)  # queries from one rank
@@ -111,7 +124,7 @@ def _errors_reach_every_rank(rank, world):
     docs, _, queries = data()
     sharded = ShardedIndex.from_documents(docs if rank == 0 else None)
     with pytest.raises(ValueError, match="rank 1: ValueError: filter"):
-        sharded.search(queries, 3, filter=[0] if rank == 1 else None) if rank == 1 else sharded.search(queries, 3)
+        sharded.search(queries, 3, filter=[10**6] if rank == 1 else None) if rank == 1 else sharded.search(queries, 3)
     with pytest.raises(ValueError, match="rank 0: TypeError: queries"):
         sharded.search("not queries" if rank == 0 else None, 3, src=0)
     negative = SparseBatch(docs.indptr, docs.indices, -docs.values.abs(), docs.dim)  # block maxima refuse w < 0

@@ -153,7 +153,21 @@ class ExternalIds:
         return out
 
 
-def as_int_ids(ids, name: str) -> torch.Tensor:
+def is_mask(x) -> bool:
+    """A bool tensor or array: a mask over documents rather than a list of ids."""
+    return (isinstance(x, torch.Tensor) and x.dtype == torch.bool) or (isinstance(x, np.ndarray) and x.dtype == np.bool_)
+
+
+def as_int_ids(ids, name: str, below: int | None = None) -> torch.Tensor:
+    """``ids`` (one int, or a sequence / set / range / tensor / array of them) as an int64 tensor; with ``below``,
+    checked to lie in [0, below)."""
+    t = _as_int_ids(ids, name)
+    if below is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= below):
+        raise ValueError(f"{name}: document ids must lie in [0, {below}), got [{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def _as_int_ids(ids, name: str) -> torch.Tensor:
     if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
         ids = [ids]
     if isinstance(ids, (set, frozenset, range)):
@@ -163,5 +177,5 @@ def as_int_ids(ids, name: str) -> torch.Tensor:
     if t.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name}: expected integer ids, got {t.dtype}")
+        raise TypeError(f"{name}: expected integer ids (or, where accepted, a bool mask), got {t.dtype}")
     return t.long()

@@ -27,7 +27,7 @@ from ._fake import fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max, validate_forward, with_maxima
-from .external_ids import ExternalIds, as_int_ids
+from .external_ids import ExternalIds, as_int_ids, is_mask
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -225,10 +225,8 @@ class SparseIndex:
         them): no search mode returns them again; ids are not reused. Tombstones are saved with the index; the
         postings stay until the index is rebuilt. Deleting twice is allowed; an unknown id raises ValueError."""
         with self._writing:  # ids resolved under the lock: compact() may renumber positions
-            ids = self._ids.positions(ids, "ids") if self._ids is not None else as_int_ids(ids, "ids")
             n = len(self)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                raise ValueError(f"ids: document ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+            ids = self._ids.positions(ids, "ids") if self._ids is not None else as_int_ids(ids, "ids", below=n)
             deleted = torch.zeros(n, dtype=torch.bool) if self._deleted is None else self._deleted.clone()
             deleted[ids.long().cpu()] = True
             with self._publish:
@@ -416,7 +414,7 @@ class SparseIndex:
                              f"{self._dim}")
         n = sum(s.ndocs for s in segments)
         if filter is not None and user_ids is not None:
-            if _is_mask(filter):
+            if is_mask(filter):
                 raise ValueError("filter: this index has user ids (given to add, or kept by compact()); pass the "
                                  "allowed ids, not a mask")
             filter = user_ids.positions(filter, "filter")
@@ -612,32 +610,18 @@ def _to_user_ids(user_ids: ExternalIds | None, scores: torch.Tensor, pos: torch.
     return (scores, pos) if user_ids is None else (scores, user_ids.lookup(pos))
 
 
-def _is_mask(filter) -> bool:
-    return (isinstance(filter, torch.Tensor) and filter.dtype == torch.bool) or \
-        (isinstance(filter, np.ndarray) and filter.dtype == np.bool_)
-
-
 def _allowed(filter, deleted: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """The bool mask of documents a search may return: ``filter`` (a mask or ids) without the deleted ones."""
     if filter is None:
         return None if deleted is None or not bool(deleted.any()) else ~deleted
-    if isinstance(filter, (set, frozenset, range)):
-        filter = list(filter)
-    f = torch.as_tensor(np.asarray(filter)) if not isinstance(filter, torch.Tensor) else filter
-    f = f.cpu().reshape(-1)
-    if f.numel() == 0 and f.dtype != torch.bool:  # [] is float64 to numpy: no ids
-        f = f.long()
-    if f.dtype == torch.bool:
-        if f.numel() != n:
-            raise ValueError(f"filter: a bool mask needs one entry per document ({n}), got {f.numel()}")
-        mask = f.clone()
-    elif not f.dtype.is_floating_point and not f.is_complex():
-        if f.numel() and (int(f.min()) < 0 or int(f.max()) >= n):
-            raise ValueError(f"filter: document ids must lie in [0, {n}), got [{int(f.min())}, {int(f.max())}]")
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[f.long()] = True
+    if is_mask(filter):
+        mask = torch.as_tensor(np.asarray(filter) if isinstance(filter, np.ndarray) else filter).cpu().reshape(-1)
+        if mask.numel() != n:
+            raise ValueError(f"filter: a bool mask needs one entry per document ({n}), got {mask.numel()}")
+        mask = mask.clone()
     else:
-        raise TypeError(f"filter: expected a bool mask or integer document ids, got {f.dtype}")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[as_int_ids(filter, "filter", below=n)] = True
     return mask if deleted is None else mask & ~deleted
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ._files import write_atomic
+from .external_ids import as_int_ids, is_mask
 from .index import SparseIndex, merge_top_k
 from .sparse import SparseBatch, as_sparse_batch, cast_values
 
@@ -98,7 +99,8 @@ class ShardedIndex:
         """Global top-k of each query: (scores float32 (nq, k), global ids int64 (nq, k)), on every rank, with
         ``SparseIndex.search``'s order, ties and padding. With ``src`` only that rank passes the queries (the others
         None) and they are broadcast; otherwise every rank passes the same queries. ``search_kwargs`` (``mode``,
-        ``alpha``, ``query_cut``) go to each shard's search."""
+        ``alpha``, ``query_cut``, and ``filter``: global ids or a bool mask over all documents, the same on every
+        rank) go to each shard's search."""
         queries_in = queries
         if src is not None:
             queries = None
@@ -112,9 +114,10 @@ class ShardedIndex:
                 raise ValueError(queries)
 
         def local_search():
-            if "filter" in search_kwargs:
-                raise ValueError("filter: not supported by ShardedIndex.search yet")
-            return self.local.search(queries, k, threads, **search_kwargs)
+            kw = dict(search_kwargs)
+            if kw.get("filter") is not None:
+                kw["filter"] = self._local_positions(kw["filter"], "filter")
+            return self.local.search(queries, k, threads, **kw)
 
         scores, local = _on_every_rank(local_search, self.group)
         ids = torch.full_like(local, -1)
@@ -126,6 +129,23 @@ class ShardedIndex:
         dist.all_gather(parts, packed, group=self.group)
         allp = torch.cat(parts, 2)
         return merge_top_k(allp[0].float(), allp[1].long(), k)
+
+    def delete(self, ids) -> None:
+        """Deletes documents by global id (every rank passes the same ids; each deletes those it holds). Unknown
+        ids raise on every rank and delete nothing."""
+        _on_every_rank(lambda: self.local.delete(self._local_positions(ids, "ids")), self.group)
+
+    def _local_positions(self, ids, name: str):
+        """Global ids (or a bool mask over all ``total`` documents) -> this shard's positions (or mask)."""
+        if is_mask(ids):
+            mask = torch.as_tensor(np.asarray(ids)).reshape(-1)
+            if mask.numel() != self.total:
+                raise ValueError(f"{name}: a bool mask needs one entry per document ({self.total}), got "
+                                 f"{mask.numel()}")
+            return mask[self.ids]
+        ids = as_int_ids(ids, name, below=self.total)
+        pos = torch.searchsorted(self.ids, ids).clamp(max=max(len(self.ids) - 1, 0))
+        return pos[self.ids[pos] == ids] if len(self.ids) else pos[:0]
 
     # ---- files (collective) ----------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
