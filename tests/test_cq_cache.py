@@ -6,6 +6,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from sparse_retrieval import cq  # noqa: E402
+from sparse_retrieval.cq import cache as cache_module  # noqa: E402
 from sparse_retrieval.cq.cache import CoupledQuantizedCache, calibrate, enable_cq_attention  # noqa: E402
 
 HKV, HEAD_DIM = 2, 16
@@ -315,10 +316,12 @@ def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers):
     for i, r in enumerate(rows):
         ids[i, 14 - r.numel():], mask[i, 14 - r.numel():] = r, 1
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    cache_module._WARNED.clear()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pytest.warns(UserWarning, match="decodes the coded history") as caught:
             batch = model.generate(ids, attention_mask=mask, past_key_values=CoupledQuantizedCache(
                 quantizers, window=4, codes_attention=True, model=model), **kw)
+        assert sum("decodes the coded history" in str(w.message) for w in caught) == 1  # once, not per step
             for i, r in enumerate(rows):
                 alone = model.generate(r[None], past_key_values=CoupledQuantizedCache(quantizers, window=4), **kw)
                 assert torch.equal(batch[i, 14:], alone[0, r.numel():])

@@ -6,6 +6,7 @@ the Llama layout (``model.model.layers[i].self_attn.k_proj`` and ``model.model.r
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -135,6 +136,9 @@ class CoupledQuantizedLayer(DynamicLayer):
             keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
             keys._cq_layer = self  # read by the "cq" attention function
             return keys, values
+        if self.codes_attention:  # pre-RoPE codes: the history must be decoded and rotated again
+            _warn_once("pre-rope", "CoupledQuantizedCache(codes_attention=True) with pre-RoPE codes (rotary_emb=) "
+                                   "decodes the history every step; calibrate with rope='post' to attend from codes")
         hist_k, hist_v = self.dequantized()
         return torch.cat([hist_k, self.keys], -2), torch.cat([hist_v, self.values], -2)
 
@@ -230,13 +234,24 @@ def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer._unread = False
-    if attention_mask is not None:  # padding: attend over the decoded history with the mask
+    if attention_mask is not None:  # padding or a sliding window: attend over the decoded history with the mask
+        _warn_once("mask", "CoupledQuantizedCache(codes_attention=True): attention with a mask (a padded batch or a "
+                           "sliding-window layer) decodes the coded history instead of attending from the codes")
         hist_k, hist_v = layer.dequantized()
         return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2), torch.cat([hist_v, value], -2),
                                       attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = attention(query, layer.k_codes, layer.v_codes, layer.k_quantizer, layer.v_quantizer, key, value,
                     scale=scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def enable_cq_attention(model) -> None:
