@@ -229,9 +229,22 @@ def test_bad_parameters_raise():
         index.search(queries, 3, mode="safe", query_cut=3)
     with pytest.raises(ValueError, match="block_size"):
         sr.SparseIndex.from_documents(docs, block_max=True, block_size=0, progress=False)
-    for superblock in (0, 1025, 2.0):
+    for superblock in (0, 1025, 2.0, "big"):
         with pytest.raises(ValueError, match="superblock"):
             index.optimize(superblock=superblock, progress=False)
+
+
+def test_auto_superblock_follows_collection_size(monkeypatch):
+    import sparse_retrieval.block_search as bs
+
+    gen = torch.Generator().manual_seed(25)
+    docs = clustered(300, 100, 4, gen)
+    queries = queries_for(docs, 20, gen)
+    assert sr.SparseIndex.from_documents(docs, block_max=True, progress=False).block_max.superblock == 1
+    monkeypatch.setattr(bs, "AUTO_SUPERBLOCK_DOCS", 300)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    assert index.block_max.superblock == 2
+    assert_same(index.search(queries, 5), index.search(queries, 5, mode="exact"))
     negative = SparseBatch(docs.indptr, docs.indices, -docs.values, docs.dim)
     with pytest.raises(ValueError, match="non-negative"):
         sr.SparseIndex.from_documents(negative, block_max=True, progress=False)

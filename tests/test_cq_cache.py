@@ -322,6 +322,7 @@ def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers):
             batch = model.generate(ids, attention_mask=mask, past_key_values=CoupledQuantizedCache(
                 quantizers, window=4, codes_attention=True, model=model), **kw)
         assert sum("decodes the coded history" in str(w.message) for w in caught) == 1  # once, not per step
+        with torch.no_grad():
             for i, r in enumerate(rows):
                 alone = model.generate(r[None], past_key_values=CoupledQuantizedCache(quantizers, window=4), **kw)
                 assert torch.equal(batch[i, 14:], alone[0, r.numel():])

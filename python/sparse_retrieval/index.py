@@ -131,7 +131,8 @@ class SparseIndex:
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
     def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
-                       block_max: bool = False, block_size: int = 8, superblock: int = 1, reorder: bool = True,
+                       block_max: bool = False, block_size: int = 8, superblock: int | str = "auto",
+                       reorder: bool = True,
                        order=None, progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
         (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
@@ -143,16 +144,16 @@ class SparseIndex:
             index._optimize(docs, block_size, superblock, reorder, order, progress)
         return index
 
-    def optimize(self, *, block_size: int = 8, superblock: int = 1, reorder: bool = True, order=None,
+    def optimize(self, *, block_size: int = 8, superblock: int | str = "auto", reorder: bool = True, order=None,
                  progress: bool = True) -> None:
         """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
         blocks of ``block_size`` documents and superblocks of ``superblock`` blocks with 8-bit per-term maxima,
         and a forward index. ``order`` (a permutation of the document positions 0 .. len - 1: your own reordering,
         e.g. recursive graph bisection, or ``index.block_max.doc_ids`` of an earlier build) skips the clustering.
-        ``superblock`` > 1 bounds superblocks first and blocks only inside the promising ones (DSP); on the
-        collections measured here (200k real passages, 1M derived ones) that was slower than bounding every block
-        (see docs/benchmarks.md), hence the default 1. Needs finite, non-negative document weights; memory: about the size of the postings
+        ``superblock`` > 1 bounds superblocks first and blocks only inside the promising ones (DSP): faster from a
+        few million documents on, slower below; ``"auto"`` picks 2 or 1 by the number of documents
+        (``block_search.AUTO_SUPERBLOCK_DOCS``). Needs finite, non-negative document weights; memory: about the size of the postings
         again."""
         self._optimize(None, block_size, superblock, reorder, order, progress)
 
