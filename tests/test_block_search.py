@@ -526,3 +526,25 @@ def test_optimize_with_a_given_order():
     for bad in (torch.zeros(500, dtype=torch.long), torch.arange(499), torch.arange(500.0), reverse + 1):
         with pytest.raises(ValueError, match="order"):
             index.optimize(order=bad, progress=False)
+
+
+def test_selective_filters_make_safe_search_exhaustive(monkeypatch):
+    """Safe search's bounds ignore filters: under 20% allowed it runs exhaustively, with the same results."""
+    from sparse_retrieval.block_search import BlockMax
+
+    gen = torch.Generator().manual_seed(26)
+    docs = clustered(1000, 300, 8, gen)
+    queries = queries_for(docs, 20, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    calls = []
+    real = BlockMax.search
+    monkeypatch.setattr(BlockMax, "search", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    for share, pruned in ((0.1, False), (0.5, True)):
+        mask = torch.rand(1000, generator=gen) < share
+        calls.clear()
+        got = index.search(queries, 6, mode="safe", filter=mask)
+        assert bool(calls) == pruned
+        assert_same(got, index.search(queries, 6, mode="exact", filter=mask))
+    calls.clear()
+    index.search(queries, 6, mode="approximate", alpha=0.9, filter=torch.rand(1000, generator=gen) < 0.1)
+    assert calls  # approximate search keeps the mode it was asked for
