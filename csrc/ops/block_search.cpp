@@ -200,21 +200,24 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
   // needs none (its bounds are the block's).
   const float* sc = scale.data_ptr<float>();
   auto blk_ptr = at::zeros({nsuper + 1}, opts);
-  int64_t* bp = blk_ptr.data_ptr<int64_t>();
-  if (superblock > 1) at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
-    SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
-                     bp + lo + 1, nullptr, nullptr, nullptr);
-  });
-  blk_ptr.cumsum_(0);
-  const int64_t blk_entries = bp[nsuper];
-  auto blk_terms = at::empty({blk_entries}, opts.dtype(fwd_terms.scalar_type()));
-  auto blk_values = at::empty({blk_entries * superblock}, opts.dtype(at::kByte));
-  void* bt = blk_terms.data_ptr();
-  uint8_t* bv = blk_values.data_ptr<uint8_t>();
-  if (superblock > 1) at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
-    SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
-                     nullptr, bp, bt, bv);
-  });
+  auto blk_terms = at::empty({0}, opts.dtype(fwd_terms.scalar_type()));
+  auto blk_values = at::empty({0}, opts.dtype(at::kByte));
+  if (superblock > 1) {
+    int64_t* bp = blk_ptr.data_ptr<int64_t>();
+    at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
+      SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
+                       bp + lo + 1, nullptr, nullptr, nullptr);
+    });
+    blk_ptr.cumsum_(0);
+    blk_terms.resize_({bp[nsuper]});
+    blk_values.resize_({bp[nsuper] * superblock});
+    void* bt = blk_terms.data_ptr();
+    uint8_t* bv = blk_values.data_ptr<uint8_t>();
+    at::parallel_for(0, nsuper, 256, [&](int64_t lo, int64_t hi) {
+      SR_SIMD_DISPATCH(superblock_maxima, fp, ft, t16, fw, wtype, ndocs, dim, block_size, superblock, sc, lo, hi,
+                       nullptr, bp, bt, bv);
+    });
+  }
   return {scale, dense_row, dense, ptr, ids, values, blk_ptr, blk_terms, blk_values};
 }
 

@@ -158,6 +158,14 @@ def is_mask(x) -> bool:
     return (isinstance(x, torch.Tensor) and x.dtype == torch.bool) or (isinstance(x, np.ndarray) and x.dtype == np.bool_)
 
 
+def as_mask(x, n: int, name: str) -> torch.Tensor:
+    """A bool mask (``is_mask``) over ``n`` documents as a flat CPU tensor, its length checked."""
+    mask = torch.as_tensor(x).cpu().reshape(-1)
+    if mask.numel() != n:
+        raise ValueError(f"{name}: a bool mask needs one entry per document ({n}), got {mask.numel()}")
+    return mask
+
+
 def as_int_ids(ids, name: str, below: int | None = None) -> torch.Tensor:
     """``ids`` (one int, or a sequence / set / range / tensor / array of them) as an int64 tensor; with ``below``,
     checked to lie in [0, below)."""

@@ -27,7 +27,7 @@ from ._fake import fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max, validate_forward, with_maxima
-from .external_ids import ExternalIds, as_int_ids, is_mask
+from .external_ids import ExternalIds, as_int_ids, as_mask, is_mask
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -133,8 +133,7 @@ class SparseIndex:
     @classmethod
     def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
                        block_max: bool = False, block_size: int = 8, superblock: int | str = "auto",
-                       reorder: bool = True,
-                       order=None, progress: bool = True) -> "SparseIndex":
+                       reorder: bool = True, order=None, progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
         (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
         also builds the structure of safe and approximate search (see ``optimize``)."""
@@ -154,8 +153,8 @@ class SparseIndex:
         e.g. recursive graph bisection, or ``index.block_max.doc_ids`` of an earlier build) skips the clustering.
         ``superblock`` > 1 bounds superblocks first and blocks only inside the promising ones (DSP): faster from a
         few million documents on, slower below; ``"auto"`` picks 2 or 1 by the number of documents
-        (``block_search.AUTO_SUPERBLOCK_DOCS``). Needs finite, non-negative document weights; memory: about the size of the postings
-        again."""
+        (``block_search.AUTO_SUPERBLOCK_DOCS``). Needs finite, non-negative document weights; memory: about the
+        size of the postings again."""
         self._optimize(None, block_size, superblock, reorder, order, progress)
 
     def _optimize(self, docs: SparseBatch | None, block_size: int, superblock: int, reorder: bool, order,
@@ -427,8 +426,9 @@ class SparseIndex:
         # Safe search's bounds ignore the filter: with few documents allowed it scores many blocks it may not
         # return, and exhaustive search (same results) is faster (203k passages: 1.3x at 10% allowed, 5.6x at 1%;
         # safe wins at 50%, docs/benchmarks.md).
-        selective = block_max is not None and filter is not None and int(allowed.sum()) < _SAFE_FILTER_SHARE * n
-        if mode == "exact" or (mode == "safe" and selective):
+        selective = (mode == "safe" and block_max is not None and filter is not None
+                     and int(allowed.sum()) < _SAFE_FILTER_SHARE * n)
+        if mode == "exact" or selective:
             return _to_user_ids(user_ids, *self._exact(queries, k, threads, segments, allowed))
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
@@ -622,10 +622,7 @@ def _allowed(filter, deleted: torch.Tensor | None, n: int) -> torch.Tensor | Non
     if filter is None:
         return None if deleted is None or not bool(deleted.any()) else ~deleted
     if is_mask(filter):
-        mask = torch.as_tensor(np.asarray(filter) if isinstance(filter, np.ndarray) else filter).cpu().reshape(-1)
-        if mask.numel() != n:
-            raise ValueError(f"filter: a bool mask needs one entry per document ({n}), got {mask.numel()}")
-        mask = mask.clone()
+        mask = as_mask(filter, n, "filter").clone()
     else:
         mask = torch.zeros(n, dtype=torch.bool)
         mask[as_int_ids(filter, "filter", below=n)] = True

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ._files import write_atomic
-from .external_ids import as_int_ids, is_mask
+from .external_ids import as_int_ids, as_mask, is_mask
 from .index import SparseIndex, merge_top_k
 from .sparse import SparseBatch, as_sparse_batch, cast_values
 
@@ -138,11 +138,7 @@ class ShardedIndex:
     def _local_positions(self, ids, name: str):
         """Global ids (or a bool mask over all ``total`` documents) -> this shard's positions (or mask)."""
         if is_mask(ids):
-            mask = torch.as_tensor(np.asarray(ids)).reshape(-1)
-            if mask.numel() != self.total:
-                raise ValueError(f"{name}: a bool mask needs one entry per document ({self.total}), got "
-                                 f"{mask.numel()}")
-            return mask[self.ids]
+            return as_mask(ids, self.total, name)[self.ids]
         ids = as_int_ids(ids, name, below=self.total)
         pos = torch.searchsorted(self.ids, ids).clamp(max=max(len(self.ids) - 1, 0))
         return pos[self.ids[pos] == ids] if len(self.ids) else pos[:0]

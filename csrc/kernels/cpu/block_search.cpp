@@ -270,15 +270,15 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   // Bounds the blocks of superblock sb (merging the bound terms with its terms, both ascending) and queues those
   // that can still beat the k-th score.
   const auto expand = [&](int64_t sb) {
-    const int64_t a = ix.blk_ptr[sb], e = ix.blk_ptr[sb + 1];
-    if (!(0 <= a && a <= e && e <= ix.blk_entries)) return false;
-    if (S == 1) {  // the block is the superblock: same bound, bit for bit
+    if (S == 1) {  // the block is the superblock: same bound, bit for bit (and no superblock-major lists)
       if (!beaten(s.ub[sb])) {
         s.heap[heap_size++] = block_key(s.ub[sb], sb);
         std::push_heap(s.heap, s.heap + heap_size);
       }
       return true;
     }
+    const int64_t a = ix.blk_ptr[sb], e = ix.blk_ptr[sb + 1];
+    if (!(0 <= a && a <= e && e <= ix.blk_entries)) return false;
     std::fill(s.blk_ub, s.blk_ub + S, 0.0f);
     // Matches first, their bounds prefetched, then added: the bounds of a superblock sit in a random place of a
     // large array, and looking them up one at a time waited out a memory latency per query term.

@@ -300,17 +300,23 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1] * t.shape[3])
 
 
+def _calibration_forward(model, ids: torch.Tensor, fisher: bool, **kwargs) -> None:
+    """One forward of ``ids``; with ``fisher`` also the backward pass of its language-modelling loss (the gradients
+    reach the hooks the recorders registered), the parameters' gradients dropped afterwards."""
+    if fisher:
+        with torch.enable_grad():
+            model(input_ids=ids, labels=ids, **kwargs).loss.backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+
+
 def _record_cache_inputs(model, batches, fisher: bool, progress: bool) -> list:
     records = {}
     for ids in tqdm(batches, desc="calibration forward", disable=not progress, leave=False):
-        cache = _RecordingCache(model.config, records, fisher)
-        if fisher:
-            with torch.enable_grad():
-                model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True).loss.backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                model(input_ids=ids, past_key_values=cache, use_cache=True)
+        _calibration_forward(model, ids, fisher, past_key_values=_RecordingCache(model.config, records, fisher),
+                             use_cache=True)
     missing = sorted(set(range(max(records, default=-1) + 1)) - set(records))
     if not records or missing:
         raise ValueError(f"calibrate: layers {missing or 'all'} never handed keys to the cache (does the model "
@@ -341,13 +347,7 @@ def _record_projections(model, batches, fisher: bool, progress: bool) -> list:
                for rec, pair in zip(records, projections) for which, proj in enumerate(pair)]
     try:
         for ids in tqdm(batches, desc="calibration forward", disable=not progress, leave=False):
-            if fisher:
-                with torch.enable_grad():
-                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                model.zero_grad(set_to_none=True)
-            else:
-                with torch.no_grad():
-                    model(input_ids=ids, use_cache=False)
+            _calibration_forward(model, ids, fisher, use_cache=False)
     finally:
         for h in handles:
             h.remove()
