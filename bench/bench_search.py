@@ -546,7 +546,7 @@ def main() -> None:
     ap.add_argument("--superblock", type=lambda v: v if v == "auto" else int(v), default="auto",
                     help="blocks per superblock (1: every block bounded; auto: the library's choice by size)")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
-    ap.add_argument("--query-cuts", type=int, nargs="+", default=[12, 8, 5])
+    ap.add_argument("--query-cuts", type=int, nargs="+", default=[16, 14, 12, 8, 5])
     ap.add_argument("--cut-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8])
     ap.add_argument("--bmp-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6])
     ap.add_argument("--seismic-postings", type=int, nargs="+", default=[3500])

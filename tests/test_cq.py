@@ -98,6 +98,34 @@ def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("Tq,W", [(1, 0), (1, 5), (3, 4), (2, 1)])
+def test_attention_with_starts_matches_reference(simd, Tq, W):
+    """starts (left padding, sliding windows): starts anywhere in the coded part, in the window, past a query's
+    own position (it sees nothing: zeros), together with lengths."""
+    B, Hq, Hkv, D, T = 5, 4, 2, 16, 23
+    gen = torch.Generator().manual_seed(40 + Tq * 7 + W)
+    q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, B, Hq, Hkv, Tq, D, 4, 5, T, W)
+    lengths = torch.tensor([23, 17, 0, 23, 9])
+    starts = torch.randint(0, T + W + 1, (B, Tq), generator=gen)
+    starts[0] = 0
+    starts[1, 0] = T + W  # past every position
+    starts[3] = T + max(W - 1, 0)  # inside the window (or at its end)
+    want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths, scale=0.4, starts=starts)
+    got = cq.attention(q, kc, vc, kq, vq, kr, vr, lengths, scale=0.4, starts=starts.int())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1, :, 0], torch.zeros(Hq, D))
+    with pytest.raises(ValueError, match="starts must lie in"):
+        cq.attention(q, kc, vc, kq, vq, kr, vr, starts=starts + T + W + 1)
+    with pytest.raises(ValueError, match="starts must have shape"):
+        cq.attention(q, kc, vc, kq, vq, kr, vr, starts=starts[:, :1].repeat(1, Tq + 1))
+    with pytest.raises(TypeError, match="starts must be an int64"):
+        cq.attention(q, kc, vc, kq, vq, kr, vr, starts=starts.float())
+    for bad, match in ((starts - T - W - 1, "starts must lie in"), (starts[:1], "starts must have shape"),
+                       (starts.float(), "starts must be int64")):
+        with pytest.raises((ValueError, TypeError), match=match):  # the raw op checks too
+            OPS.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, None, None, bad)
+
+
 def test_attention_codes_inside_larger_buffer(simd):
     gen = torch.Generator().manual_seed(5)
     q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, 2, 4, 2, 1, 16, 4, 8, 70, 3)
@@ -117,6 +145,8 @@ def test_opcheck(device):
     args = [t.to(device) for t in (q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths)]
     torch.library.opcheck(OPS.cq_attention, (*args, 0.5))
     torch.library.opcheck(OPS.cq_attention, (*args[:5], None, None, None, None))
+    if device == "cpu":  # starts: CPU only
+        torch.library.opcheck(OPS.cq_attention, (*args, 0.5, torch.tensor([[0, 3], [2, 2]])))
 
 
 # ---- the quantizer ---------------------------------------------------------------------------------------------

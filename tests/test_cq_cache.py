@@ -1,4 +1,6 @@
 """CoupledQuantizedCache and calibrate on a tiny randomly initialised transformers Llama (no downloads)."""
+import warnings
+
 import pytest
 import torch
 
@@ -307,8 +309,23 @@ def test_quantizers_save_and_load(tmp_path, model, texts, quantizers):
         CoupledQuantizedCache(quantizers, window=4, rotary_emb=model.model.rotary_emb)
 
 
-def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers):
-    """Left padding: each row of a padded batch decodes the tokens it would decode alone."""
+def _count_codes_attention(monkeypatch):
+    """Counts the calls of cq.attention made by the "cq" attention, and how many had starts (a mask)."""
+    calls = {"all": 0, "starts": 0}
+    real = cache_module.attention
+
+    def counting(*args, starts=None, **kwargs):
+        calls["all"] += 1
+        calls["starts"] += starts is not None
+        return real(*args, starts=starts, **kwargs)
+
+    monkeypatch.setattr(cache_module, "attention", counting)
+    return calls
+
+
+def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers, monkeypatch):
+    """Left padding: each row of a padded batch decodes the tokens it would decode alone, every decode step
+    attending from the codes (the padding mask goes to the kernel as a first visible position per row)."""
     gen = torch.Generator().manual_seed(6)
     rows = [torch.randint(1, 97, (n,), generator=gen) for n in (14, 9)]
     ids = torch.zeros(2, 14, dtype=torch.long)
@@ -316,15 +333,68 @@ def test_padded_batch_generates_like_one_sequence_at_a_time(model, quantizers):
     for i, r in enumerate(rows):
         ids[i, 14 - r.numel():], mask[i, 14 - r.numel():] = r, 1
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    calls = _count_codes_attention(monkeypatch)
     cache_module._WARNED.clear()
     try:
-        with torch.no_grad(), pytest.warns(UserWarning, match="decodes the coded history") as caught:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to the decoded history
             batch = model.generate(ids, attention_mask=mask, past_key_values=CoupledQuantizedCache(
                 quantizers, window=4, codes_attention=True, model=model), **kw)
-        assert sum("decodes the coded history" in str(w.message) for w in caught) == 1  # once, not per step
+        n_layers = model.config.num_hidden_layers
+        assert calls == {"all": 5 * n_layers, "starts": 5 * n_layers}  # every decode step after the prefill
         with torch.no_grad():
             for i, r in enumerate(rows):
                 alone = model.generate(r[None], past_key_values=CoupledQuantizedCache(quantizers, window=4), **kw)
                 assert torch.equal(batch[i, 14:], alone[0, r.numel():])
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+def test_sliding_window_layers_free_codes_and_attend_from_them(arch, texts, monkeypatch):
+    """Sliding-window layers (known from the model's config) free the codes no later query can see, and their
+    causal masks with a first visible position go to the kernel: decode logits match a simulated per-token
+    quantizing cache that keeps everything, with and without codes attention."""
+    torch.manual_seed(7)
+    model = _tiny(arch).eval()
+    quantizers = calibrate(model, texts, group_size=8, bits=6, iters=3, progress=False)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(8))
+    nxt = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(9))
+    calls = _count_codes_attention(monkeypatch)
+    caches = [SimulatedCQCache(quantizers, 4), CoupledQuantizedCache(quantizers, window=4, config=model.config),
+              CoupledQuantizedCache(quantizers, window=4, codes_attention=True, model=model)]
+    logits = []
+    try:
+        for cache in caches:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+                logits.append(torch.cat([model(input_ids=nxt[:, i:i + 1], past_key_values=cache,
+                                               use_cache=True).logits for i in range(12)], 1))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert calls["all"] == 12 * model.config.num_hidden_layers and calls["starts"] > 0
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[2], logits[0], rtol=1e-4, atol=1e-4)
+    sizes = caches[2].nbytes()
+    sliding = [layer for layer in caches[2].layers if layer.is_sliding]
+    assert sliding and sizes["by_layer_type"]["sliding_attention"]["codes"] > 0
+    for layer in caches[2].layers:
+        held = layer.k_codes.shape[2]
+        assert held == 22 - 4 - layer.code_start
+        assert held < layer.sliding_window if layer.is_sliding else layer.code_start == 0
+
+
+def test_other_masks_fall_back_to_the_decoded_history():
+    """Only "causal from a first position" masks go to the kernel; a mask with a hole does not."""
+    length, tq = 9, 2
+    pos = torch.arange(length)
+    last = length - tq + torch.arange(tq)
+    starts = torch.tensor([[0, 0], [3, 5]])
+    mask = (pos >= starts[..., None]) & (pos <= last[:, None])
+    assert torch.equal(cache_module._mask_starts(mask[:, None], 2, tq, length), starts)
+    holed = mask.clone()
+    holed[0, 1, 4] = False
+    assert cache_module._mask_starts(holed[:, None], 2, tq, length) is None
+    assert cache_module._mask_starts(mask[:, None].float(), 2, tq, length) is None
+    assert cache_module._mask_starts(mask[:, None], 2, tq, length + 1) is None

@@ -55,9 +55,10 @@ at::Tensor decode_cpu(const at::Tensor& codes, const at::Tensor& codebooks) {
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes,
                          const at::Tensor& k_codebooks, const at::Tensor& v_codebooks,
                          const std::optional<at::Tensor>& k_recent, const std::optional<at::Tensor>& v_recent,
-                         const std::optional<at::Tensor>& lengths, std::optional<double> scale) {
+                         const std::optional<at::Tensor>& lengths, std::optional<double> scale,
+                         const std::optional<at::Tensor>& starts) {
   const AttentionSizes s =
-      check_attention(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent, v_recent, lengths, scale);
+      check_attention(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent, v_recent, lengths, scale, starts);
   auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   auto qf = q.to(at::kFloat).contiguous();
@@ -78,6 +79,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const a
   const char* kcp = static_cast<const char*>(kc.data_ptr());
   const char* vcp = static_cast<const char*>(vc.data_ptr());
   const int64_t* lp = len.data_ptr<int64_t>();
+  at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t* sp = starts.has_value() ? st.data_ptr<int64_t>() : nullptr;
   // Heads are handed out one at a time from a shared counter, so a thread that starts late (a busy machine)
   // leaves its share to the others instead of holding up the call.
   const int64_t tasks = s.B * s.Hkv;
@@ -97,6 +100,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_codes, const a
       a.code_bytes = static_cast<int>(code_bytes);
       a.t_coded = s.T;
       a.length = lp[b];
+      a.starts = sp != nullptr ? sp + b * s.Tq : nullptr;
       a.k_books_t = kb.data_ptr<float>() + h * s.G * s.g * s.K;
       a.v_books_t = vb.data_ptr<float>() + h * s.G * s.g * s.K;
       a.k_recent = s.W > 0 ? kr.data_ptr<float>() + bh * s.W * s.D : nullptr;
@@ -118,7 +122,8 @@ TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("cq_decode(Tensor codes, Tensor codebooks) -> Tensor");
   m.def(
       "cq_attention(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_codebooks, Tensor v_codebooks, "
-      "Tensor? k_recent=None, Tensor? v_recent=None, Tensor? lengths=None, float? scale=None) -> Tensor");
+      "Tensor? k_recent=None, Tensor? v_recent=None, Tensor? lengths=None, float? scale=None, "
+      "Tensor? starts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) {

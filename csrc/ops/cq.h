@@ -76,7 +76,8 @@ inline AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k_c
                                       const at::Tensor& k_books, const at::Tensor& v_books,
                                       const std::optional<at::Tensor>& k_recent,
                                       const std::optional<at::Tensor>& v_recent,
-                                      const std::optional<at::Tensor>& lengths, std::optional<double> scale) {
+                                      const std::optional<at::Tensor>& lengths, std::optional<double> scale,
+                                      const std::optional<at::Tensor>& starts) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must have shape (batch, query_heads, query_tokens, head_dim), got ", q.sizes());
   TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float32, float16 or bfloat16");
   check_codebooks(k_books, "k_codebooks");
@@ -129,6 +130,17 @@ inline AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k_c
       auto [lo, hi] = at::aminmax(*lengths);
       TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= s.T, "lengths must lie in [0, ", s.T,
                         "], got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+  }
+  if (starts.has_value()) {
+    TORCH_CHECK_TYPE(starts->scalar_type() == at::kLong || starts->scalar_type() == at::kInt,
+                     "starts must be int64 or int32");
+    TORCH_CHECK_VALUE(starts->dim() == 2 && starts->size(0) == s.B && starts->size(1) == s.Tq,
+                      "starts must have shape (", s.B, ", ", s.Tq, "), got ", starts->sizes());
+    if (starts->numel() > 0) {
+      auto [lo, hi] = at::aminmax(*starts);
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= s.T + s.W, "starts must lie in [0, ",
+                        s.T + s.W, "], got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
     }
   }
   s.scale = scale.has_value() ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(s.D));

@@ -40,9 +40,12 @@ at::Tensor decode_cuda(const at::Tensor& codes, const at::Tensor& codebooks) {
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes,
                           const at::Tensor& k_codebooks, const at::Tensor& v_codebooks,
                           const std::optional<at::Tensor>& k_recent, const std::optional<at::Tensor>& v_recent,
-                          const std::optional<at::Tensor>& lengths, std::optional<double> scale) {
+                          const std::optional<at::Tensor>& lengths, std::optional<double> scale,
+                          const std::optional<at::Tensor>& starts) {
   const AttentionSizes s =
-      check_attention(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent, v_recent, lengths, scale);
+      check_attention(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent, v_recent, lengths, scale, starts);
+  // Not in the CUDA kernel (no GPU to test it on yet): the cache decodes the history for masked steps there.
+  TORCH_CHECK_NOT_IMPLEMENTED(!starts.has_value(), "cq_attention: starts= is not implemented on CUDA yet");
   for (const auto* t : {&k_codes, &v_codes, &k_codebooks, &v_codebooks}) check_same_device(q, *t, "codes/codebooks");
   if (k_recent.has_value()) {
     check_same_device(q, *k_recent, "k_recent");

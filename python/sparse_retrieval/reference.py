@@ -194,15 +194,17 @@ def cq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_codebooks: torch.Tensor,
                  v_codebooks: torch.Tensor, k_recent: torch.Tensor | None = None,
                  v_recent: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
     """Decode-step attention over a coupled-quantized history plus a full-precision window of recent tokens.
 
     Shapes (B batch, Hq query heads, Hkv key/value heads dividing Hq, D head dim, G = D / g groups per head):
       q (B, Hq, Tq, D); k_codes, v_codes (B, Hkv, T, G); k_codebooks, v_codebooks (Hkv * G, K, g), i.e. the
       quantizer over the Hkv * D channels of a token, heads outermost; k_recent, v_recent (B, Hkv, W, D);
-      lengths (B,) int: how many of the T coded tokens of each sequence are real (the rest is padding).
+      lengths (B,) int: how many of the T coded tokens of each sequence are real (the rest is padding);
+      starts (B, Tq) int: query t of sequence b sees no position of [coded, recent] below starts[b, t] (left
+      padding, a sliding window).
     The sequence is [coded tokens, recent tokens]; the Tq queries are its last Tq tokens, so query t sees every
-    coded token and the recent tokens up to its own position (causal among themselves). Query head h reads
+    coded token and the recent tokens up to its own position (causal among themselves), from its start on. Query head h reads
     key/value head h // (Hq / Hkv). Returns float32 (B, Hq, Tq, D) = softmax(q K^T * scale) V with K, V decoded;
     a query that sees no token at all (length 0 and no window) gets zeros.
     Keys are compared as given: codes of post-RoPE keys with post-RoPE queries (or both pre-RoPE, without RoPE).
@@ -233,6 +235,8 @@ def cq_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, 
     qpos = T + W - Tq + torch.arange(Tq)
     causal = pos[None, :] <= qpos[:, None]  # (Tq, T + W)
     allowed = coded_ok[:, None, None, :] & causal[None, None, :, :]
+    if starts is not None:
+        allowed = allowed & (pos[None, None, None, :] >= starts.cpu()[:, None, :, None])
     allowed = allowed.to(scores.device)
     probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1)
     probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)

@@ -255,14 +255,16 @@ void attention_impl(const CqAttentionHead& a) {
   const C* kc = static_cast<const C*>(a.k_codes);
   const C* vc = static_cast<const C*>(a.v_codes);
 
-  // Query t of a head sits at position T + W - tq + t: it sees coded tokens below min(length, position + 1)
-  // and window slots up to W - tq + t.
-  std::vector<int64_t> n_coded(R), n_win(R);
+  // Query t of a head sits at position T + W - tq + t: it sees coded tokens [c0, min(length, position + 1)) and
+  // window slots [w0, W - tq + t], where starts[t] (padding on the left, a sliding window) sets c0 and w0.
+  std::vector<int64_t> c0(R), n_coded(R), w0(R), n_win(R);
   int64_t t_max = 0;
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = r % a.tq, qpos = T + W - a.tq + t;
+    const int64_t t = r % a.tq, qpos = T + W - a.tq + t, start = a.starts != nullptr ? a.starts[t] : 0;
     n_coded[r] = std::clamp<int64_t>(std::min(a.length, qpos + 1), 0, T);
     n_win[r] = std::clamp<int64_t>(W - a.tq + t + 1, 0, W);
+    c0[r] = std::clamp<int64_t>(start, 0, n_coded[r]);
+    w0[r] = std::clamp<int64_t>(start - T, 0, n_win[r]);
     t_max = std::max(t_max, n_coded[r]);
   }
   const int64_t stride = t_max + W;  // one row of scores: coded tokens, then window slots
@@ -287,7 +289,7 @@ void attention_impl(const CqAttentionHead& a) {
   coded_scores<C, RC>(kc, t_max, G, K, R, lut.data(), scores.data(), stride);
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = a.q + r * D;
-    for (int64_t w = 0; w < n_win[r]; ++w) {
+    for (int64_t w = w0[r]; w < n_win[r]; ++w) {
       scores[r * stride + t_max + w] = dot(qr, a.k_recent + w * D, D) * a.scale;
     }
   }
@@ -297,17 +299,17 @@ void attention_impl(const CqAttentionHead& a) {
   for (int64_t r = 0; r < R; ++r) {
     float* sr = scores.data() + r * stride;
     float m = -kInf;
-    for (int64_t t = 0; t < n_coded[r]; ++t) m = std::max(m, sr[t]);
-    for (int64_t w = 0; w < n_win[r]; ++w) m = std::max(m, sr[t_max + w]);
-    if (n_coded[r] + n_win[r] == 0) continue;
-    total[r] = exp_shift_sum(sr, n_coded[r], m) + exp_shift_sum(sr + t_max, n_win[r], m);
+    for (int64_t t = c0[r]; t < n_coded[r]; ++t) m = std::max(m, sr[t]);
+    for (int64_t w = w0[r]; w < n_win[r]; ++w) m = std::max(m, sr[t_max + w]);
+    if (n_coded[r] - c0[r] + n_win[r] - w0[r] == 0) continue;
+    total[r] = exp_shift_sum(sr + c0[r], n_coded[r] - c0[r], m) + exp_shift_sum(sr + t_max + w0[r], n_win[r] - w0[r], m);
   }
 
   // Values: add each token's weight to its (group, code) bucket, then multiply the buckets by the codebook once.
   weights.resize(t_max * R);
   for (int64_t r = 0; r < R; ++r) {
     const float* sr = scores.data() + r * stride;
-    for (int64_t t = 0; t < t_max; ++t) weights[t * R + r] = t < n_coded[r] ? sr[t] : 0.f;
+    for (int64_t t = 0; t < t_max; ++t) weights[t * R + r] = t >= c0[r] && t < n_coded[r] ? sr[t] : 0.f;
   }
   acc.assign(G * K * R, 0.f);
   scatter_weights<C, RC>(vc, t_max, G, K, R, weights.data(), acc.data());
@@ -320,7 +322,7 @@ void attention_impl(const CqAttentionHead& a) {
   for (int64_t r = 0; r < R; ++r) {
     float* o = a.out + r * D;
     const float* pr = scores.data() + r * stride + t_max;
-    for (int64_t w = 0; w < n_win[r]; ++w) {
+    for (int64_t w = w0[r]; w < n_win[r]; ++w) {
       const float* vr = a.v_recent + w * D;
       for (int64_t e = 0; e < D; ++e) o[e] += pr[w] * vr[e];
     }

@@ -22,7 +22,8 @@ namespace sr::cpu {
 
 // One (sequence, key/value head) of cq_attention. The R = rep * tq query rows of the head's query heads are
 // contiguous in q (R, D); codes are (t_coded, G) with G = D / g; books_t (G, g, k) are this head's codebooks,
-// transposed; recent keys/values (w, D) may be null when w == 0. `length` coded tokens are real. Writes out (R, D).
+// transposed; recent keys/values (w, D) may be null when w == 0. `length` coded tokens are real; query t sees no
+// position of [coded, recent] below starts[t] (null: 0). Writes out (R, D).
 struct CqAttentionHead {
   const float* q;
   int64_t rep, tq, d, g, k;
@@ -30,6 +31,7 @@ struct CqAttentionHead {
   const void* v_codes;
   int code_bytes;
   int64_t t_coded, length;
+  const int64_t* starts;
   const float* k_books_t;
   const float* v_books_t;
   const float* k_recent;

@@ -95,7 +95,7 @@ def _decode_fake(codes, codebooks):
 
 @fake("cq_attention")
 def _attention_fake(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent=None, v_recent=None, lengths=None,
-                    scale=None):
+                    scale=None, starts=None):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
@@ -267,12 +267,13 @@ class CoupledQuantizer(torch.nn.Module):
 def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_quantizer: CoupledQuantizer,
               v_quantizer: CoupledQuantizer, k_recent: torch.Tensor | None = None,
               v_recent: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
     """Decode-step attention over coded history plus an optional full-precision window of recent tokens.
 
     q (B, Hq, Tq, D); k_codes, v_codes (B, Hkv, T, D / g) from quantizers over Hkv * D channels; k_recent,
-    v_recent (B, Hkv, W, D); lengths (B,) real coded tokens per sequence. The queries are the last Tq tokens of
-    [coded, recent] (causal among the window). Returns float32 (B, Hq, Tq, D), equal to
+    v_recent (B, Hkv, W, D); lengths (B,) real coded tokens per sequence; starts (B, Tq) the first position of
+    [coded, recent] each query sees (left padding, sliding windows; CPU only). The queries are the last Tq tokens
+    of [coded, recent] (causal among the window). Returns float32 (B, Hq, Tq, D), equal to
     ``reference.cq_attention`` within float32 rounding. Scores use a table of q . centroid per group, so the key
     codebooks must be in the queries' frame (post-RoPE keys with post-RoPE queries).
     """
@@ -318,14 +319,22 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise ValueError(f"lengths must lie in [0, {T}]")
-    devices = {t.device for t in (q, k_codes, v_codes, k_recent, v_recent, lengths, k_quantizer.codebooks,
+    if starts is not None:
+        if not isinstance(starts, torch.Tensor) or starts.dtype not in (torch.int64, torch.int32):
+            raise TypeError("starts must be an int64 or int32 tensor")
+        if starts.shape != (B, Tq):
+            raise ValueError(f"starts must have shape ({B}, {Tq}), got {tuple(starts.shape)}")
+        W = 0 if k_recent is None else k_recent.shape[2]
+        if starts.numel() and (int(starts.min()) < 0 or int(starts.max()) > T + W):
+            raise ValueError(f"starts must lie in [0, {T + W}]")
+    devices = {t.device for t in (q, k_codes, v_codes, k_recent, v_recent, lengths, starts, k_quantizer.codebooks,
                                   v_quantizer.codebooks) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"q, codes, recent tokens, lengths and quantizers must be on one device, "
                          f"got {sorted(map(str, devices))}")
     return torch.ops.sparse_retrieval.cq_attention(
         q, k_codes, v_codes, k_quantizer.codebooks, v_quantizer.codebooks,
-        k_recent, v_recent, lengths, scale)
+        k_recent, v_recent, lengths, scale, starts)
 
 
 def __getattr__(name):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -39,17 +39,22 @@ def _rope_angles(rotary_emb, x: torch.Tensor, start: int, n: int):
 
 class CoupledQuantizedLayer(DynamicLayer):
     """One layer: ``keys``/``values`` hold the full-precision window (B, Hkv, <= window, D); tokens leaving it are
-    coded once into (B, Hkv, T, G) codes (grown by doubling, never re-encoded)."""
+    coded once into (B, Hkv, T, G) codes (grown by doubling, never re-encoded). A sliding-window layer
+    (``sliding_window`` set) frees the codes of positions no later query can see: it holds positions
+    [code_start, n_coded) coded, and reports that offset to the attention masks."""
 
     def __init__(self, k_quantizer: CoupledQuantizer, v_quantizer: CoupledQuantizer, window: int = 128,
-                 rotary_emb=None, codes_attention: bool = False):
+                 rotary_emb=None, codes_attention: bool = False, sliding_window: int | None = None):
         super().__init__()
         self.k_quantizer, self.v_quantizer, self.window = k_quantizer, v_quantizer, window
         self.rotary_emb = rotary_emb  # set: keys are coded before RoPE
         self.codes_attention = codes_attention
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self._unread = False  # a window handed to attention without its coded history being read yet
         self.cumulative_length = 0
-        self.n_coded = 0
+        self.n_coded = 0  # positions coded so far
+        self.code_start = 0  # the first position whose codes are held (0 but for sliding layers)
         self._k_codes = self._v_codes = None
 
     def lazy_initialization(self, key_states, value_states):
@@ -65,13 +70,24 @@ class CoupledQuantizedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
+    def _live_start(self) -> int:
+        """The first coded position the next queries (from position cumulative_length on) can still see."""
+        if self.sliding_window is None:
+            return self.code_start
+        return max(self.code_start, min(self.cumulative_length - self.sliding_window + 1, self.n_coded))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Called before update, which frees the codes below _live_start(): the mask starts there.
+        offset = self._live_start()
+        return self.cumulative_length + query_length - offset, offset
+
     @property
     def k_codes(self) -> torch.Tensor:
-        return self._k_codes[:, :, :self.n_coded]
+        return self._k_codes[:, :, :self.n_coded - self.code_start]
 
     @property
     def v_codes(self) -> torch.Tensor:
-        return self._v_codes[:, :, :self.n_coded]
+        return self._v_codes[:, :, :self.n_coded - self.code_start]
 
     def _encode(self, quantizer: CoupledQuantizer, x: torch.Tensor) -> torch.Tensor:
         B, H, n, D = x.shape
@@ -87,28 +103,36 @@ class CoupledQuantizedLayer(DynamicLayer):
         n = keys.shape[2]
         if self.rotary_emb is not None:
             keys = _rope(keys, *_rope_angles(self.rotary_emb, keys, self.n_coded, n), inverse=True)
-        need = self.n_coded + n
-        if need > self._k_codes.shape[2]:
-            capacity = max(need, 2 * self._k_codes.shape[2], 64)
+        held = self.n_coded - self.code_start
+        if held + n > self._k_codes.shape[2]:
+            capacity = max(held + n, 2 * held, 64)
             for name in ("_k_codes", "_v_codes"):
                 old = getattr(self, name)
                 new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
-                new[:, :, :self.n_coded] = old[:, :, :self.n_coded]
+                new[:, :, :held] = old[:, :, :held]
                 setattr(self, name, new)
-        self._k_codes[:, :, self.n_coded:need] = self._encode(self.k_quantizer, keys)
-        self._v_codes[:, :, self.n_coded:need] = self._encode(self.v_quantizer, values)
-        self.n_coded = need
+        self._k_codes[:, :, held:held + n] = self._encode(self.k_quantizer, keys)
+        self._v_codes[:, :, held:held + n] = self._encode(self.v_quantizer, values)
+        self.n_coded += n
+
+    def _free_unseen(self) -> None:
+        """Drops the codes no later query can see (sliding layers); the buffer shrinks at its next growth."""
+        drop = self._live_start() - self.code_start
+        if drop > 0:
+            self._k_codes, self._v_codes = self._k_codes[:, :, drop:], self._v_codes[:, :, drop:]
+            self.code_start += drop
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The coded history, decoded (post-RoPE keys), in the window's dtype."""
+        """The coded history held, decoded (post-RoPE keys), in the window's dtype."""
         keys = self._decode(self.k_quantizer, self.k_codes)
-        if self.rotary_emb is not None and self.n_coded:
-            keys = _rope(keys, *_rope_angles(self.rotary_emb, keys, 0, self.n_coded))
+        if self.rotary_emb is not None and self.n_coded > self.code_start:
+            keys = _rope(keys, *_rope_angles(self.rotary_emb, keys, self.code_start, self.n_coded - self.code_start))
         return keys.to(self.dtype), self._decode(self.v_quantizer, self.v_codes).to(self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._free_unseen()
         n = key_states.shape[-2]
         self.cumulative_length += n
         self.keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.numel() else key_states
@@ -132,7 +156,7 @@ class CoupledQuantizedLayer(DynamicLayer):
                 raise RuntimeError("CoupledQuantizedCache(codes_attention=True): the model's attention did not read "
                                    "the coded history (it is not the 'cq' implementation); pass model= to the "
                                    "cache or call sparse_retrieval.cq.enable_cq_attention(model)")
-            self._unread = self.n_coded > 0
+            self._unread = self.n_coded > self.code_start
             keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
             keys._cq_layer = self  # read by the "cq" attention function
             return keys, values
@@ -177,7 +201,7 @@ class CoupledQuantizedLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.cumulative_length = self.n_coded = 0
+        self.cumulative_length = self.n_coded = self.code_start = 0
         self._k_codes = self._v_codes = None
 
 
@@ -191,11 +215,19 @@ class CoupledQuantizedCache(Cache):
     attention is switched to the "cq" implementation, see :func:`enable_cq_attention`; a model whose attention
     does not read the codes makes the next decode step raise). ``rotary_emb=model.model.rotary_emb``
     codes keys **pre-RoPE** instead (quantizers calibrated with ``rope="pre"``): history is then decoded and
-    re-rotated every step. Positions are taken to start at 0 (no left padding).
+    re-rotated every step, with positions taken to start at 0 (no left padding).
+
+    Codes attention also serves masked steps on the CPU: a left-padded batch and sliding-window layers give
+    causal masks with a first visible position per query, which the kernel applies (``starts=``). Any other mask,
+    or a GPU, decodes the history for that step (with a warning, once).
+
+    Sliding-window layers (read from ``model.config`` or ``config=``, as transformers reads them) free the codes of
+    tokens that fell out of every window; without a config every layer keeps its whole history (correct, larger).
+    :meth:`nbytes` reports bytes per layer type.
     """
 
     def __init__(self, quantizers: Sequence[tuple[CoupledQuantizer, CoupledQuantizer]], window: int = 128,
-                 rotary_emb=None, codes_attention: bool = False, model=None):
+                 rotary_emb=None, codes_attention: bool = False, model=None, config=None):
         if codes_attention and rotary_emb is None and model is None:
             raise ValueError("codes_attention=True: pass model= (its attention is switched to the 'cq' "
                              "implementation, which reads the codes)")
@@ -214,18 +246,33 @@ class CoupledQuantizedCache(Cache):
                                  + ("pass rotary_emb= (pre-RoPE coding)" if frame == "pre" else
                                     "this cache codes pre-RoPE keys (rotary_emb= given): calibrate with rope='pre'"))
         self.window = window
-        super().__init__(layers=[CoupledQuantizedLayer(k, v, window, rotary_emb, codes_attention)
-                                 for k, v in quantizers])
+        slides = _sliding_windows(config if config is not None else getattr(model, "config", None), len(quantizers))
+        super().__init__(layers=[CoupledQuantizedLayer(k, v, window, rotary_emb, codes_attention, slide)
+                                 for (k, v), slide in zip(quantizers, slides)])
         if codes_attention and rotary_emb is None:
             enable_cq_attention(model)
 
     def nbytes(self) -> dict:
-        """Bytes of codes and of full-precision window over all layers."""
-        totals = {"codes": 0, "window": 0}
+        """Bytes of codes and of full-precision window over all layers, and per layer type ("full_attention",
+        "sliding_attention")."""
+        totals = {"codes": 0, "window": 0, "by_layer_type": {}}
         for layer in self.layers:
+            kind = totals["by_layer_type"].setdefault("sliding_attention" if layer.is_sliding else "full_attention",
+                                                       {"codes": 0, "window": 0})
             for k, v in layer.nbytes().items():
                 totals[k] += v
+                kind[k] += v
         return totals
+
+
+def _sliding_windows(config, n_layers: int) -> list:
+    """Each layer's sliding window (None: the layer attends to everything) as transformers reads the config."""
+    if config is None:
+        return [None] * n_layers
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    if len(types) != n_layers:
+        raise ValueError(f"the model has {len(types)} layers, the quantizers cover {n_layers}")
+    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in zip(types, kwargs)]
 
 
 def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -234,15 +281,36 @@ def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer._unread = False
-    if attention_mask is not None:  # padding or a sliding window: attend over the decoded history with the mask
-        _warn_once("mask", "CoupledQuantizedCache(codes_attention=True): attention with a mask (a padded batch or a "
-                           "sliding-window layer) decodes the coded history instead of attending from the codes")
-        hist_k, hist_v = layer.dequantized()
-        return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2), torch.cat([hist_v, value], -2),
-                                      attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    starts = None
+    if attention_mask is not None:  # left padding or a sliding window: a first visible position per query
+        starts = _mask_starts(attention_mask, query.shape[0], query.shape[2], layer.k_codes.shape[2] + key.shape[2])
+        if starts is None or query.device.type != "cpu":
+            _warn_once("mask", "CoupledQuantizedCache(codes_attention=True): this attention mask (not a causal mask "
+                               "with left padding or a sliding window, or not on the CPU) is applied to the decoded "
+                               "history instead of attending from the codes")
+            hist_k, hist_v = layer.dequantized()
+            return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2),
+                                          torch.cat([hist_v, value], -2), attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     out = attention(query, layer.k_codes, layer.v_codes, layer.k_quantizer, layer.v_quantizer, key, value,
-                    scale=scaling)
+                    scale=scaling, starts=starts)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _mask_starts(mask: torch.Tensor, batch: int, tq: int, length: int) -> torch.Tensor | None:
+    """(batch, tq) first visible positions when the boolean mask (batch or 1, 1, tq, length) lets query t see
+    exactly the positions [start, length - tq + t] (causal, after left padding or outside a sliding window),
+    else None."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch) or \
+            tuple(mask.shape[1:]) != (1, tq, length):
+        return None
+    m = mask[:, 0].expand(batch, tq, length)
+    pos = torch.arange(length, device=m.device)
+    last = length - tq + torch.arange(tq, device=m.device)
+    starts = torch.where(m.any(-1), m.to(torch.uint8).argmax(-1), last + 1)
+    if not torch.equal(m, (pos >= starts[..., None]) & (pos <= last[:, None])):
+        return None
+    return starts
 
 
 _WARNED: set[str] = set()
