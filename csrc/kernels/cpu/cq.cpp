@@ -302,7 +302,8 @@ void attention_impl(const CqAttentionHead& a) {
     for (int64_t t = c0[r]; t < n_coded[r]; ++t) m = std::max(m, sr[t]);
     for (int64_t w = w0[r]; w < n_win[r]; ++w) m = std::max(m, sr[t_max + w]);
     if (n_coded[r] - c0[r] + n_win[r] - w0[r] == 0) continue;
-    total[r] = exp_shift_sum(sr + c0[r], n_coded[r] - c0[r], m) + exp_shift_sum(sr + t_max + w0[r], n_win[r] - w0[r], m);
+    total[r] = exp_shift_sum(sr + c0[r], n_coded[r] - c0[r], m) +
+               exp_shift_sum(sr + t_max + w0[r], n_win[r] - w0[r], m);
   }
 
   // Values: add each token's weight to its (group, code) bucket, then multiply the buckets by the codebook once.
