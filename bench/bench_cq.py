@@ -15,6 +15,10 @@ on a GPU also float16 SDPA up to 128k.
 
     python bench/bench_cq.py            # both, about 10 minutes on 2 cores
     python bench/bench_cq.py --speed --quick
+    python bench/bench_cq.py --generate    # model.generate tokens/s at 1k/4k/8k context, batch 1 and 8
+
+Generate (``--generate``): tokens per second of ``model.generate`` on SmolLM2-135M with the default cache, CQ-8c8b
+dequantizing and CQ-8c8b attending from its codes, after a 1k/4k/8k-token prompt, batch 1 and 8, and the KV bytes.
 """
 from __future__ import annotations
 
@@ -456,10 +460,83 @@ def speed_cuda(args, kq, vq, Hq, Hkv, D, g) -> list[dict]:
     return rows
 
 
+def generate_speed(args, results: dict) -> None:
+    """Tokens per second of ``model.generate`` on SmolLM2-135M after a prompt of each context length: the default
+    cache, CQ-8c8b dequantizing the history, CQ-8c8b attending from the codes. The prompt is prefilled once per
+    context into a DynamicCache; each cache under test receives the same keys and values through ``update`` (what a
+    prefill hands it) and is repeated over the batch (identical rows cost what different rows cost), so only the
+    decode steps are timed. Quantizers: a short calibration (speed does not depend on their quality)."""
+    from transformers import DynamicCache
+
+    model, tok = load_smollm2()
+    ids = tok(eval_text(), return_tensors="pt").input_ids[0]
+    calib = [ids[i * 512:(i + 1) * 512] for i in range(2)]
+    quantizers = cq.calibrate(model, calib, group_size=8, bits=8, iters=3, progress=True)
+    contexts = [1024, 4096] if args.quick else [1024, 4096, 8192]
+    rows = []
+    for T in contexts:
+        prompt = ids.repeat(T // len(ids) + 1)[:T][None]
+        prefilled = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=prompt[:, :-1], past_key_values=prefilled, use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        for B in (1, 8):
+            def fill(cache):
+                for i, layer in enumerate(prefilled.layers):
+                    cache.update(layer.keys.repeat(B, 1, 1, 1), layer.values.repeat(B, 1, 1, 1), i)
+                return cache
+
+            makers = {
+                "default cache": lambda: fill(DynamicCache(config=model.config)),
+                "CQ-8c8b dequantizing": lambda: fill(cq.CoupledQuantizedCache(quantizers, WINDOW,
+                                                                              config=model.config)),
+                "CQ-8c8b codes attention": lambda: fill(cq.CoupledQuantizedCache(
+                    quantizers, WINDOW, codes_attention=True, model=model)),
+            }
+            for name, make in makers.items():
+                times = []
+                for _ in range(args.generate_repeats):
+                    cache = make()
+                    if name == "default cache":
+                        kv_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+                    else:
+                        sizes = cache.nbytes()
+                        kv_bytes = sizes["codes"] + sizes["window"]
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        model.generate(prompt.repeat(B, 1), past_key_values=cache, do_sample=False,
+                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       attention_mask=torch.ones(B, T, dtype=torch.long), pad_token_id=0)
+                    times.append(time.perf_counter() - t0)
+                    del cache
+                model.set_attn_implementation("sdpa")
+                med = sorted(times)[len(times) // 2]
+                rows.append({"context": T, "batch": B, "method": name, "tokens_per_s": B * args.new_tokens / med,
+                             "spread_tokens_per_s": [B * args.new_tokens / max(times), B * args.new_tokens / min(times)],
+                             "kv_bytes": kv_bytes, "prefill_s_batch1": prefill_s})
+                print(f"context {T} batch {B} {name}: {rows[-1]['tokens_per_s']:.1f} tokens/s, "
+                      f"KV {kv_bytes / 1e6:.1f} MB", flush=True)
+        prefilled = None  # frees the prompt cache before the next context
+    for r in rows:
+        base = next(b for b in rows if (b["context"], b["batch"], b["method"]) == (r["context"], r["batch"],
+                                                                                   "default cache"))
+        r["vs_default"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["kv_vs_default"] = r["kv_bytes"] / base["kv_bytes"]
+    print(common.table(rows, ["context", "batch", "method", "tokens_per_s", "vs_default", "kv_bytes",
+                              "kv_vs_default"],
+                       title=f"model.generate, SmolLM2-135M, {args.new_tokens} new tokens after the context, "
+                             f"{torch.get_num_threads()} threads, window {WINDOW}"))
+    results["generate"] = rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quality", action="store_true")
     p.add_argument("--speed", action="store_true")
+    p.add_argument("--generate", action="store_true", help="tokens/s of model.generate with each cache")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--generate-repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--n-seq", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
@@ -468,7 +545,7 @@ def main():
     p.add_argument("--quality-threads", type=int, default=1,
                    help="threads for the quality part (model forwards are compute-bound; 1 avoids contention)")
     args = p.parse_args()
-    if not (args.quality or args.speed):
+    if not (args.quality or args.speed or args.generate):
         args.quality = args.speed = True
     results = {"args": vars(args)}
     print(common.machine()["processor"], f"{torch.get_num_threads()} threads, SIMD {sr.get_simd_level()}")
@@ -476,7 +553,10 @@ def main():
         speed(args, results)
     if args.quality:
         quality(args, results)
-    name = "bench_cq" if args.quality and args.speed else "bench_cq_quality" if args.quality else "bench_cq_speed"
+    if args.generate:
+        generate_speed(args, results)
+    name = ("bench_cq" if args.quality and args.speed else "bench_cq_quality" if args.quality else
+            "bench_cq_speed" if args.speed else "bench_cq_generate")
     print("results:", common.write_results(name, results))
 
 

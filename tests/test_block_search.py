@@ -79,6 +79,21 @@ def test_safe_equals_exhaustive(simd, n, block_size, superblock, k, kind):
     assert_same(index.search(queries, k, mode="approximate", alpha=1.0), exact)
 
 
+@pytest.mark.parametrize("block_size,superblock", [(8, 1), (100, 1), (130, 3)])
+def test_safe_with_filter_equals_exhaustive(simd, block_size, superblock):
+    """Blocks skip disallowed documents before scoring them (listed 64 at a time: blocks of 100 and 130 cross
+    that), including blocks with no allowed document at all (most blocks of 8 at 2% allowed)."""
+    gen = torch.Generator().manual_seed(block_size)
+    docs = clustered(1500, 400, 6, gen)
+    queries = queries_for(docs, 30, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=block_size, superblock=superblock,
+                                          progress=False)
+    for share in (0.02, 0.1, 0.5):
+        mask = torch.rand(1500, generator=gen) < share
+        assert_same(index.search(queries, 7, mode="safe", filter=mask),
+                    index.search(queries, 7, mode="exact", filter=mask))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_safe_equals_exhaustive_half_weights(simd, dtype):
     gen = torch.Generator().manual_seed(5)
@@ -529,7 +544,7 @@ def test_optimize_with_a_given_order():
 
 
 def test_selective_filters_make_safe_search_exhaustive(monkeypatch):
-    """Safe search's bounds ignore filters: under 20% allowed it runs exhaustively, with the same results."""
+    """Safe search's bounds ignore filters: under 1% allowed it runs exhaustively, with the same results."""
     from sparse_retrieval.block_search import BlockMax
 
     gen = torch.Generator().manual_seed(26)
@@ -539,7 +554,7 @@ def test_selective_filters_make_safe_search_exhaustive(monkeypatch):
     calls = []
     real = BlockMax.search
     monkeypatch.setattr(BlockMax, "search", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
-    for share, pruned in ((0.1, False), (0.5, True)):
+    for share, pruned in ((0.004, False), (0.1, True), (0.5, True)):
         mask = torch.rand(1000, generator=gen) < share
         calls.clear()
         got = index.search(queries, 6, mode="safe", filter=mask)

@@ -12,25 +12,22 @@
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// Scores documents [d, end) against the query and offers them to `best`. slot[t] is the position of term t in
-// qslot (0, whose weight is 0, for terms outside the query): both stay in L1, where a dense query vector of dim
-// floats does not. Each document's products are added in ascending term order, one rounding per product and per
-// sum (this file and search.cpp are compiled without FMA contraction), which is how exhaustive search adds a
-// sorted query's terms; products of terms outside the query are +0 and leave a sum unchanged. So scores are
-// bit-identical to exhaustive search. Four documents are interleaved to hide the latency of the additions.
-// Returns false (scoring nothing) when the block's offsets are not monotone within [0, nnz] or a user id is not
-// in [0, ndocs) (a change racing the search after this check is not covered); int32 terms are
-// clamped to dim (slot[dim] is 0), uint16 ones need no check (the slot map has 65536 entries).
+// Scores the documents [d, end) that `allowed` lets through (null: all) against the query and offers them to
+// `best`; skipping the others before scoring is what keeps a filtered search from paying for documents it cannot
+// return. slot[t] is the position of term t in qslot (0, whose weight is 0, for terms outside the query): both
+// stay in L1, where a dense query vector of dim floats does not. Each document's products are added in ascending
+// term order, one rounding per product and per sum (this file and search.cpp are compiled without FMA
+// contraction), which is how exhaustive search adds a sorted query's terms; products of terms outside the query
+// are +0 and leave a sum unchanged. So scores are bit-identical to exhaustive search. Four documents are
+// interleaved to hide the latency of the additions. Returns false when a document's offsets are not within
+// [0, nnz] in order or its user id is not in [0, ndocs): each is read once, checked, then used, so a file changing
+// under a mapped index cannot move a read out of bounds. int32 terms are clamped to dim (slot[dim] is 0), uint16
+// ones need no check (the slot map has 65536 entries).
 template <class W, class Term>
 bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
-                int64_t end, BestK& best) {
+                int64_t end, const uint8_t* allowed, BestK& best) {
   const auto* __restrict terms = static_cast<const Term*>(ix.fwd_terms);
   const auto* __restrict w = static_cast<const typename W::T*>(ix.fwd_weights);
-  const int64_t* ptr = ix.fwd_ptr;
-  for (int64_t i = d; i < end; ++i) {
-    if (!(0 <= ptr[i] && ptr[i] <= ptr[i + 1] && ptr[i + 1] <= ix.nnz)) return false;
-    if (uint64_t(ix.doc_ids[i]) >= uint64_t(ix.ndocs)) return false;  // ids index the caller's filter
-  }
   auto slot_of = [&](int64_t p) -> uint8_t {
     if constexpr (sizeof(Term) == 2) {
       return slot[terms[p]];
@@ -43,25 +40,40 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
     for (; p < e; ++p) s += term_product(p);
     return s;
   };
-  auto offer = [&](float s, int64_t doc) {
-    if (!best.full() || s >= best.floor()) best.offer(s, ix.doc_ids[doc]);
+  auto offer = [&](float s, int64_t id) {
+    if (!best.full() || s >= best.floor()) best.offer(s, id);
   };
-  for (; d + 4 <= end; d += 4) {
-    const int64_t p0 = ptr[d], p1 = ptr[d + 1], p2 = ptr[d + 2], p3 = ptr[d + 3], e3 = ptr[d + 4];
-    const int64_t m = std::min(std::min(p1 - p0, p2 - p1), std::min(p3 - p2, e3 - p3));
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    for (int64_t i = 0; i < m; ++i) {
-      s0 += term_product(p0 + i);
-      s1 += term_product(p1 + i);
-      s2 += term_product(p2 + i);
-      s3 += term_product(p3 + i);
+  constexpr int64_t kChunk = 64;  // documents listed at a time (blocks may hold up to 2^20)
+  int64_t lo[kChunk], hi[kChunk], ids[kChunk];
+  for (int64_t c = d; c < end; c += kChunk) {
+    int64_t n = 0;
+    for (int64_t i = c; i < std::min(end, c + kChunk); ++i) {
+      const int64_t p = ix.fwd_ptr[i], e = ix.fwd_ptr[i + 1], id = ix.doc_ids[i];
+      if (!(0 <= p && p <= e && e <= ix.nnz) || uint64_t(id) >= uint64_t(ix.ndocs)) return false;
+      if (allowed == nullptr || allowed[id] != 0) {
+        lo[n] = p;
+        hi[n] = e;
+        ids[n++] = id;
+      }
     }
-    offer(tail(p0 + m, p1, s0), d);
-    offer(tail(p1 + m, p2, s1), d + 1);
-    offer(tail(p2 + m, p3, s2), d + 2);
-    offer(tail(p3 + m, e3, s3), d + 3);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const int64_t p0 = lo[j], p1 = lo[j + 1], p2 = lo[j + 2], p3 = lo[j + 3];
+      const int64_t m = std::min(std::min(hi[j] - p0, hi[j + 1] - p1), std::min(hi[j + 2] - p2, hi[j + 3] - p3));
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+      for (int64_t i = 0; i < m; ++i) {
+        s0 += term_product(p0 + i);
+        s1 += term_product(p1 + i);
+        s2 += term_product(p2 + i);
+        s3 += term_product(p3 + i);
+      }
+      offer(tail(p0 + m, hi[j], s0), ids[j]);
+      offer(tail(p1 + m, hi[j + 1], s1), ids[j + 1]);
+      offer(tail(p2 + m, hi[j + 2], s2), ids[j + 2]);
+      offer(tail(p3 + m, hi[j + 3], s3), ids[j + 3]);
+    }
+    for (; j < n; ++j) offer(tail(lo[j], hi[j], 0.0f), ids[j]);
   }
-  for (; d < end; ++d) offer(tail(ptr[d], ptr[d + 1], 0.0f), d);
   return true;
 }
 
@@ -327,7 +339,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     }
     std::pop_heap(s.heap, s.heap + heap_size--);
     const int64_t d = key_block(s.heap[heap_size]) * ix.block_size;
-    if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), best)) {
+    if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), allowed, best)) {
       visited = -1;
       break;
     }
