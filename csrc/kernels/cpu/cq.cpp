@@ -200,7 +200,7 @@ float exp_shift_sum(float* s, int64_t n, float m) {
 
 // ---- attention from codes -------------------------------------------------------------------------------------
 // The R query rows of a head are interleaved in the tables and buckets ([group][code][row]), so one token's
-// lookup or bucket update for all rows is one short vector operation; RC is R when it is a small power of two
+// lookup or bucket update for all rows is one short vector operation; RC is R when it is 1, 2, 3, 4 or 8
 // (known to the compiler), 0 otherwise.
 
 // scores[r * stride + t] = sum_j table[(j * K + code_tj) * R + r] for t < n_tokens.
@@ -359,6 +359,7 @@ void attention_rows(const CqAttentionHead& a) {
   switch (a.rep * a.tq) {
     case 1: return attention_impl<C, 1>(a);
     case 2: return attention_impl<C, 2>(a);
+    case 3: return attention_impl<C, 3>(a);  // 9 query heads over 3 KV heads (SmolLM2)
     case 4: return attention_impl<C, 4>(a);
     case 8: return attention_impl<C, 8>(a);
     default: return attention_impl<C, 0>(a);
