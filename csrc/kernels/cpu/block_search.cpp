@@ -273,7 +273,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
 
   // Bounds and scores round differently: the bounds get a margin of 4 units in the last place per added term.
   const float margin = 1.0f + float(q.nterms + 4) * 2.4e-7f;
-  BestK best(out_scores, out_ids, k, allowed);
+  BestK best(out_scores, out_ids, k);  // score_docs offers allowed documents only
   const auto beaten = [&](float bound) { return best.full() && best.floor() > bound * margin; };
   const auto* bterms = static_cast<const Term*>(ix.blk_terms);
   int64_t heap_size = 0;
