@@ -12,7 +12,9 @@ blocks of a superblock only once its bound is the largest left (a block's bound 
 the order is exactly that of all block bounds); it stops as soon as its k-th score exceeds ``alpha`` times the
 largest bound left. ``alpha = 1`` is safe: the results are those of exhaustive search, scores bit for bit.
 ``alpha < 1`` trades recall for speed: the blocks scored for a smaller alpha are a prefix of those scored for a
-larger one, so recall can only grow with alpha. Superblocks change the cost, never the blocks scored: they pay on
+larger one, so recall can only grow with alpha. Superblocks change the cost, not the blocks scored (bar ties that
+rounding of the bounds breaks differently: terms with dense rows are added first, and which terms get one depends
+on the superblock size): they pay on
 large collections (8.8M documents: ``superblock=2`` 1.33x faster safe and 1.67x at alpha 0.9 than bounding every
 block, 4 about 1.2x) and cost on small ones (203k: 0.57x at 2; 1M: 0.38x at 4), hence ``superblock="auto"``: 2 from
 ``AUTO_SUPERBLOCK_DOCS`` documents on, else 1 (docs/benchmarks.md). A second approximate knob, ``query_cut``,

@@ -98,6 +98,53 @@ inline void add_dense_row(float* __restrict ub, const uint8_t* __restrict row, i
   for (; b < n; ++b) ub[b] += qs * float(row[b]);
 }
 
+// ub[b] = the sum over r of w[r] * rows[r][b] (added in r's order, from 0), for b in [0, n): the dense rows of a
+// query in one pass that writes each bound once, instead of a read-modify-write of all of ub per row. Roundings as
+// add_dense_row's.
+inline void dense_bounds(float* __restrict ub, const uint8_t* const* rows, const float* w, int64_t nrows, int64_t n) {
+  int64_t b = 0;
+#if SR_SIMD_LEVEL == 3
+  for (; b + 16 <= n; b += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t r = 0; r < nrows; ++r) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + b))));
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w[r]), v));
+    }
+    _mm512_storeu_ps(ub + b, acc);
+  }
+#elif SR_SIMD_LEVEL == 2
+  for (; b + 8 <= n; b += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t r = 0; r < nrows; ++r) {
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + b))));
+      acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(w[r]), v));
+    }
+    _mm256_storeu_ps(ub + b, acc);
+  }
+#endif
+  for (; b < n; ++b) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < nrows; ++r) acc += w[r] * float(rows[r][b]);
+    ub[b] = acc;
+  }
+}
+
+// ub[ids[e]] += qs * vals[e] for e in [0, n) (n_ub >= 1), rounded as add_dense_row rounds. Returns false when an id
+// is not below n_ub (written clamped, so nothing lands outside ub). Restrict pointers: through the index's struct
+// the compiler reloaded both arrays' addresses after every store to ub (1.16x faster safe search at 2M documents).
+// AVX-512 gather/scatter measured 8% slower than this loop.
+inline bool add_sparse_entries(float* __restrict ub, const int32_t* __restrict ids, const uint8_t* __restrict vals,
+                               int64_t n, int64_t n_ub, float qs) {
+  const uint32_t last = uint32_t(n_ub - 1);
+  uint32_t bad = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t sb = uint32_t(ids[e]);
+    bad |= uint32_t(sb > last);
+    ub[std::min(sb, last)] += qs * float(vals[e]);
+  }
+  return bad == 0;
+}
+
 // The largest of ub[0, n) (all >= 0).
 inline float max_bound(const float* ub, int64_t n) {
   int64_t b = 0;
@@ -229,7 +276,6 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     if (!std::isfinite(q.weights[t]) || (t > 0 && q.terms[t] <= q.terms[t - 1])) return false;
   }
   const int64_t ns = ix.nsuper, S = ix.superblock;
-  std::fill(s.ub, s.ub + ns, 0.0f);
   // Terms with negative weights only lower scores (document weights are >= 0): they add nothing to the bounds.
   int32_t bound_terms[256];  // q.nterms <= 255
   int64_t nbound = 0;
@@ -245,23 +291,32 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     nbound = query_cut;
     std::sort(bound_terms, bound_terms + nbound);  // terms ascending again, for the merge with superblock terms
   }
+  // Bounds add the terms with dense rows first (one pass writes ub), then the others, each group in term order; block
+  // bounds add in the same order, so a block's bound never exceeds its superblock's, bit for bit.
   float bound_weight[256];
+  bool dense[256];
+  const uint8_t* rows[256];
+  float row_weight[256];
+  int64_t nrows = 0;
   for (int64_t i = 0; i < nbound; ++i) {
     const int64_t term = q.terms[bound_terms[i]];
-    const float qs = bound_weight[i] = q.weights[bound_terms[i]] * ix.scale[term];
+    bound_weight[i] = q.weights[bound_terms[i]] * ix.scale[term];
     const int64_t row = ix.sb_dense_row[term];
     if (row >= ix.sb_dense_rows) return malformed();
-    if (row >= 0) {
-      add_dense_row(s.ub, ix.sb_dense + row * ns, ns, qs);
-      continue;
+    dense[i] = row >= 0;
+    if (dense[i]) {
+      rows[nrows] = ix.sb_dense + row * ns;
+      row_weight[nrows++] = bound_weight[i];
     }
+  }
+  dense_bounds(s.ub, rows, row_weight, nrows, ns);
+  for (int64_t i = 0; i < nbound; ++i) {
+    if (dense[i]) continue;
+    const int64_t term = q.terms[bound_terms[i]];
+    const float qs = bound_weight[i];
     const int64_t a = ix.sb_ptr[term], b = ix.sb_ptr[term + 1];
     if (!(0 <= a && a <= b && b <= ix.sb_entries)) return malformed();
-    for (int64_t e = a; e < b; ++e) {
-      const uint32_t sb = uint32_t(ix.sb_ids[e]);
-      if (sb >= uint64_t(ns)) return malformed();
-      s.ub[sb] += qs * float(ix.sb_values[e]);
-    }
+    if (!add_sparse_entries(s.ub, ix.sb_ids + a, ix.sb_values + a, b - a, ns, qs)) return malformed();
   }
   const float mx = max_bound(s.ub, ns);
   if (!(mx > 0.0f)) return false;
@@ -304,8 +359,11 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
         match_term[matches++] = int32_t(i);
       }
     }
-    for (int64_t j = 0; j < matches; ++j) {
-      add_dense_row(s.blk_ub, ix.blk_values + S * match_at[j], S, bound_weight[match_term[j]]);
+    for (const bool dense_first : {true, false}) {
+      for (int64_t j = 0; j < matches; ++j) {
+        if (dense[match_term[j]] != dense_first) continue;
+        add_dense_row(s.blk_ub, ix.blk_values + S * match_at[j], S, bound_weight[match_term[j]]);
+      }
     }
     const int64_t first = sb * S, nblk = std::min(S, ix.nblocks - first);
     for (int64_t j = 0; j < nblk; ++j) {
