@@ -194,15 +194,20 @@ def quality(ids: torch.Tensor, relevant: torch.Tensor) -> dict:
             "ndcg@10": metrics.ndcg_at_k(ids, relevant, 10)}
 
 
+def known_item_queries(titles: list[str]) -> torch.Tensor:
+    """The sections whose title occurs once (case-insensitively): each such title is a query for its section."""
+    counts: dict[str, int] = {}
+    for t in titles:
+        counts[t.lower()] = counts.get(t.lower(), 0) + 1
+    return torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
+
+
 def load_corpus(args):
     """Sections, the section of each known-item query, and the MiniLM embeddings of sections, queries and
     pseudo-queries (cached under ``args.cache``): (bodies, query_docs, d_emb, q_emb, p_emb, p_doc)."""
     root = args.docs_dir or fetch_docs(args.cache)
     titles, bodies = parse_sections(root / SOURCES, args.max_chars)
-    counts: dict[str, int] = {}
-    for t in titles:
-        counts[t.lower()] = counts.get(t.lower(), 0) + 1
-    query_docs = torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
+    query_docs = known_item_queries(titles)
     print(f"corpus: {len(bodies)} sections, {len(query_docs)} known-item queries (unique titles)")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -33,7 +33,8 @@ from sparse_retrieval import losses, metrics
 from sparse_retrieval.datasets.splade import SpladeEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import REPO, SOURCES, fetch_docs, parse_sections, pseudo_queries, split_queries  # noqa: E402
+from demo import (REPO, SOURCES, fetch_docs, known_item_queries, parse_sections, pseudo_queries,  # noqa: E402
+                  split_queries)
 
 
 def splade_vectors(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
@@ -120,10 +121,7 @@ def main(argv=None) -> dict:
 
     root = args.docs_dir or fetch_docs(args.cache)
     titles, bodies = parse_sections(root / SOURCES, args.max_chars)
-    counts: dict[str, int] = {}
-    for t in titles:
-        counts[t.lower()] = counts.get(t.lower(), 0) + 1
-    query_docs = torch.tensor([i for i, t in enumerate(titles) if counts[t.lower()] == 1])
+    query_docs = known_item_queries(titles)
     test, train_q = split_queries(len(query_docs), args)
     p_texts, p_doc = pseudo_queries(bodies, args.pseudo_per_doc, args.seed)
     anchors = [titles[query_docs[i]] for i in train_q.tolist()] + p_texts
