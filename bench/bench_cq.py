@@ -17,6 +17,7 @@ on a GPU also float16 SDPA up to 128k.
     python bench/bench_cq.py            # both, about 10 minutes on 2 cores
     python bench/bench_cq.py --speed --quick
     python bench/bench_cq.py --generate    # model.generate tokens/s at 1k/4k/8k context, batch 1 and 8
+    python bench/bench_cq.py --cuda        # GPU attention only: fused and multi-pass CQ kernels against SDPA
 
 Generate (``--generate``): tokens per second of ``model.generate`` on SmolLM2-135M with the default cache, CQ-8c8b
 dequantizing and CQ-8c8b attending from its codes, after a 1k/4k/8k-token prompt, batch 1 and 8, and the KV bytes.
@@ -27,6 +28,8 @@ import argparse
 import gzip
 import importlib.util
 import math
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -430,7 +433,7 @@ def speed(args, results: dict) -> None:
     print("KV-cache bytes per token per layer (8 KV heads x 128):", per_token)
     results["bytes_per_token_per_layer"] = per_token
     if torch.cuda.is_available():
-        results["attention_cuda"] = speed_cuda(args, kq, vq, Hq, Hkv, D, g)
+        results["attention_cuda"] = speed_cuda(args)
 
 
 def attention_pivot(rows: list[dict]) -> list[dict]:
@@ -447,28 +450,89 @@ def attention_pivot(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def speed_cuda(args, kq, vq, Hq, Hkv, D, g) -> list[dict]:
-    kq, vq = kq.cuda(), vq.cuda()
+def gpu_time(fn, calls: int = 20, repeats: int = 7) -> dict:
+    """Seconds per call of fn on the GPU: CUDA events around `calls` back-to-back calls (launch overhead overlaps the
+    previous call's kernels, as in a decode loop), `repeats` times; median and spread."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def speed_cuda(args, Hq=32, Hkv=8, D=128, g=8, bits=8) -> list[dict]:
+    """Decode-step attention on the GPU, Llama-3-8B shapes: float16 SDPA on the dense cache against attention from
+    1-bit codes (CQ-8c8b) plus a float16 window of 128 tokens, by the fused kernel (the default) and by the
+    multi-pass kernels it replaced (SPARSE_RETRIEVAL_CQ_FUSED=0, up to 32k). Codes are random: speed does not
+    depend on their values."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kq, vq = (cq.CoupledQuantizer(Hkv * D, g, bits).cuda() for _ in range(2))
+    for qz in (kq, vq):
+        qz.codebooks.normal_(generator=gen)
+        qz.fitted.fill_(True)
     rows = []
-    for T in [8192, 32768, 131072]:
+    contexts = [4096, 32768, 131072] if args.quick else [4096, 8192, 32768, 65536, 131072]
+    for T in contexts:
         for B in [1, 8, 32]:
             if B * T * Hkv * D * 2 * 2 > 40e9:
                 continue
-            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
-            K = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
-            V = torch.randn_like(K)
-            kc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8)
-            vc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8)
+            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16, generator=gen)
+            K = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16, generator=gen)
+            V = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16, generator=gen)
+            kc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8, generator=gen)
+            vc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8, generator=gen)
             kr, vr = K[:, :, T - WINDOW:].contiguous(), V[:, :, T - WINDOW:].contiguous()
-            for name, fn in {"sdpa fp16": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
-                             "cq attention (1-bit codes)": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)}.items():
-                m = common.measure(fn, warmup=3, repeats=10, cuda=True)
-                rows.append({"context": T, "batch": B, "method": name, "median_s": m["median"]})
-            K = V = None  # frees the float32 cache before the next size
-    common.add_ratios(rows, lambda r: (r["context"], r["batch"]), "sdpa fp16")
-    print(common.table(rows, ["context", "batch", "method", "median_s", "speedup"],
-                       title=f"Decode-step attention on {torch.cuda.get_device_name()}"))
+
+            def multipass():
+                os.environ["SPARSE_RETRIEVAL_CQ_FUSED"] = "0"
+                try:
+                    return cq.attention(q, kc, vc, kq, vq, kr, vr)
+                finally:
+                    del os.environ["SPARSE_RETRIEVAL_CQ_FUSED"]
+
+            methods = {"sdpa fp16": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
+                       "cq fused": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)}
+            if T <= 32768:
+                methods["cq multi-pass"] = multipass
+            kv_bytes = {"sdpa fp16": K.nbytes + V.nbytes}
+            kv_bytes["cq fused"] = kv_bytes["cq multi-pass"] = kc.nbytes + vc.nbytes + kr.nbytes + vr.nbytes
+            for name, fn in methods.items():
+                modes = {"eager": fn}
+                if name != "cq multi-pass":
+                    modes["graph"] = graphed(fn)
+                for mode, call in modes.items():
+                    m = gpu_time(call)
+                    rows.append({"context": T, "batch": B, "mode": mode, "method": name,
+                                 "median_ms": m["median"] * 1e3, "spread_ms": (m["max"] - m["min"]) * 1e3,
+                                 "kv_GB_s": kv_bytes[name] / m["median"] / 1e9, "median_s": m["median"]})
+            K = V = None  # frees the float16 cache before the next size
+    common.add_ratios(rows, lambda r: (r["context"], r["batch"], r["mode"]), "sdpa fp16")
+    print(common.table(rows, ["context", "batch", "mode", "method", "median_ms", "spread_ms", "kv_GB_s", "speedup"],
+                       title=f"Decode-step attention on {torch.cuda.get_device_name()} (speedup = SDPA fp16 time / "
+                             "method time in the same mode; graph = replay of a captured CUDA graph, without the "
+                             "host's launch overhead; kv_GB_s = cache bytes read / time)"))
     return rows
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (as decode loops run it); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def generate_speed(args, results: dict) -> None:
@@ -555,7 +619,12 @@ def main():
     p.add_argument("--calib-seq", type=int, default=64, help="calibration sequences of 512 tokens (64: 32k tokens)")
     p.add_argument("--quality-threads", type=int, default=1,
                    help="threads for the quality part (model forwards are compute-bound; 1 avoids contention)")
+    p.add_argument("--cuda", action="store_true", help="only the GPU attention table")
     args = p.parse_args()
+    if args.cuda:
+        results = {"args": vars(args), "attention_cuda": speed_cuda(args)}
+        print("results:", common.write_results("bench_cq_cuda", results))
+        return
     if not (args.quality or args.speed or args.generate):
         args.quality = args.speed = True
     results = {"args": vars(args)}

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # For a lent GPU machine (no package registry there): builds against the torch already installed, runs the whole
-# test suite (CUDA tests included) and the benchmarks (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
-#   bash scripts/gpu_run.sh OUTDIR [bench names, default: all bench/bench_*.py]
+# test suite (CUDA tests included), the CUDA tests again under compute-sanitizer (memcheck), and the benchmarks
+# (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
+#   [GPU_TESTS="pytest args"] [GPU_SANITIZE="pytest args"] bash scripts/gpu_run.sh OUTDIR [bench names]
+# GPU_TESTS narrows the suite (default: all of it), GPU_SANITIZE the sanitized tests (default: -k cuda); the
+# benches default to every bench/bench_*.py.
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
 shift
@@ -17,12 +20,16 @@ SPARSE_RETRIEVAL_CUDA=ON TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
 python3 -m pip install -q --no-deps --force-reinstall dist/gpu/sparse_retrieval-*.whl >> "$out/build.log" 2>&1
 # pytest-xdist, where installed, cuts the suite to about 1.5 minutes on the lent 16-core machines.
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-(cd tests && python3 -m pytest -q -rs $par > "$out/tests.log" 2>&1)
+(cd tests && python3 -m pytest -q -rs $par ${GPU_TESTS:-} > "$out/tests.log" 2>&1)
 echo "tests: $(tail -1 "$out/tests.log")"
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
+(cd tests && compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x ${GPU_SANITIZE:--k cuda} \
+   > "$out/sanitizer.log" 2>&1)
+echo "compute-sanitizer memcheck: $(grep -E "ERROR SUMMARY" "$out/sanitizer.log" | tail -1); $(tail -1 "$out/sanitizer.log")"
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=($(cd bench && ls bench_*.py | sed 's/\.py$//'))
 # Sizes that fit a device session: no data cache there, and the CPU-only parts are measured on the dev machine.
-declare -A bench_args=([bench_topk]="--quick" [bench_cq]="--speed --quick"
+declare -A bench_args=([bench_topk]="--quick" [bench_cq]="--cuda"
                        [bench_search]="--synthetic --docs 200000 --no-manpages --no-seismic --peer-queries 20")
 for b in "${benches[@]}"; do
   (cd bench && timeout 300 python3 "$b.py" ${bench_args[$b]:-} > "$out/$b.log" 2>&1) || echo "$b failed or timed out"

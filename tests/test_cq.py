@@ -1,10 +1,14 @@
 """Coupled quantization: encode/decode and attention-from-codes kernels against sparse_retrieval.reference,
 the quantizer's fitting, and bad input."""
+import subprocess
+
 import pytest
 import torch
 
 import sparse_retrieval as sr
 from sparse_retrieval import cq, reference
+
+from conftest import build_emulation
 
 OPS = torch.ops.sparse_retrieval
 
@@ -85,6 +89,9 @@ def attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths=None, dtype=to
     (2, 8, 2, 1, 16, 8, 8, 37, 3, [37, 20]),  # 4 rows per kv head
     (1, 8, 1, 1, 8, 2, 6, 21, 1, None),  # 8 rows
     (1, 9, 1, 2, 8, 4, 7, 26, 4, None),  # 18 rows: generic path
+    (2, 8, 2, 1, 32, 8, 8, 3000, 16, [3000, 1700]),  # CUDA: context splits, tiles, running-maximum rescales
+    (1, 2, 1, 1, 4, 2, 14, 40, 2, None),  # CUDA: tables beyond shared memory -> the multi-pass kernels
+    (2, 8, 2, 1, 128, 8, 8, 1500, 16, [1500, 900]),  # Llama-3 1-bit shapes: 16-byte codes read as vectors
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype):
@@ -99,7 +106,7 @@ def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T
 
 
 @pytest.mark.parametrize("Tq,W", [(1, 0), (1, 5), (3, 4), (2, 1)])
-def test_attention_with_starts_matches_reference(simd, Tq, W):
+def test_attention_with_starts_matches_reference(simd, device, Tq, W):
     """starts (left padding, sliding windows): starts anywhere in the coded part, in the window, past a query's
     own position (it sees nothing: zeros), together with lengths."""
     B, Hq, Hkv, D, T = 5, 4, 2, 16, 23
@@ -111,7 +118,9 @@ def test_attention_with_starts_matches_reference(simd, Tq, W):
     starts[1, 0] = T + W  # past every position
     starts[3] = T + max(W - 1, 0)  # inside the window (or at its end)
     want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths, scale=0.4, starts=starts)
-    got = cq.attention(q, kc, vc, kq, vq, kr, vr, lengths, scale=0.4, starts=starts.int())
+    dev = [None if t is None else t.to(device) for t in (q, kc, vc, kr, vr, lengths, starts.int())]
+    got = cq.attention(dev[0], dev[1], dev[2], kq.to(device), vq.to(device), *dev[3:6], scale=0.4,
+                       starts=dev[6]).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(got[1, :, 0], torch.zeros(Hq, D))
     with pytest.raises(ValueError, match="starts must lie in"):
@@ -124,6 +133,64 @@ def test_attention_with_starts_matches_reference(simd, Tq, W):
                        (starts.float(), "starts must be int64")):
         with pytest.raises((ValueError, TypeError), match=match):  # the raw op checks too
             OPS.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, None, None, bad)
+
+
+# ---- host emulation of the fused CUDA attention ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_emulation(tmp_path_factory):
+    """tests/cq_fused_emulation.cpp: the fused CUDA attention's own plan and block phases (cq_fused.h), run on the
+    host thread by thread with every phase in a random thread order."""
+    return build_emulation(tmp_path_factory, "cq_fused_emulation.cpp", "kernels/cuda/cq_fused.h")
+
+
+def emulate_attention(exe, case, starts, scale, threads, shared_limit, blocks_wanted, min_split, seed):
+    """Output of the emulated fused kernel, and its plan (rows per block, chunks, splits, channels per thread)."""
+    q, kc, vc, kq, vq, kr, vr, lengths = case
+    B, Hq, Tq, D = q.shape
+    Hkv, T, G = kc.shape[1:]
+    K, g = kq.codebooks.shape[1:]
+    W = 0 if kr is None else kr.shape[2]
+    lengths = torch.full((B,), T) if lengths is None else lengths
+    parts = [q.float(), kc, vc, kq.codebooks, vq.codebooks] + ([kr.float(), vr.float()] if W else [])
+    parts += [lengths.long()] + ([starts.long()] if starts is not None else [])
+    data = b"".join(t.contiguous().numpy().tobytes() for t in parts)
+    args = [kc.element_size(), B, Hq, Hkv, Tq, D, g, K, T, W, scale, int(starts is not None), threads, shared_limit,
+            blocks_wanted, min_split, seed]
+    run = subprocess.run([str(exe), *map(str, args)], input=data, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    plan = tuple(map(int, run.stderr.split()))
+    return torch.frombuffer(bytearray(run.stdout), dtype=torch.float32).reshape(B, Hq, Tq, D), plan
+
+
+BIG = 1 << 30  # shared memory without limit
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,D,g,bits,T,W,lengths,with_starts,threads,shared,blocks,min_split,plan", [
+    (2, 8, 2, 1, 16, 8, 8, 300, 4, [300, 120], False, 32, 21000, 64, 16, (2, 2, 8, 4, 0)),  # 2-row chunks, splits
+    (1, 32, 8, 1, 32, 8, 8, 1000, 16, None, False, 64, BIG, 1, 64, (4, 1, 1, 4, 0)),  # Llama-like 4 rows, many tiles
+    (3, 6, 2, 2, 16, 2, 5, 41, 7, [41, 0, 13], True, 32, BIG, 24, 8, (6, 1, 4, 1, 0)),  # starts, causal rows
+    (1, 3, 3, 3, 12, 3, 9, 77, 2, None, True, 32, 42000, 9, 8, (2, 2, 2, 1, 0)),  # int16 codes, unequal chunks
+    (2, 2, 1, 1, 8, 8, 3, 0, 5, None, False, 32, BIG, 8, 8, (2, 1, 1, 4, 0)),  # nothing coded
+    (1, 1, 1, 1, 8, 4, 4, 30, 0, [0], False, 32, BIG, 8, 8, (1, 1, 4, 4, 0)),  # sees nothing: zeros
+    (1, 4, 1, 4, 16, 4, 4, 97, 6, [90], True, 32, 2000, 200, 4, (1, 16, 13, 4, 0)),  # 16 chunks of one row
+    (1, 16, 1, 1, 16, 4, 6, 200, 0, None, False, 32, BIG, 8, 8, (8, 2, 4, 4, 0)),  # 8 rows per block (the most)
+    (1, 4, 1, 1, 16, 1, 4, 1100, 3, None, False, 64, BIG, 4, 64, (4, 1, 4, 1, 1)),  # 16-byte codes, prefetched
+    (2, 8, 2, 1, 32, 1, 3, 700, 0, [700, 333], True, 32, BIG, 16, 64, (4, 1, 4, 1, 2)),  # 32-byte codes, starts
+])
+def test_fused_emulation_matches_reference(fused_emulation, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, with_starts,
+                                           threads, shared, blocks, min_split, plan):
+    gen = torch.Generator().manual_seed(T * 3 + Tq)
+    case = attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, None if lengths is None else torch.tensor(lengths))
+    q, kc, vc, kq, vq, kr, vr, lens = case
+    starts = torch.randint(0, T + W + 1, (B, Tq), generator=gen) if with_starts else None
+    want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lens, scale=0.3, starts=starts)
+    for seed in range(2):
+        got, got_plan = emulate_attention(fused_emulation, case, starts, 0.3, threads, shared, blocks, min_split,
+                                          seed)
+        assert got_plan == plan, got_plan
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_codes_inside_larger_buffer(simd):
@@ -145,8 +212,36 @@ def test_opcheck(device):
     args = [t.to(device) for t in (q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths)]
     torch.library.opcheck(OPS.cq_attention, (*args, 0.5))
     torch.library.opcheck(OPS.cq_attention, (*args[:5], None, None, None, None))
-    if device == "cpu":  # starts: CPU only
-        torch.library.opcheck(OPS.cq_attention, (*args, 0.5, torch.tensor([[0, 3], [2, 2]])))
+    torch.library.opcheck(OPS.cq_attention, (*args, 0.5, torch.tensor([[0, 3], [2, 2]], device=device)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_attention_cuda_fused_equals_multipass(monkeypatch):
+    """SPARSE_RETRIEVAL_CQ_FUSED=0 forces the multi-pass kernels: same result (they cannot honour starts)."""
+    gen = torch.Generator().manual_seed(8)
+    case = attention_case(gen, 3, 8, 2, 2, 64, 8, 8, 2000, 8, torch.tensor([2000, 777, 1]))
+    q, kc, vc, kq, vq, kr, vr, lengths = [t.cuda() for t in case]
+    fused = cq.attention(q, kc, vc, kq, vq, kr, vr, lengths)
+    monkeypatch.setenv("SPARSE_RETRIEVAL_CQ_FUSED", "0")
+    torch.testing.assert_close(cq.attention(q, kc, vc, kq, vq, kr, vr, lengths), fused, rtol=1e-4, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="needs the fused kernel"):
+        cq.attention(q, kc, vc, kq, vq, kr, vr, lengths, starts=torch.zeros(3, 2, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_attention_cuda_graph_capture():
+    """A decode step captured in a CUDA graph (no host synchronisation inside) replays the eager result."""
+    gen = torch.Generator().manual_seed(9)
+    q, kc, vc, kq, vq, kr, vr = [t.cuda() for t in attention_case(gen, 2, 8, 2, 1, 128, 8, 8, 3000, 16)[:7]]
+    q = q.half()
+    want = cq.attention(q, kc, vc, kq, vq, kr, vr)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cq.attention(q, kc, vc, kq, vq, kr, vr)
+    q.copy_(torch.randn(q.shape, generator=gen).half())
+    graph.replay()
+    torch.testing.assert_close(out, cq.attention(q, kc, vc, kq, vq, kr, vr), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(out, want)
 
 
 # ---- the quantizer ---------------------------------------------------------------------------------------------
@@ -212,6 +307,11 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="8 channels"):
         qz.fit(torch.randn(50, 6), progress=False)
     qz.fit(x, iters=2, progress=False)
+    qz.encode(x)
+    qz.fitted.fill_(False)  # the flag is remembered without reading it each call, but not past a change
+    with pytest.raises(RuntimeError, match="not fitted"):
+        qz.encode(x)
+    qz.fitted.fill_(True)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         qz.encode(x.double())
     with pytest.raises(TypeError, match="must be torch.uint8"):

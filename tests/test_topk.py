@@ -1,17 +1,16 @@
 """topk and topk_sparsify against sparse_retrieval.reference and torch.topk, on every SIMD level (and CUDA when a
 GPU is present)."""
 import math
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import sparse_retrieval as sr
 from sparse_retrieval import reference
+
+from conftest import build_emulation
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KINDS = ["randn", "ties", "special"]
@@ -109,20 +108,11 @@ def test_cuda_small_k_adversarial_orders():
 
 # ---- host emulation of the CUDA block selection --------------------------------------------------------------
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-
-
 @pytest.fixture(scope="module")
 def select_emulation(tmp_path_factory):
-    """Builds tests/topk_select_emulation.cpp: the CUDA block selection's own code (topk_select.h), run on the
-    host thread by thread with every phase in a random thread order."""
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None or not (CSRC / "kernels" / "cuda" / "topk_select.h").exists():
-        pytest.skip("needs a C++ compiler and the source tree")
-    exe = tmp_path_factory.mktemp("topk_select") / "emulation"
-    source = Path(__file__).with_name("topk_select_emulation.cpp")
-    subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(CSRC), str(source), "-o", str(exe)], check=True)
-    return exe
+    """tests/topk_select_emulation.cpp: the CUDA block selection's own code (topk_select.h), run on the host thread
+    by thread with every phase in a random thread order."""
+    return build_emulation(tmp_path_factory, "topk_select_emulation.cpp", "kernels/cuda/topk_select.h")
 
 
 def emulate(exe, x, k, largest, blocks_wanted=0, min_part=16384, seed=0):

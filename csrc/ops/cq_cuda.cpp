@@ -1,5 +1,6 @@
 // Coupled quantization: CUDA glue (checks, device guard, stream). Kernels: kernels/cuda/cq.cu.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -44,14 +45,13 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const 
                           const std::optional<at::Tensor>& starts) {
   const AttentionSizes s =
       check_attention(q, k_codes, v_codes, k_codebooks, v_codebooks, k_recent, v_recent, lengths, scale, starts);
-  // Not in the CUDA kernel (no GPU to test it on yet): the cache decodes the history for masked steps there.
-  TORCH_CHECK_NOT_IMPLEMENTED(!starts.has_value(), "cq_attention: starts= is not implemented on CUDA yet");
   for (const auto* t : {&k_codes, &v_codes, &k_codebooks, &v_codebooks}) check_same_device(q, *t, "codes/codebooks");
   if (k_recent.has_value()) {
     check_same_device(q, *k_recent, "k_recent");
     check_same_device(q, *v_recent, "v_recent");
   }
   if (lengths.has_value()) check_same_device(q, *lengths, "lengths");
+  if (starts.has_value()) check_same_device(q, *starts, "starts");
   TORCH_CHECK_VALUE(s.D <= 1024, "head_dim ", s.D, " is above the 1024 the CUDA kernel supports");
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options().dtype(at::kFloat));
@@ -72,8 +72,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const 
     kr = k_recent->to(at::kFloat).contiguous();
     vr = v_recent->to(at::kFloat).contiguous();
   }
-  at::Tensor len = lengths.has_value() ? lengths->to(at::kLong).contiguous()
-                                       : at::full({s.B}, s.T, q.options().dtype(at::kLong));
+  at::Tensor len = lengths.has_value() ? lengths->to(at::kLong).contiguous() : at::Tensor();
+  at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::Tensor();
   sr::cuda::CqAttentionArgs a{};
   a.q = qf.data_ptr<float>();
   a.B = s.B;
@@ -89,7 +89,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const 
   a.stride_b = kc.stride(0);
   a.stride_h = kc.stride(1);
   a.t_coded = s.T;
-  a.lengths = len.data_ptr<int64_t>();
+  a.lengths = lengths.has_value() ? len.data_ptr<int64_t>() : nullptr;
+  a.starts = starts.has_value() ? st.data_ptr<int64_t>() : nullptr;
   a.k_books = kb.data_ptr<float>();
   a.v_books = vb.data_ptr<float>();
   a.k_recent = s.W > 0 ? kr.data_ptr<float>() : nullptr;
@@ -97,8 +98,13 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const 
   a.w = s.W;
   a.scale = s.scale;
   a.out = out.data_ptr<float>();
-  auto workspace = at::empty({sr::cuda::cq_attention_workspace(a)}, qf.options());
-  sr::cuda::cq_attention(a, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  const auto launch = sr::cuda::cq_attention_plan(a);
+  TORCH_CHECK_NOT_IMPLEMENTED(!starts.has_value() || launch.fused.rows_per_block > 0,
+                              "cq_attention: starts= on CUDA needs the fused kernel, whose tables of ", s.G, " x ", s.K,
+                              " floats per query row do not fit in this GPU's shared memory");
+  auto workspace = at::empty({launch.workspace_floats}, qf.options());
+  sr::cuda::cq_attention(a, launch, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -2,6 +2,10 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <utility>
 
 namespace sr::cuda {
 namespace {
@@ -56,7 +60,7 @@ __global__ void decode_kernel(const C* __restrict__ codes, int64_t rows, int64_t
   out[i] = books[(j * k + static_cast<int64_t>(codes[rg])) * g + e];
 }
 
-// ---- attention ------------------------------------------------------------------------------------------------
+// ---- attention, multi-pass (when the fused kernel's tables do not fit in shared memory) ---------------------------
 // Rows r = (query head within the kv head's group) * Tq + query token; R = rep * Tq rows per (b, kv head).
 // Workspace: lut (BH, G, k, R), scores (BH, R, S = T + W), row max and 1 / sum (BH * R each).
 
@@ -72,7 +76,8 @@ inline Dims dims_of(const CqAttentionArgs& a) {
 __device__ inline void visible(const CqAttentionArgs& a, int64_t b, int64_t r, int64_t* n_coded, int64_t* n_win) {
   const int64_t t = r % a.Tq, qpos = a.t_coded + a.w - a.Tq + t;
   const int64_t zero = 0;
-  *n_coded = max(zero, min(min(a.lengths[b], qpos + 1), a.t_coded));
+  const int64_t length = a.lengths != nullptr ? a.lengths[b] : a.t_coded;
+  *n_coded = max(zero, min(min(length, qpos + 1), a.t_coded));
   *n_win = max(zero, min(a.w - a.Tq + t + 1, a.w));
 }
 
@@ -177,7 +182,7 @@ __global__ void output_kernel(CqAttentionArgs a, Dims d, const float* __restrict
 }
 
 template <typename C>
-void attention_impl(const CqAttentionArgs& a, float* workspace, cudaStream_t stream) {
+void multipass_attention(const CqAttentionArgs& a, float* workspace, cudaStream_t stream) {
   const Dims d = dims_of(a);
   const int64_t BH = a.B * a.Hkv, rows = BH * d.R;
   float* lut = workspace;
@@ -193,6 +198,85 @@ void attention_impl(const CqAttentionArgs& a, float* workspace, cudaStream_t str
   const unsigned threads = static_cast<unsigned>((a.D + 31) / 32 * 32);
   output_kernel<C><<<dim3(static_cast<unsigned>(rows), blocks_for(d.S, chunk)), threads, 0, stream>>>(
       a, d, scores, row_max, row_inv, chunk);
+}
+
+
+// ---- attention, fused (cq_fused.h) ----------------------------------------------------------------------------
+
+constexpr int kFusedThreads = 512;
+constexpr int64_t kMinSplit = 1024;
+
+struct DeviceBlock {
+  cqfused::Regs* regs_;
+  template <class F>
+  __device__ __forceinline__ void each(F&& f) {
+    f(static_cast<int>(threadIdx.x));
+    __syncthreads();
+  }
+  __device__ __forceinline__ void block_max(uint32_t* p, uint32_t v) {
+    v = __reduce_max_sync(0xFFFFFFFFu, v);  // kFusedThreads is a multiple of 32 and every thread calls this
+    if (threadIdx.x % 32 == 0) atomicMax(p, v);
+  }
+  __device__ __forceinline__ cqfused::Regs& regs(int) { return *regs_; }
+};
+
+template <typename C, int VEC, int CW>
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_split_kernel(CqAttentionArgs a, cqfused::Plan p, float* part_o, float* part_ml) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  cqfused::Regs regs;
+  DeviceBlock blk{&regs};
+  cqfused::coded_split<C, VEC, CW>(blk, a, p, blockIdx.x, smem, part_o, part_ml);
+}
+
+template <typename C, int VEC>
+auto split_kernel_for(int code_words) {
+  if constexpr (sizeof(C) == 1) {
+    if (code_words == 1) return fused_split_kernel<C, VEC, 1>;
+    if (code_words == 2) return fused_split_kernel<C, VEC, 2>;
+  }
+  return fused_split_kernel<C, VEC, 0>;
+}
+
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_merge_kernel(CqAttentionArgs a, cqfused::Plan p, const float* part_o, const float* part_ml) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceBlock blk{nullptr};
+  cqfused::merge_row(blk, a, p, blockIdx.x, reinterpret_cast<float*>(smem), part_o, part_ml);
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&value, attr, device);
+  return value;
+}
+
+// cudaFuncSetAttribute once per device, kernel and size (it costs a driver call; the size only grows).
+template <class Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  static thread_local std::map<std::pair<int, const void*>, size_t> allowed;
+  int device = 0;
+  cudaGetDevice(&device);
+  size_t& have = allowed[{device, reinterpret_cast<const void*>(kernel)}];
+  if (bytes > have) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    have = bytes;
+  }
+}
+
+template <typename C>
+void fused_attention(const CqAttentionArgs& a, const cqfused::Plan& p, float* workspace, cudaStream_t stream) {
+  const int64_t rows = a.B * a.Hkv * p.R;
+  float* part_ml = workspace;
+  float* part_o = part_ml + rows * p.splits * 2;
+  const int64_t blocks = a.B * a.Hkv * p.chunks * p.splits;
+  auto split_kernel = p.vec == 4 ? split_kernel_for<C, 4>(p.code_words) : split_kernel_for<C, 1>(p.code_words);
+  allow_shared(split_kernel, p.shared_bytes);
+  split_kernel<<<static_cast<unsigned>(blocks), p.threads, p.shared_bytes, stream>>>(a, p, part_o, part_ml);
+  const size_t merge_bytes = sizeof(float) * (a.w + p.splits);
+  allow_shared(fused_merge_kernel, merge_bytes);
+  fused_merge_kernel<<<static_cast<unsigned>(rows), p.threads, merge_bytes, stream>>>(a, p, part_o, part_ml);
 }
 
 }  // namespace
@@ -235,18 +319,39 @@ void cq_decode(const void* codes, int code_bytes, int64_t rows, int64_t groups, 
   }
 }
 
-int64_t cq_attention_workspace(const CqAttentionArgs& a) {
-  const Dims d = dims_of(a);
-  const int64_t BH = a.B * a.Hkv;
-  return BH * d.G * a.k * d.R + BH * d.R * (d.S + 2);
+CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a) {
+  CqAttentionLaunch launch{};
+  const int64_t rows = a.B * a.Hq * a.Tq;
+  const char* env = std::getenv("SPARSE_RETRIEVAL_CQ_FUSED");
+  const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  if (env == nullptr || std::strcmp(env, "0") != 0) {
+    // A block takes most of an SM's shared memory: splits for one wave of blocks.
+    launch.fused = cqfused::make_plan(a, kFusedThreads, static_cast<size_t>(shared_limit),
+                                      device_attribute(cudaDevAttrMultiProcessorCount), kMinSplit);
+    if (static_cast<int64_t>(sizeof(float)) * (a.w + launch.fused.splits) > shared_limit) {
+      launch.fused.rows_per_block = 0;  // the merge's window scores do not fit
+    }
+  }
+  const cqfused::Plan& p = launch.fused;
+  if (p.rows_per_block > 0) {
+    launch.workspace_floats = rows * p.splits * (a.D + 2);
+  } else {
+    const Dims d = dims_of(a);
+    const int64_t BH = a.B * a.Hkv;
+    launch.workspace_floats = BH * d.G * a.k * d.R + BH * d.R * (d.S + 2);
+  }
+  return launch;
 }
 
-void cq_attention(const CqAttentionArgs& a, float* workspace, cudaStream_t stream) {
+void cq_attention(const CqAttentionArgs& a, const CqAttentionLaunch& launch, float* workspace, cudaStream_t stream) {
   if (a.B * a.Hq * a.Tq * a.D == 0) return;
+  const bool fused = launch.fused.rows_per_block > 0;
   if (a.code_bytes == 1) {
-    attention_impl<uint8_t>(a, workspace, stream);
+    fused ? fused_attention<uint8_t>(a, launch.fused, workspace, stream)
+          : multipass_attention<uint8_t>(a, workspace, stream);
   } else {
-    attention_impl<int16_t>(a, workspace, stream);
+    fused ? fused_attention<int16_t>(a, launch.fused, workspace, stream)
+          : multipass_attention<int16_t>(a, workspace, stream);
   }
 }
 

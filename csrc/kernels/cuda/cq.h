@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/cq_fused.h"  // CqAttentionArgs
+
 namespace sr::cuda {
 
 // x (rows, groups * g) float32, books (groups, k, g) float32 -> codes (rows, groups), uint8 or int16.
@@ -16,25 +18,14 @@ void cq_encode(const float* x, int64_t rows, int64_t groups, int64_t g, int64_t 
 void cq_decode(const void* codes, int code_bytes, int64_t rows, int64_t groups, int64_t g, int64_t k,
                const void* books, int elem_bytes, void* out, cudaStream_t stream);
 
-struct CqAttentionArgs {
-  const float* q;  // (B, Hq, Tq, D)
-  int64_t B, Hq, Hkv, Tq, D, g, k;
-  const void* k_codes;  // (T, G) blocks of each (b, h) at b * stride_b + h * stride_h elements
-  const void* v_codes;
-  int code_bytes;
-  int64_t stride_b, stride_h, t_coded;
-  const int64_t* lengths;  // (B,)
-  const float* k_books;    // (Hkv * G, k, g)
-  const float* v_books;
-  const float* k_recent;  // (B, Hkv, W, D) or null
-  const float* v_recent;
-  int64_t w;
-  float scale;
-  float* out;  // (B, Hq, Tq, D)
+// How cq_attention runs on the current device: the fused kernels (cq_fused.h) when the rows' tables fit in shared
+// memory, else the multi-pass kernels, which cannot honour a.starts. SPARSE_RETRIEVAL_CQ_FUSED=0 in the
+// environment forces the multi-pass kernels (for comparisons).
+struct CqAttentionLaunch {
+  cqfused::Plan fused;  // fused.rows_per_block == 0: multi-pass
+  int64_t workspace_floats;
 };
-
-// Floats of scratch memory cq_attention needs.
-int64_t cq_attention_workspace(const CqAttentionArgs& a);
-void cq_attention(const CqAttentionArgs& a, float* workspace, cudaStream_t stream);
+CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a);
+void cq_attention(const CqAttentionArgs& a, const CqAttentionLaunch& launch, float* workspace, cudaStream_t stream);
 
 }  // namespace sr::cuda

@@ -9,12 +9,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/cuda/host_device.h"
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define SR_HD __host__ __device__ __forceinline__
-#else
-#define SR_HD inline
 #endif
 
 namespace sr::cuda {
