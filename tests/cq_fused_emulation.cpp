@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
       with_vec(uint8_t{}, std::integral_constant<int, 0>{});
     }
   }
-  std::vector<float> scratch(W + p.splits, NAN);
+  std::vector<float> scratch(2 * W + p.splits, NAN);
   for (int64_t row = 0; row < rows; ++row) {
     cqfused::merge_row(blk, a, p, row, scratch.data(), part_o.data(), part_ml.data());
   }

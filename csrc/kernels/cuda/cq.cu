@@ -204,7 +204,7 @@ void multipass_attention(const CqAttentionArgs& a, float* workspace, cudaStream_
 // ---- attention, fused (cq_fused.h) ----------------------------------------------------------------------------
 
 constexpr int kFusedThreads = 512;
-constexpr int64_t kMinSplit = 1024;
+constexpr int64_t kMinSplit = 512;
 
 struct DeviceBlock {
   cqfused::Regs* regs_;
@@ -274,7 +274,7 @@ void fused_attention(const CqAttentionArgs& a, const cqfused::Plan& p, float* wo
   auto split_kernel = p.vec == 4 ? split_kernel_for<C, 4>(p.code_words) : split_kernel_for<C, 1>(p.code_words);
   allow_shared(split_kernel, p.shared_bytes);
   split_kernel<<<static_cast<unsigned>(blocks), p.threads, p.shared_bytes, stream>>>(a, p, part_o, part_ml);
-  const size_t merge_bytes = sizeof(float) * (a.w + p.splits);
+  const size_t merge_bytes = sizeof(float) * (2 * a.w + p.splits);
   allow_shared(fused_merge_kernel, merge_bytes);
   fused_merge_kernel<<<static_cast<unsigned>(rows), p.threads, merge_bytes, stream>>>(a, p, part_o, part_ml);
 }
@@ -328,7 +328,7 @@ CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a) {
     // A block takes most of an SM's shared memory: splits for one wave of blocks.
     launch.fused = cqfused::make_plan(a, kFusedThreads, static_cast<size_t>(shared_limit),
                                       device_attribute(cudaDevAttrMultiProcessorCount), kMinSplit);
-    if (static_cast<int64_t>(sizeof(float)) * (a.w + launch.fused.splits) > shared_limit) {
+    if (static_cast<int64_t>(sizeof(float)) * (2 * a.w + launch.fused.splits) > shared_limit) {
       launch.fused.rows_per_block = 0;  // the merge's window scores do not fit
     }
   }

@@ -232,40 +232,72 @@ SR_HD void coded_split(Block& blk, const CqAttentionArgs& a, const Plan& p, int6
   float* factor = m_run + p.rows_per_block;
   uint32_t* tile_max = reinterpret_cast<uint32_t*>(factor + p.rows_per_block);
 
-  blk.each([&](int t) {
+  // The tokens any row sees: [lo, hi) (every thread works it out; the emulation once).
+  int64_t lo = p1, hi = p0;
+  for (int i = 0; i < nr; ++i) {
+    int64_t from, to;
+    coded_range(a, b, r0 + i, &from, &to);
+    from = imax(from, p0);
+    to = imin(to, p1);
+    if (to > from) {
+      lo = imin(lo, from);
+      hi = imax(hi, to);
+    }
+  }
+  auto fetch = [&](Regs& r, int64_t at) {  // a token's codes into registers (vector path)
+    for (int x = 0; x < CW; ++x) {
+      r.next_k[x] = load_words(kc + at * G + 16 * x);
+      r.next_v[x] = load_words(vc + at * G + 16 * x);
+    }
+  };
+
+  blk.each([&](int t) {  // set-up: the first tile's codes in flight while the tables fill
+    Regs& r = blk.regs(t);
+    if (CW > 0 && lo + t < hi) fetch(r, lo + t);
     for (int i = t; i < nr; i += nt) {
-      int64_t lo, hi;
-      coded_range(a, b, r0 + i, &lo, &hi);
-      c0[i] = imax(lo, p0);
-      c1[i] = imin(hi, p1);
+      int64_t from, to;
+      coded_range(a, b, r0 + i, &from, &to);
+      c0[i] = imax(from, p0);
+      c1[i] = imin(to, p1);
       m_run[i] = -INFINITY;
       tile_max[i] = order_bits(-INFINITY);
     }
+    // Four table entries (and below, eight value floats) per step: their global loads overlap.
     const float* q = a.q + (bh * p.R + r0) * D;
     const float* k_books = a.k_books + h * G * K * g;
-    for (int idx = t; idx < G * K * nr; idx += nt) {
-      const int i = idx % nr, jc = idx / nr, j = jc / K;
-      const float* qi = q + i * D + j * g;
-      const float* centroid = k_books + static_cast<int64_t>(jc) * g;
-      float dot = 0.f;
-      for (int e = 0; e < g; ++e) dot += qi[e] * centroid[e];
-      lut[idx] = dot * a.scale;
+    const int entries = G * K * nr;
+    for (int first_idx = t; first_idx < entries; first_idx += 4 * nt) {
+      float dot[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int u = 0; u < 4; ++u) {
+        const int idx = first_idx + u * nt;
+        if (idx >= entries) break;
+        const int i = idx % nr, jc = idx / nr, j = jc / K;
+        const float* qi = q + i * D + j * g;
+        const float* centroid = k_books + static_cast<int64_t>(jc) * g;
+        for (int e = 0; e < g; ++e) dot[u] += qi[e] * centroid[e];
+      }
+      for (int u = 0; u < 4; ++u) {
+        const int idx = first_idx + u * nt;
+        if (idx < entries) lut[idx] = dot[u] * a.scale;
+      }
     }
     const float* v_books = a.v_books + h * G * K * g;
-    for (int idx = t; idx < K * D; idx += nt) vbook[idx] = v_books[idx];
-    Regs& r = blk.regs(t);
+    for (int first_idx = t; first_idx < K * D; first_idx += 8 * nt) {
+      float v[8];
+      for (int u = 0; u < 8; ++u) {
+        const int idx = first_idx + u * nt;
+        v[u] = idx < K * D ? v_books[idx] : 0.f;
+      }
+      for (int u = 0; u < 8; ++u) {
+        const int idx = first_idx + u * nt;
+        if (idx < K * D) vbook[idx] = v[u];
+      }
+    }
     for (int i = 0; i < kMaxRows; ++i) {
       r.l[i] = 0.f;
       for (int v = 0; v < 4; ++v) r.o[i][v] = 0.f;
     }
   });
-  int64_t lo = p1, hi = p0;
-  for (int i = 0; i < nr; ++i) {
-    if (c1[i] > c0[i]) {
-      lo = imin(lo, c0[i]);
-      hi = imax(hi, c1[i]);
-    }
-  }
   for (int64_t first = lo; first < hi; first += nt) {
     const int count = static_cast<int>(imin(hi - first, nt));
     blk.each([&](int t) {  // scores by table lookups; every thread reaches the block maximum
@@ -287,19 +319,12 @@ SR_HD void coded_split(Block& blk, const CqAttentionArgs& a, const Plan& p, int6
       if (t < count) {
         if constexpr (CW > 0) {
           Regs& r = blk.regs(t);
-          auto fetch = [&](int64_t at) {
-            for (int x = 0; x < CW; ++x) {
-              r.next_k[x] = load_words(kc + at * G + 16 * x);
-              r.next_v[x] = load_words(vc + at * G + 16 * x);
-            }
-          };
-          if (first == lo) fetch(pos);
           Words kw[CW], vw[CW];
           for (int x = 0; x < CW; ++x) {
             kw[x] = r.next_k[x];
             vw[x] = r.next_v[x];
           }
-          if (pos + nt < hi) fetch(pos + nt);
+          if (pos + nt < hi) fetch(r, pos + nt);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -388,8 +413,8 @@ SR_HD void coded_split(Block& blk, const CqAttentionArgs& a, const Plan& p, int6
   });
 }
 
-// Launch 2: query row `row` (of B * Hkv * R), with W + splits floats of shared `scratch`: the window's scores, then
-// its weights and the splits' scale factors, then each thread's channels merged. A row that sees nothing gets
+// Launch 2: query row `row` (of B * Hkv * R), with 2 W + splits floats of shared `scratch`: the window's scores,
+// then its weights and the splits' scale factors, then each thread's channels merged. A row that sees nothing gets
 // zeros (as in the reference).
 template <class Block>
 SR_HD void merge_row(Block& blk, const CqAttentionArgs& a, const Plan& p, int64_t row, float* scratch,
@@ -401,8 +426,9 @@ SR_HD void merge_row(Block& blk, const CqAttentionArgs& a, const Plan& p, int64_
   const int64_t w0 = imin(imax(start - T, 0), n_win);
   const float* q = a.q + row * D;
   const float* ml = part_ml + row * p.splits * 2;
-  float* window = scratch;
-  float* split_scale = scratch + W;
+  float* window = scratch;  // scores, read by every thread between the phases: weights go elsewhere
+  float* window_w = scratch + W;
+  float* split_scale = scratch + 2 * W;
   blk.each([&](int t) {
     for (int64_t w = w0 + t; w < n_win; w += nt) {
       const float* key = a.k_recent + (bh * W + w) * D;
@@ -417,17 +443,17 @@ SR_HD void merge_row(Block& blk, const CqAttentionArgs& a, const Plan& p, int64_
   }
   for (int64_t w = w0; w < n_win; ++w) m = fmax_(m, window[w]);
   blk.each([&](int t) {
-    for (int64_t w = w0 + t; w < n_win; w += nt) window[w] = exp_of(window[w] - m);
+    for (int64_t w = w0 + t; w < n_win; w += nt) window_w[w] = exp_of(window[w] - m);
     for (int64_t sp = t; sp < p.splits; sp += nt) split_scale[sp] = ml[sp * 2 + 1] > 0.f ? exp_of(ml[sp * 2] - m) : 0.f;
   });
   float l = 0.f;
   for (int64_t sp = 0; sp < p.splits; ++sp) l += ml[sp * 2 + 1] * split_scale[sp];
-  for (int64_t w = w0; w < n_win; ++w) l += window[w];
+  for (int64_t w = w0; w < n_win; ++w) l += window_w[w];
   blk.each([&](int t) {
     for (int64_t e = t; e < D; e += nt) {
       float o = 0.f;
       for (int64_t sp = 0; sp < p.splits; ++sp) o += part_o[(row * p.splits + sp) * D + e] * split_scale[sp];
-      for (int64_t w = w0; w < n_win; ++w) o += window[w] * a.v_recent[(bh * W + w) * D + e];
+      for (int64_t w = w0; w < n_win; ++w) o += window_w[w] * a.v_recent[(bh * W + w) * D + e];
       a.out[row * D + e] = l > 0.f ? o / l : 0.f;
     }
   });
