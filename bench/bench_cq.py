@@ -469,8 +469,8 @@ def gpu_time(fn, calls: int = 20, repeats: int = 7) -> dict:
 
 def speed_cuda(args, Hq=32, Hkv=8, D=128, g=8, bits=8) -> list[dict]:
     """Decode-step attention on the GPU, Llama-3-8B shapes: float16 SDPA on the dense cache against attention from
-    1-bit codes (CQ-8c8b) plus a float16 window of 128 tokens, by the fused kernel (the default) and by the
-    multi-pass kernels it replaced (SPARSE_RETRIEVAL_CQ_FUSED=0, up to 32k). Codes are random: speed does not
+    1-bit codes (CQ-8c8b) plus a float16 window of 128 tokens, by the fused kernel (opt-in for now:
+    SPARSE_RETRIEVAL_CQ_FUSED=1) and by the multi-pass default (up to 32k). Codes are random: speed does not
     depend on their values."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     kq, vq = (cq.CoupledQuantizer(Hkv * D, g, bits).cuda() for _ in range(2))
@@ -490,17 +490,17 @@ def speed_cuda(args, Hq=32, Hkv=8, D=128, g=8, bits=8) -> list[dict]:
             vc = torch.randint(0, 256, (B, Hkv, T - WINDOW, D // g), device="cuda", dtype=torch.uint8, generator=gen)
             kr, vr = K[:, :, T - WINDOW:].contiguous(), V[:, :, T - WINDOW:].contiguous()
 
-            def multipass():
-                os.environ["SPARSE_RETRIEVAL_CQ_FUSED"] = "0"
+            def fused():
+                os.environ["SPARSE_RETRIEVAL_CQ_FUSED"] = "1"
                 try:
                     return cq.attention(q, kc, vc, kq, vq, kr, vr)
                 finally:
                     del os.environ["SPARSE_RETRIEVAL_CQ_FUSED"]
 
             methods = {"sdpa fp16": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
-                       "cq fused": lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)}
+                       "cq fused": fused}
             if T <= 32768:
-                methods["cq multi-pass"] = multipass
+                methods["cq multi-pass"] = lambda: cq.attention(q, kc, vc, kq, vq, kr, vr)
             kv_bytes = {"sdpa fp16": K.nbytes + V.nbytes}
             kv_bytes["cq fused"] = kv_bytes["cq multi-pass"] = kc.nbytes + vc.nbytes + kr.nbytes + vr.nbytes
             for name, fn in methods.items():

@@ -3,8 +3,10 @@
 # test suite (CUDA tests included), the CUDA tests again under compute-sanitizer (memcheck), and the benchmarks
 # (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
 #   [GPU_TESTS="pytest args"] [GPU_SANITIZE="pytest args"] bash scripts/gpu_run.sh OUTDIR [bench names]
-# GPU_TESTS narrows the suite (default: all of it), GPU_SANITIZE the sanitized tests (default: -k cuda); the
-# benches default to every bench/bench_*.py.
+# GPU_TESTS narrows the suite (default: all of it, at most GPU_TESTS_TIMEOUT=240 s), GPU_SANITIZE the sanitized
+# tests (default: -k cuda); the benches default to every bench/bench_*.py. Next CQ check (about 4 minutes):
+#   GPU_TESTS="test_cq.py test_topk.py" GPU_SANITIZE="test_cq.py -k cuda" bash scripts/gpu_run.sh OUT bench_cq
+# then compute-sanitizer --tool racecheck on test_cq.py -k "cuda and fused".
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
 shift
@@ -20,10 +22,11 @@ SPARSE_RETRIEVAL_CUDA=ON TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
 python3 -m pip install -q --no-deps --force-reinstall dist/gpu/sparse_retrieval-*.whl >> "$out/build.log" 2>&1
 # pytest-xdist, where installed, cuts the suite to about 1.5 minutes on the lent 16-core machines.
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-(cd tests && python3 -m pytest -q -rs $par ${GPU_TESTS:-} > "$out/tests.log" 2>&1)
+# Bounded: a hung test (the whole suite once hung at 90% there, 2026-11-30) must not eat the session's device time.
+(cd tests && timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -rs $par ${GPU_TESTS:-} > "$out/tests.log" 2>&1)
 echo "tests: $(tail -1 "$out/tests.log")"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
-(cd tests && compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x ${GPU_SANITIZE:--k cuda} \
+(cd tests && timeout 120 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x ${GPU_SANITIZE:--k cuda} \
    > "$out/sanitizer.log" 2>&1)
 echo "compute-sanitizer memcheck: $(grep -E "ERROR SUMMARY" "$out/sanitizer.log" | tail -1); $(tail -1 "$out/sanitizer.log")"
 benches=("$@")

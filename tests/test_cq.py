@@ -1,5 +1,6 @@
 """Coupled quantization: encode/decode and attention-from-codes kernels against sparse_retrieval.reference,
 the quantizer's fitting, and bad input."""
+import os
 import subprocess
 
 import pytest
@@ -65,6 +66,20 @@ def test_encode_keeps_leading_dims_and_ties(simd, device):
     assert torch.equal(cq.encode(nan_x.to(device), books.to(device)).cpu(), reference.cq_encode(nan_x, books))
 
 
+ATTENTION_DEVICES = ["cpu"] + (["cuda", "cuda-fused"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=ATTENTION_DEVICES)
+def attn_device(request, monkeypatch):
+    """'cpu', and on a GPU 'cuda' with each CUDA attention kernel: the multi-pass default and the fused one
+    (SPARSE_RETRIEVAL_CQ_FUSED=1). Returns the torch device."""
+    if request.param == "cuda-fused":
+        monkeypatch.setenv("SPARSE_RETRIEVAL_CQ_FUSED", "1")
+    else:
+        monkeypatch.delenv("SPARSE_RETRIEVAL_CQ_FUSED", raising=False)
+    return request.param.split("-")[0]
+
+
 def attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths=None, dtype=torch.float32):
     K = 2 ** bits
     code_dtype = reference.cq_code_dtype(K)
@@ -94,7 +109,8 @@ def attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths=None, dtype=to
     (2, 8, 2, 1, 128, 8, 8, 1500, 16, [1500, 900]),  # Llama-3 1-bit shapes: 16-byte codes read as vectors
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype):
+def test_attention_matches_reference(simd, attn_device, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype):
+    device = attn_device
     gen = torch.Generator().manual_seed(B * 100 + T)
     lengths = None if lengths is None else torch.tensor(lengths)
     q, kc, vc, kq, vq, kr, vr, lengths = attention_case(gen, B, Hq, Hkv, Tq, D, g, bits, T, W, lengths, dtype)
@@ -106,9 +122,10 @@ def test_attention_matches_reference(simd, device, B, Hq, Hkv, Tq, D, g, bits, T
 
 
 @pytest.mark.parametrize("Tq,W", [(1, 0), (1, 5), (3, 4), (2, 1)])
-def test_attention_with_starts_matches_reference(simd, device, Tq, W):
+def test_attention_with_starts_matches_reference(simd, attn_device, Tq, W):
     """starts (left padding, sliding windows): starts anywhere in the coded part, in the window, past a query's
-    own position (it sees nothing: zeros), together with lengths."""
+    own position (it sees nothing: zeros), together with lengths. CUDA: the fused kernel only."""
+    device = attn_device
     B, Hq, Hkv, D, T = 5, 4, 2, 16, 23
     gen = torch.Generator().manual_seed(40 + Tq * 7 + W)
     q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, B, Hq, Hkv, Tq, D, 4, 5, T, W)
@@ -119,6 +136,10 @@ def test_attention_with_starts_matches_reference(simd, device, Tq, W):
     starts[3] = T + max(W - 1, 0)  # inside the window (or at its end)
     want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths, scale=0.4, starts=starts)
     dev = [None if t is None else t.to(device) for t in (q, kc, vc, kr, vr, lengths, starts.int())]
+    if device == "cuda" and os.environ.get("SPARSE_RETRIEVAL_CQ_FUSED") != "1":
+        with pytest.raises(NotImplementedError, match="SPARSE_RETRIEVAL_CQ_FUSED=1"):
+            cq.attention(dev[0], dev[1], dev[2], kq.to(device), vq.to(device), *dev[3:6], starts=dev[6])
+        return
     got = cq.attention(dev[0], dev[1], dev[2], kq.to(device), vq.to(device), *dev[3:6], scale=0.4,
                        starts=dev[6]).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -201,7 +222,8 @@ def test_attention_codes_inside_larger_buffer(simd):
     torch.testing.assert_close(cq.attention(q, k_view, v_view, kq, vq, kr, vr), want, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck(device):
+def test_opcheck(attn_device):
+    device = attn_device
     gen = torch.Generator().manual_seed(3)
     books = random_books(3, 20, 4, gen).to(device)
     x = torch.randn(9, 12, generator=gen).to(device)
@@ -212,25 +234,30 @@ def test_opcheck(device):
     args = [t.to(device) for t in (q, kc, vc, kq.codebooks, vq.codebooks, kr, vr, lengths)]
     torch.library.opcheck(OPS.cq_attention, (*args, 0.5))
     torch.library.opcheck(OPS.cq_attention, (*args[:5], None, None, None, None))
-    torch.library.opcheck(OPS.cq_attention, (*args, 0.5, torch.tensor([[0, 3], [2, 2]], device=device)))
+    if device == "cpu" or os.environ.get("SPARSE_RETRIEVAL_CQ_FUSED") == "1":  # starts: CPU and the fused kernel
+        torch.library.opcheck(OPS.cq_attention, (*args, 0.5, torch.tensor([[0, 3], [2, 2]], device=device)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_attention_cuda_fused_equals_multipass(monkeypatch):
-    """SPARSE_RETRIEVAL_CQ_FUSED=0 forces the multi-pass kernels: same result (they cannot honour starts)."""
+    """SPARSE_RETRIEVAL_CQ_FUSED=1 selects the fused kernel: same result as the multi-pass default (which cannot
+    honour starts)."""
     gen = torch.Generator().manual_seed(8)
     case = attention_case(gen, 3, 8, 2, 2, 64, 8, 8, 2000, 8, torch.tensor([2000, 777, 1]))
     q, kc, vc, kq, vq, kr, vr, lengths = [t.cuda() for t in case]
+    monkeypatch.setenv("SPARSE_RETRIEVAL_CQ_FUSED", "1")
     fused = cq.attention(q, kc, vc, kq, vq, kr, vr, lengths)
-    monkeypatch.setenv("SPARSE_RETRIEVAL_CQ_FUSED", "0")
+    monkeypatch.delenv("SPARSE_RETRIEVAL_CQ_FUSED")
     torch.testing.assert_close(cq.attention(q, kc, vc, kq, vq, kr, vr, lengths), fused, rtol=1e-4, atol=1e-5)
     with pytest.raises(NotImplementedError, match="needs the fused kernel"):
         cq.attention(q, kc, vc, kq, vq, kr, vr, lengths, starts=torch.zeros(3, 2, dtype=torch.long, device="cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_attention_cuda_graph_capture():
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_attention_cuda_graph_capture(monkeypatch, fused):
     """A decode step captured in a CUDA graph (no host synchronisation inside) replays the eager result."""
+    monkeypatch.setenv("SPARSE_RETRIEVAL_CQ_FUSED", fused)
     gen = torch.Generator().manual_seed(9)
     q, kc, vc, kq, vq, kr, vr = [t.cuda() for t in attention_case(gen, 2, 8, 2, 1, 128, 8, 8, 3000, 16)[:7]]
     q = q.half()

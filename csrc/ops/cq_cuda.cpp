@@ -100,8 +100,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const 
   a.out = out.data_ptr<float>();
   const auto launch = sr::cuda::cq_attention_plan(a);
   TORCH_CHECK_NOT_IMPLEMENTED(!starts.has_value() || launch.fused.rows_per_block > 0,
-                              "cq_attention: starts= on CUDA needs the fused kernel, whose tables of ", s.G, " x ", s.K,
-                              " floats per query row do not fit in this GPU's shared memory");
+                              "cq_attention: starts= on CUDA needs the fused kernel (SPARSE_RETRIEVAL_CQ_FUSED=1 in the "
+                              "environment) and its tables (", s.G, " x ", s.K, " floats per query row) in shared memory");
   auto workspace = at::empty({launch.workspace_floats}, qf.options());
   sr::cuda::cq_attention(a, launch, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -324,7 +324,7 @@ CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a) {
   const int64_t rows = a.B * a.Hq * a.Tq;
   const char* env = std::getenv("SPARSE_RETRIEVAL_CQ_FUSED");
   const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  if (env == nullptr || std::strcmp(env, "0") != 0) {
+  if (env != nullptr && std::strcmp(env, "1") == 0) {
     // A block takes most of an SM's shared memory: splits for one wave of blocks.
     launch.fused = cqfused::make_plan(a, kFusedThreads, static_cast<size_t>(shared_limit),
                                       device_attribute(cudaDevAttrMultiProcessorCount), kMinSplit);

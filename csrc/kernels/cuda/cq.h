@@ -18,9 +18,10 @@ void cq_encode(const float* x, int64_t rows, int64_t groups, int64_t g, int64_t 
 void cq_decode(const void* codes, int code_bytes, int64_t rows, int64_t groups, int64_t g, int64_t k,
                const void* books, int elem_bytes, void* out, cudaStream_t stream);
 
-// How cq_attention runs on the current device: the fused kernels (cq_fused.h) when the rows' tables fit in shared
-// memory, else the multi-pass kernels, which cannot honour a.starts. SPARSE_RETRIEVAL_CQ_FUSED=0 in the
-// environment forces the multi-pass kernels (for comparisons).
+// How cq_attention runs on the current device. SPARSE_RETRIEVAL_CQ_FUSED=1 in the environment selects the fused
+// kernels (cq_fused.h) wherever the rows' tables fit in shared memory; otherwise the multi-pass kernels run, which
+// cannot honour a.starts. The fused kernels are opt-in until their current version has passed the GPU tests
+// (docs/benchmarks.md says which version ran).
 struct CqAttentionLaunch {
   cqfused::Plan fused;  // fused.rows_per_block == 0: multi-pass
   int64_t workspace_floats;

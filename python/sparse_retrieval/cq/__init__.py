@@ -278,8 +278,9 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
 
     q (B, Hq, Tq, D); k_codes, v_codes (B, Hkv, T, D / g) from quantizers over Hkv * D channels; k_recent,
     v_recent (B, Hkv, W, D); lengths (B,) real coded tokens per sequence; starts (B, Tq) the first position of
-    [coded, recent] each query sees (left padding, sliding windows; on CUDA it needs the fused kernel, whose tables of
-    2 x groups x centroids floats per query row must fit in shared memory: 256 centroids at head_dim 128 fit for group sizes of 2 and more). The queries are the last Tq tokens
+    [coded, recent] each query sees (left padding, sliding windows; on CUDA it needs the fused kernel, opt-in with
+    SPARSE_RETRIEVAL_CQ_FUSED=1, whose tables of 2 x groups x centroids floats per query row must fit in shared
+    memory: 256 centroids at head_dim 128 fit for group sizes of 2 and more). The queries are the last Tq tokens
     of [coded, recent] (causal among the window). Returns float32 (B, Hq, Tq, D), equal to
     ``reference.cq_attention`` within float32 rounding. Scores use a table of q . centroid per group, so the key
     codebooks must be in the queries' frame (post-RoPE keys with post-RoPE queries).
