@@ -51,6 +51,28 @@ def test_encode_decode_match_reference(simd, device, rows, groups, k, g, dtype):
         assert torch.equal(out.cpu(), reference.cq_decode(ref_codes.cpu(), b.cpu()))
 
 
+def test_kernels_see_codebooks_changed_in_place(simd):
+    """The kernels keep layouts derived from codebooks per tensor: an in-place change (a new version) or a new
+    tensor at the same address must not reuse a stale one."""
+    gen = torch.Generator().manual_seed(12)
+    books = random_books(3, 16, 4, gen)
+    x = torch.randn(40, 12, generator=gen)
+    assert torch.equal(cq.encode(x, books), reference.cq_encode(x, books))
+    books.mul_(-1.5)
+    assert torch.equal(cq.encode(x, books), reference.cq_encode(x, books))
+    for _ in range(3):  # fresh tensors, likely at a freed address
+        other = random_books(3, 16, 4, gen)
+        assert torch.equal(cq.encode(x, other), reference.cq_encode(x, other))
+        del other
+    q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, 1, 4, 2, 1, 16, 4, 4, 30, 2)
+    cq.attention(q, kc, vc, kq, vq, kr, vr)
+    with torch.no_grad():
+        kq.codebooks.mul_(2)
+        vq.codebooks.add_(1)
+    want = reference.cq_attention(q, kc, vc, kq.codebooks, vq.codebooks, kr, vr)
+    torch.testing.assert_close(cq.attention(q, kc, vc, kq, vq, kr, vr), want, rtol=1e-4, atol=1e-5)
+
+
 def test_encode_keeps_leading_dims_and_ties(simd, device):
     gen = torch.Generator().manual_seed(1)
     books = random_books(3, 40, 2, gen)
