@@ -4,13 +4,13 @@
 // emulation runs the phase for every thread id in a random order. blk.block_max(p, v) is called by every thread
 // of the block (the device reduces over each warp before one shared atomicMax). This header compiles without CUDA.
 //
-// Launch 1, one block per (batch, kv head, chunk of query rows, context split): the rows' tables of
-// scale * q . key centroid per (group, code) go to shared memory; the split's coded tokens are scored by table
-// lookups a tile at a time, and each token's softmax weight is added to a bucket per (row, group, value code), so
-// values are never gathered per token: the split's output is sum over codes of bucket * value centroid, computed
-// once per split. Buckets are rescaled only when a tile raises a row's running maximum. The split writes its
-// (max, sum of weights, unnormalised output) per row. Launch 2, one block per query row: the full-precision window
-// and the splits are merged by log-sum-exp.
+// Launch 1, one block per (batch, kv head, chunk of up to kMaxRows query rows, context split): the rows' tables of
+// scale * q . key centroid per (group, code) and the kv head's value codebook go to shared memory; the split's coded
+// tokens are scored by table lookups a tile at a time, and each token's softmax weight times its value centroids
+// (gathered from shared memory) is accumulated in registers, rescaled when a tile raises a row's running maximum.
+// (Accumulating weights per (group, code) bucket instead needs shared float atomics, which sm_90 emulates with a
+// compare-and-swap loop: 4x slower, measured.) The split writes its (max, sum of weights, unnormalised output) per
+// row. Launch 2, one block per query row: the full-precision window and the splits are merged by log-sum-exp.
 #pragma once
 
 #include <algorithm>
