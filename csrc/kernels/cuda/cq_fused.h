@@ -9,8 +9,9 @@
 // tokens are scored by table lookups a tile at a time, and each token's softmax weight times its value centroids
 // (gathered from shared memory) is accumulated in registers, rescaled when a tile raises a row's running maximum.
 // (Accumulating weights per (group, code) bucket instead needs shared float atomics, which sm_90 emulates with a
-// compare-and-swap loop: that version, with 64-bit index arithmetic too, was 2.5x slower.) The split writes its (max, sum of weights, unnormalised output) per
-// row. Launch 2, one block per query row: the full-precision window and the splits are merged by log-sum-exp.
+// compare-and-swap loop: that version, with 64-bit index arithmetic too, was 2.5x slower.) The split writes its
+// (max, sum of weights, unnormalised output) per row. Launch 2, one block per query row: the full-precision window
+// and the splits are merged by log-sum-exp.
 #pragma once
 
 #include <algorithm>
