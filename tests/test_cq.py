@@ -236,6 +236,19 @@ def test_fused_emulation_matches_reference(fused_emulation, B, Hq, Hkv, Tq, D, g
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_compiles_fullgraph():
+    """cq.attention under torch.compile(fullgraph=True): no graph break, the eager result, and bad lengths still
+    raise (the op checks them at run time)."""
+    gen = torch.Generator().manual_seed(13)
+    q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, 2, 4, 2, 1, 16, 8, 8, 40, 4)
+    lengths = torch.tensor([40, 25])
+    fn = torch.compile(lambda q, kc, vc, kr, vr, lengths: cq.attention(q, kc, vc, kq, vq, kr, vr, lengths),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(q, kc, vc, kr, vr, lengths), cq.attention(q, kc, vc, kq, vq, kr, vr, lengths))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        fn(q, kc, vc, kr, vr, torch.tensor([41, 0]))
+
+
 def test_attention_codes_inside_larger_buffer(simd):
     gen = torch.Generator().manual_seed(5)
     q, kc, vc, kq, vq, kr, vr, _ = attention_case(gen, 2, 4, 2, 1, 16, 4, 8, 70, 3)

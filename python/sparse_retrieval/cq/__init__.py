@@ -173,6 +173,9 @@ class CoupledQuantizer(torch.nn.Module):
 
     def _require_fitted(self) -> None:
         # Reading a GPU flag synchronises with the device: remember the flag's tensor and version once seen True.
+        # Under torch.compile the flag cannot be read without breaking the graph: checked in eager calls only.
+        if torch.compiler.is_compiling():
+            return
         f = self.fitted
         seen = (id(f), f.data_ptr(), f._version)
         if getattr(self, "_fitted_seen", None) == seen:
@@ -293,6 +296,7 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
             v_quantizer.channels, v_quantizer.group_size, v_quantizer.bits):
         raise ValueError("k_quantizer and v_quantizer must have the same channels, group_size and bits")
     _check_float(q, "q")
+    compiling = torch.compiler.is_compiling()  # value checks would break the graph; the op checks them at run time
     if q.dim() != 4:
         raise ValueError(f"q must have shape (batch, query_heads, query_tokens, head_dim), got {tuple(q.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
@@ -325,7 +329,7 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
             raise TypeError("lengths must be an int64 or int32 tensor")
         if lengths.shape != (B,):
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        if B and not compiling and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise ValueError(f"lengths must lie in [0, {T}]")
     if starts is not None:
         if not isinstance(starts, torch.Tensor) or starts.dtype not in (torch.int64, torch.int32):
@@ -333,7 +337,7 @@ def attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_q
         if starts.shape != (B, Tq):
             raise ValueError(f"starts must have shape ({B}, {Tq}), got {tuple(starts.shape)}")
         W = 0 if k_recent is None else k_recent.shape[2]
-        if starts.numel() and (int(starts.min()) < 0 or int(starts.max()) > T + W):
+        if starts.numel() and not compiling and (int(starts.min()) < 0 or int(starts.max()) > T + W):
             raise ValueError(f"starts must lie in [0, {T + W}]")
     devices = {t.device for t in (q, k_codes, v_codes, k_recent, v_recent, lengths, starts, k_quantizer.codebooks,
                                   v_quantizer.codebooks) if t is not None}
