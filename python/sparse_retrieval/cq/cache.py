@@ -6,6 +6,7 @@ the Llama layout (``model.model.layers[i].self_attn.k_proj`` and ``model.model.r
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Sequence
 
@@ -284,10 +285,13 @@ def _cq_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     starts = None
     if attention_mask is not None:  # left padding or a sliding window: a first visible position per query
         starts = _mask_starts(attention_mask, query.shape[0], query.shape[2], layer.k_codes.shape[2] + key.shape[2])
-        if starts is None or query.device.type != "cpu":
+        # On CUDA only the fused kernel (opt-in, SPARSE_RETRIEVAL_CQ_FUSED=1) applies starts.
+        cuda_fused = query.device.type == "cuda" and os.environ.get("SPARSE_RETRIEVAL_CQ_FUSED") == "1"
+        if starts is None or not (query.device.type == "cpu" or cuda_fused):
             _warn_once("mask", "CoupledQuantizedCache(codes_attention=True): this attention mask (not a causal mask "
-                               "with left padding or a sliding window, or not on the CPU) is applied to the decoded "
-                               "history instead of attending from the codes")
+                               "with left padding or a sliding window, or on a GPU without "
+                               "SPARSE_RETRIEVAL_CQ_FUSED=1) is applied to the decoded history instead of attending "
+                               "from the codes")
             hist_k, hist_v = layer.dequantized()
             return sdpa_attention_forward(module, query, torch.cat([hist_k, key], -2),
                                           torch.cat([hist_v, value], -2), attention_mask, dropout=dropout,
