@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # For a lent GPU machine (no package registry there): builds against the torch already installed, runs the whole
-# test suite (CUDA tests included), the CUDA tests again under compute-sanitizer (memcheck), and the benchmarks
+# test suite (CUDA tests included), the CUDA tests again under compute-sanitizer (memcheck; racecheck on the fused
+# CQ attention), and the benchmarks
 # (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
-#   [GPU_TESTS="pytest args"] [GPU_SANITIZE="pytest args"] bash scripts/gpu_run.sh OUTDIR [bench names]
+#   [GPU_TESTS=..] [GPU_SANITIZE=..] [GPU_RACECHECK=..] bash scripts/gpu_run.sh OUTDIR [bench names]  (pytest args)
 # GPU_TESTS narrows the suite (default: all of it, at most GPU_TESTS_TIMEOUT=240 s), GPU_SANITIZE the sanitized
 # tests (default: -k cuda); the benches default to every bench/bench_*.py. Next CQ check (about 4 minutes):
 #   GPU_TESTS="test_cq.py test_topk.py" GPU_SANITIZE="test_cq.py -k cuda" bash scripts/gpu_run.sh OUT bench_cq
-# then compute-sanitizer --tool racecheck on test_cq.py -k "cuda and fused".
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
 shift
@@ -29,6 +29,10 @@ grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
 (cd tests && timeout 120 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x ${GPU_SANITIZE:--k cuda} \
    > "$out/sanitizer.log" 2>&1)
 echo "compute-sanitizer memcheck: $(grep -E "ERROR SUMMARY" "$out/sanitizer.log" | tail -1); $(tail -1 "$out/sanitizer.log")"
+# Shared-memory races of the block-phase kernels (the fused CQ attention's merge had one, found this way).
+(cd tests && timeout 120 compute-sanitizer --tool racecheck --print-limit 10 python3 -m pytest -q -x \
+   ${GPU_RACECHECK:-test_cq.py -k "cuda-fused and (matches_reference or starts)"} > "$out/racecheck.log" 2>&1)
+echo "compute-sanitizer racecheck: $(grep -E "RACECHECK SUMMARY" "$out/racecheck.log" | tail -1); $(tail -1 "$out/racecheck.log")"
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=($(cd bench && ls bench_*.py | sed 's/\.py$//'))
 # Sizes that fit a device session: no data cache there, and the CPU-only parts are measured on the dev machine.
