@@ -5,13 +5,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
 
 #include "kernels/cpu/cq.h"
+#include "ops/list_check.h"
 
 namespace sr::ops::cq {
 namespace {
@@ -19,43 +20,37 @@ namespace {
 // Layouts of codebooks that the kernels read (transposed, padded) are derived once per codebooks tensor: a decode
 // step calls encode and attention once per layer with the same codebooks, and building the layout cost most of
 // such a call (77 us of 80 for an encode with SmolLM2's 24 x 256 x 8 codebooks). The last layouts are kept, keyed
-// like check_once (same tensor object, data and version) and by `kind`, up to kMaxBytes in all.
+// by TensorKey (list_check.h) and `kind`, up to kMaxBytes in all.
 template <class Build>
 at::Tensor cached_layout(int kind, const at::Tensor& src, Build&& build) {
-  if (src.is_inference()) return build();
-  using Ref = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  std::optional<TensorKey> key = TensorKey::of({src}, {kind});
+  if (!key) return build();
   struct Entry {
-    Ref ref;
-    std::array<int64_t, 5> stamp;
+    TensorKey key;
     at::Tensor layout;
+    int64_t bytes;
   };
   static std::mutex mutex;
   static std::deque<Entry> cache;  // most recently used last
   static int64_t cached_bytes = 0;
   constexpr int64_t kMaxBytes = int64_t{256} << 20;
-  const std::array<int64_t, 5> stamp{kind, int64_t(src._version()), int64_t(reinterpret_cast<uintptr_t>(src.data_ptr())),
-                                     src.numel(), int64_t(src.scalar_type())};
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (auto it = cache.rbegin(); it != cache.rend(); ++it) {
-      // A live weak reference pins the object's memory, so an equal address means the same tensor object.
-      if (it->stamp == stamp && !it->ref.expired() && it->ref._unsafe_get_target() == src.unsafeGetTensorImpl()) {
-        return it->layout;
-      }
+      if (it->key == *key) return it->layout;
     }
   }
   at::Tensor layout = build();
   const int64_t bytes = layout.numel() * static_cast<int64_t>(layout.element_size());
   if (bytes > kMaxBytes / 4) return layout;
   std::lock_guard<std::mutex> lock(mutex);
-  auto stale = [](const Entry& e) { return e.ref.expired(); };
-  for (const auto& e : cache) cached_bytes -= stale(e) ? e.layout.numel() * int64_t(e.layout.element_size()) : 0;
-  cache.erase(std::remove_if(cache.begin(), cache.end(), stale), cache.end());
+  for (const auto& e : cache) cached_bytes -= e.key.expired() ? e.bytes : 0;
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const Entry& e) { return e.key.expired(); }), cache.end());
   while (!cache.empty() && cached_bytes + bytes > kMaxBytes) {
-    cached_bytes -= cache.front().layout.numel() * int64_t(cache.front().layout.element_size());
+    cached_bytes -= cache.front().bytes;
     cache.pop_front();
   }
-  cache.push_back({Ref(src.getIntrusivePtr()), stamp, layout});
+  cache.push_back({std::move(*key), layout, bytes});
   cached_bytes += bytes;
   return layout;
 }

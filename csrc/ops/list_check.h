@@ -15,6 +15,7 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,38 +75,58 @@ inline void check_lists(const at::Tensor& ptr, const at::Tensor& ids, int64_t bo
                     ") in strictly ascending order (no repeats)");
 }
 
-// Runs check() unless the same tensors (same objects, data, sizes and versions), with the same `extra` numbers, passed
-// a check of this `kind` before. Inference tensors have no version counter and are checked every time.
+// The identity of a set of tensors for caches of what was checked or derived from them: the same objects (weak
+// references: a live one pins the object's memory, so an equal address means the same object), data pointers,
+// sizes, dtypes and versions, plus `extra` numbers. Inference tensors have no version counter: no key.
+class TensorKey {
+ public:
+  static std::optional<TensorKey> of(const std::vector<at::Tensor>& tensors, std::vector<int64_t> extra) {
+    TensorKey key;
+    key.stamp_ = std::move(extra);
+    for (const auto& t : tensors) {
+      if (t.is_inference()) return std::nullopt;
+      key.stamp_.insert(key.stamp_.end(), {int64_t(t._version()), int64_t(reinterpret_cast<uintptr_t>(t.data_ptr())),
+                                           t.numel(), int64_t(t.scalar_type())});
+      key.refs_.emplace_back(t.getIntrusivePtr());
+    }
+    return key;
+  }
+  bool operator==(const TensorKey& o) const {
+    if (stamp_ != o.stamp_ || refs_.size() != o.refs_.size()) return false;
+    for (size_t i = 0; i < refs_.size(); ++i) {
+      if (expired() || o.expired() || refs_[i]._unsafe_get_target() != o.refs_[i]._unsafe_get_target()) return false;
+    }
+    return true;
+  }
+  bool expired() const {
+    return std::any_of(refs_.begin(), refs_.end(), [](const Ref& r) { return r.expired(); });
+  }
+
+ private:
+  using Ref = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  std::vector<Ref> refs_;
+  std::vector<int64_t> stamp_;
+};
+
+// Runs check() unless the same tensors (TensorKey), with the same `extra` numbers, passed a check of this `kind`
+// before. Inference tensors are checked every time.
 template <class Check>
 void check_once(const std::string& kind, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& extra,
                 Check&& check) {
-  using Ref = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
     std::string kind;
-    std::vector<Ref> refs;
-    std::vector<int64_t> stamp;
+    TensorKey key;
   };
   static std::mutex mutex;
   static std::deque<Entry> seen;  // most recently used last; bounded
   constexpr size_t kMaxEntries = 4096;  // entries hold weak references only: a few hundred bytes each
 
-  std::vector<int64_t> stamp(extra);
-  for (const auto& t : tensors) {
-    if (t.is_inference()) {
-      check();
-      return;
-    }
-    stamp.insert(stamp.end(), {int64_t(t._version()), int64_t(reinterpret_cast<uintptr_t>(t.data_ptr())),
-                               t.numel(), int64_t(t.scalar_type())});
+  std::optional<TensorKey> key = TensorKey::of(tensors, extra);
+  if (!key) {
+    check();
+    return;
   }
-  auto same = [&](const Entry& e) {
-    if (e.kind != kind || e.stamp != stamp || e.refs.size() != tensors.size()) return false;
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      // A live weak reference pins the object's memory, so an equal address means the same tensor object.
-      if (e.refs[i].expired() || e.refs[i]._unsafe_get_target() != tensors[i].unsafeGetTensorImpl()) return false;
-    }
-    return true;
-  };
+  auto same = [&](const Entry& e) { return e.kind == kind && e.key == *key; };
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto hit = std::find_if(seen.rbegin(), seen.rend(), same);
@@ -117,15 +138,10 @@ void check_once(const std::string& kind, const std::vector<at::Tensor>& tensors,
     }
   }
   check();
-  Entry entry{kind, {}, std::move(stamp)};
-  for (const auto& t : tensors) entry.refs.emplace_back(t.getIntrusivePtr());
   std::lock_guard<std::mutex> lock(mutex);
-  seen.erase(std::remove_if(seen.begin(), seen.end(), [](const Entry& e) {
-               return std::any_of(e.refs.begin(), e.refs.end(), [](const Ref& r) { return r.expired(); });
-             }),
-             seen.end());
+  seen.erase(std::remove_if(seen.begin(), seen.end(), [](const Entry& e) { return e.key.expired(); }), seen.end());
   if (seen.size() == kMaxEntries) seen.pop_front();
-  seen.push_back(std::move(entry));
+  seen.push_back({kind, std::move(*key)});
 }
 
 }  // namespace sr::ops
