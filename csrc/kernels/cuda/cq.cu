@@ -60,7 +60,7 @@ __global__ void decode_kernel(const C* __restrict__ codes, int64_t rows, int64_t
   out[i] = books[(j * k + static_cast<int64_t>(codes[rg])) * g + e];
 }
 
-// ---- attention, multi-pass (when the fused kernel's tables do not fit in shared memory) ---------------------------
+// ---- attention, multi-pass (the default; also where the fused kernel's tables do not fit in shared memory) ------
 // Rows r = (query head within the kv head's group) * Tq + query token; R = rep * Tq rows per (b, kv head).
 // Workspace: lut (BH, G, k, R), scores (BH, R, S = T + W), row max and 1 / sum (BH * R each).
 
@@ -200,7 +200,6 @@ void multipass_attention(const CqAttentionArgs& a, float* workspace, cudaStream_
       a, d, scores, row_max, row_inv, chunk);
 }
 
-
 // ---- attention, fused (cq_fused.h) ----------------------------------------------------------------------------
 
 constexpr int kFusedThreads = 512;
@@ -323,8 +322,8 @@ CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a) {
   CqAttentionLaunch launch{};
   const int64_t rows = a.B * a.Hq * a.Tq;
   const char* env = std::getenv("SPARSE_RETRIEVAL_CQ_FUSED");
-  const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   if (env != nullptr && std::strcmp(env, "1") == 0) {
+    const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     // A block takes most of an SM's shared memory: splits for one wave of blocks.
     launch.fused = cqfused::make_plan(a, kFusedThreads, static_cast<size_t>(shared_limit),
                                       device_attribute(cudaDevAttrMultiProcessorCount), kMinSplit);
