@@ -1,6 +1,6 @@
 """What search filters and deletes cost: exact and safe search over the 202,659 real passages with a random allowed
-set of several selectivities (a bool mask, applied inside the kernels) and with deleted documents, against the same
-search without them, 1 thread, same process.
+set of several selectivities (a bool mask, applied inside the kernels, or the allowed documents scored alone when
+they are few) and with deleted documents, against the same search without them, 1 thread, same process.
 
     python bench/bench_filters.py            # needs the collection cached by bench_search.py
 
@@ -23,7 +23,7 @@ from common import write_results
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=4000)
-    ap.add_argument("--selectivity", type=float, nargs="+", default=[0.5, 0.1, 0.01])
+    ap.add_argument("--selectivity", type=float, nargs="+", default=[0.5, 0.1, 0.01, 0.001])
     ap.add_argument("--deleted", type=float, default=0.1, help="share of documents deleted in the delete rows")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -35,10 +35,10 @@ def main() -> None:
     n, gen = len(docs), torch.Generator().manual_seed(0)
 
     def qps(mode, **kw):
-        # "safe, pruned": safe search kept on the block-max kernel under selective filters too (the library
-        # switches those to exhaustive search below sr.index._SAFE_FILTER_SHARE; this row is how that was set)
-        share, sr.index._SAFE_FILTER_SHARE = sr.index._SAFE_FILTER_SHARE, (0.0 if mode == "safe, pruned" else
-                                                                          sr.index._SAFE_FILTER_SHARE)
+        # "..., no scan": the library scores the allowed documents alone when they are few enough
+        # (sr.index._SCAN_SHARE); these rows keep the search kernels instead, which is how that share was set.
+        share = sr.index._SCAN_SHARE
+        sr.index._SCAN_SHARE = 0.0 if mode.endswith("no scan") else share
         times = []
         try:
             for _ in range(args.repeats):
@@ -46,11 +46,11 @@ def main() -> None:
                 index.search(queries, 10, 1, mode=mode.split(",")[0], **kw)
                 times.append(time.perf_counter() - t0)
         finally:
-            sr.index._SAFE_FILTER_SHARE = share
+            sr.index._SCAN_SHARE = share
         return len(queries) / statistics.median(times), len(queries) / max(times), len(queries) / min(times)
 
     rows = []
-    for mode in ("exact", "safe", "safe, pruned"):
+    for mode in ("exact", "safe", "exact, no scan", "safe, no scan"):
         base = qps(mode)
         rows.append({"mode": mode, "case": "none", "qps": base[0], "spread": base[1:], "vs_none": 1.0})
         for share in args.selectivity:

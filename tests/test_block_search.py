@@ -80,9 +80,11 @@ def test_safe_equals_exhaustive(simd, n, block_size, superblock, k, kind):
 
 
 @pytest.mark.parametrize("block_size,superblock", [(8, 1), (100, 1), (130, 3)])
-def test_safe_with_filter_equals_exhaustive(simd, block_size, superblock):
+def test_safe_with_filter_equals_exhaustive(simd, block_size, superblock, monkeypatch):
     """Blocks skip disallowed documents before scoring them (listed 64 at a time: blocks of 100 and 130 cross
-    that), including blocks with no allowed document at all (most blocks of 8 at 2% allowed)."""
+    that), including blocks with no allowed document at all (most blocks of 8 at 2% allowed). The scan of the
+    allowed documents alone is switched off: the pruning kernel is under test."""
+    monkeypatch.setattr(sr.index, "_SCAN_SHARE", 0.0)
     gen = torch.Generator().manual_seed(block_size)
     docs = clustered(1500, 400, 6, gen)
     queries = queries_for(docs, 30, gen)
@@ -92,6 +94,86 @@ def test_safe_with_filter_equals_exhaustive(simd, block_size, superblock):
         mask = torch.rand(1500, generator=gen) < share
         assert_same(index.search(queries, 7, mode="safe", filter=mask),
                     index.search(queries, 7, mode="exact", filter=mask))
+
+
+@pytest.mark.parametrize("k", [1, 7, 60])
+def test_scan_of_allowed_documents_equals_the_reference(simd, k, monkeypatch):
+    """With the scan forced on, every mode scores exactly the allowed documents: results as the reference's, scores
+    bit for bit as exhaustive search's, for empty queries, negative weights, k beyond the allowed count, nothing
+    allowed, deleted documents and documents added after optimize() (kept in an exhaustive tail)."""
+    gen = torch.Generator().manual_seed(40 + k)
+    docs = clustered(700, 300, 5, gen, dtype=torch.float16)
+    queries = queries_for(docs, 25, gen, negative=True)
+    more = clustered(90, 300, 5, gen, dtype=torch.float16)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=8, progress=False)
+    index.add(more)
+    index.delete(torch.arange(0, 790, 13))
+    everything = SparseBatch.cat([docs, more])
+    for share in (0.0, 0.01, 0.3, 1.0):
+        mask = torch.rand(790, generator=gen) < share
+        allowed = mask.clone()
+        allowed[::13] = False
+        monkeypatch.setattr(sr.index, "_SCAN_SHARE", 0.0)
+        kernel = index.search(queries, k, mode="exact", filter=mask)
+        monkeypatch.setattr(sr.index, "_SCAN_SHARE", float("inf"))
+        ref = sr.reference.sparse_search(queries, everything, k, allowed)
+        for mode, kw in (("exact", {}), ("safe", {}), ("approximate", {"alpha": 0.5, "query_cut": 2})):
+            got = index.search(queries, k, mode=mode, filter=mask, **kw)
+            assert_same(got, kernel)
+            assert torch.equal(got[1], ref[1])
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_selective_filters_scan_the_allowed_documents(monkeypatch):
+    """A filter allowing few documents is answered by scoring those alone (BlockMax.search with positions), a
+    permissive one by the pruning kernel; queries the scan cannot score bit for bit like exhaustive search (a
+    non-finite weight) fall back to it."""
+    from sparse_retrieval.block_search import BlockMax
+
+    gen = torch.Generator().manual_seed(26)
+    docs = clustered(2000, 300, 8, gen)
+    queries = queries_for(docs, 20, gen)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    calls = []
+    real = BlockMax.search
+    monkeypatch.setattr(BlockMax, "search", lambda self, *a, **kw: calls.append(a[-1]) or real(self, *a, **kw))
+    for share, scanned in ((0.002, True), (0.5, False)):
+        mask = torch.rand(2000, generator=gen) < share
+        for mode in ("exact", "safe"):
+            calls.clear()
+            got = index.search(queries, 6, mode=mode, filter=mask)
+            assert (bool(calls) and calls[0] is not None) == scanned
+            ref = sr.reference.sparse_search(queries, docs, 6, mask)
+            assert torch.equal(got[1], ref[1])
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    mask = torch.zeros(2000, dtype=torch.bool)
+    mask[:3] = True
+    bad = SparseBatch(queries.indptr, queries.indices, queries.values.clone(), queries.dim)
+    bad.values[0] = float("inf")
+    got = index.search(bad, 6, mode="safe", filter=mask)
+    assert_same(got, index.search(bad, 6, mode="exact", filter=mask.clone()))
+    monkeypatch.setattr(sr.index, "_SCAN_SHARE", 0.0)
+    assert_same(got, index.search(bad, 6, mode="exact", filter=mask))
+
+
+def test_raw_op_checks_positions():
+    gen = torch.Generator().manual_seed(27)
+    docs = clustered(50, 40, 3, gen)
+    bm = build_block_max(docs, torch.float32, block_size=8, progress=False)
+    q = queries_for(docs, 3, gen)
+    run = lambda pos: ops.block_search(q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 1, 5, 1.0, 0,
+                                       1, None, pos)
+    scores, ids, complete, visited = run(torch.tensor([1, 4, 9, 49]))
+    assert bool(complete.all()) and visited.tolist() == [4, 4, 4]
+    assert set(ids[ids >= 0].tolist()) <= set(bm.doc_ids[[1, 4, 9, 49]].tolist())
+    for bad, err, match in ((torch.tensor([3, 3]), ValueError, "strictly increasing"),
+                            (torch.tensor([5, 2]), ValueError, "strictly increasing"),
+                            (torch.tensor([0, 50]), IndexError, r"positions: must lie in \[0, 50\)"),
+                            (torch.tensor([-1, 2]), IndexError, "positions"),
+                            (torch.tensor([1, 2], dtype=torch.int32), TypeError, "positions"),
+                            (torch.tensor([[1, 2]]), ValueError, "positions")):
+        with pytest.raises(err, match=match):
+            run(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -418,6 +500,8 @@ def test_opcheck():
         bm = build_block_max(docs, torch.float32, block_size=8, superblock=superblock, progress=False)
         torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8,
                                                  superblock, 5, 1.0, 0, 1))
+        torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8,
+                                                 superblock, 5, 1.0, 0, 1, None, torch.tensor([0, 5, 63])))
         torch.library.opcheck(ops.block_maxima, (bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, 40, 8, superblock, 0.125))
 
 
@@ -543,23 +627,3 @@ def test_optimize_with_a_given_order():
             index.optimize(order=bad, progress=False)
 
 
-def test_selective_filters_make_safe_search_exhaustive(monkeypatch):
-    """Safe search's bounds ignore filters: under 1% allowed it runs exhaustively, with the same results."""
-    from sparse_retrieval.block_search import BlockMax
-
-    gen = torch.Generator().manual_seed(26)
-    docs = clustered(1000, 300, 8, gen)
-    queries = queries_for(docs, 20, gen)
-    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
-    calls = []
-    real = BlockMax.search
-    monkeypatch.setattr(BlockMax, "search", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
-    for share, pruned in ((0.004, False), (0.1, True), (0.5, True)):
-        mask = torch.rand(1000, generator=gen) < share
-        calls.clear()
-        got = index.search(queries, 6, mode="safe", filter=mask)
-        assert bool(calls) == pruned
-        assert_same(got, index.search(queries, 6, mode="exact", filter=mask))
-    calls.clear()
-    index.search(queries, 6, mode="approximate", alpha=0.9, filter=torch.rand(1000, generator=gen) < 0.1)
-    assert calls  # approximate search keeps the mode it was asked for

@@ -82,13 +82,19 @@ class BlockMax:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0,
-               allowed: torch.Tensor | None = None):
-        """(scores, ids, complete, blocks_visited) of the kernel; rows whose ``complete`` is False must be
-        searched exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate);
-        ``allowed`` (bool, one per document) restricts the candidates."""
+               allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """(scores, ids, complete, visited) of the kernel; rows whose ``complete`` is False must be searched
+        exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate); ``allowed``
+        (bool, one per document) restricts the candidates. With ``positions`` (see `positions_of`) the kernel
+        scores exactly those documents instead of pruning (``visited``: documents scored, not blocks)."""
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
                                  list(self.tensors().values()), self.block_size, self.superblock, k, alpha,
-                                 query_cut, threads, allowed)
+                                 query_cut, threads, allowed, positions)
+
+    def positions_of(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The stored positions (ascending) of the documents whose ``allowed`` entry (bool, one per id) is set:
+        one gather over all documents, in stored order so that the scan reads the forward index forwards."""
+        return allowed[self.doc_ids].nonzero().flatten()
 
 
 _SIZES = ("block_size", "superblock", "ndocs")
@@ -292,7 +298,8 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 
 @fake("block_search")
-def _(q_indptr, q_indices, q_values, index, block_size, superblock, k, alpha, query_cut, num_threads, allowed=None):
+def _(q_indptr, q_indices, q_values, index, block_size, superblock, k, alpha, query_cut, num_threads, allowed=None,
+      positions=None):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

@@ -49,7 +49,9 @@ _EXTRA_DTYPES = {0: torch.int64, 1: torch.int32, 2: torch.int16, 3: torch.uint8,
                  6: torch.bfloat16}
 _EXTRA_CODES = {v: k for k, v in _EXTRA_DTYPES.items()}
 _MODES = ("exact", "safe", "approximate")
-_SAFE_FILTER_SHARE = 0.01  # filters allowing fewer documents than this share run safe searches exhaustively
+# A filtered search scores the allowed documents alone when their postings are fewer than this share of those of the
+# query terms (measured: docs/benchmarks.md, "Search filters and deletes").
+_SCAN_SHARE = 1.0
 _BLOCK_MAX_FIELDS = tuple(f for f in BlockMax.__dataclass_fields__ if f not in _BLOCK_MAX_SIZES)
 _BLOCK_MAX_FIELDS_V2 = ("fwd_ptr", "fwd_terms", "fwd_weights", "doc_ids", "scale", "bm_dense_row", "bm_dense",
                         "bm_ptr", "bm_blocks", "bm_values")
@@ -380,9 +382,12 @@ class SparseIndex:
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
 
         ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or,
-        for an index with positional ids, a bool mask over them. The kernels skip the others while choosing, so k allowed documents come
-        back whenever k exist (then padding). Deleted documents are never returned. CPU only. A safe search whose
-        filter allows under 1% of the documents runs exhaustively (the same results, faster there).
+        for an index with positional ids, a bool mask over them. The kernels skip the others while choosing, so k
+        allowed documents come back whenever k exist (then padding). Deleted documents are never returned. CPU
+        only. Once ``optimize()`` has run, a filter whose allowed documents hold fewer postings than the query terms'
+        posting lists is answered in every mode by scoring the allowed documents alone from the forward index: the
+        exact results (scores bit for bit), in time proportional to the allowed documents (203k passages: 18x
+        faster than unfiltered exhaustive search at 0.1% allowed, 1.4x at 1%).
         """
         queries = as_sparse_batch(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < 2**31:
@@ -423,13 +428,8 @@ class SparseIndex:
         allowed = _allowed(filter, deleted, n)
         if allowed is not None and self._device.type != "cpu":
             raise ValueError(f"filter: search filters (and deletes) run on the CPU; the index is on {self._device}")
-        # Safe search's bounds ignore the filter (it skips disallowed documents only when scoring a block): with
-        # very few documents allowed it pops many blocks for nothing, and exhaustive search (same results) is as
-        # fast or faster (203k passages: equal at 1% allowed, 1.2x at 0.5%; safe 2.0x faster at 10%, 1.6x at 5%,
-        # docs/benchmarks.md).
-        selective = (mode == "safe" and block_max is not None and filter is not None
-                     and int(allowed.sum()) < _SAFE_FILTER_SHARE * n)
-        if mode == "exact" or selective:
+        scan = self._scan_positions(queries, segments, block_max, allowed)
+        if mode == "exact" and scan is None:
             return _to_user_ids(user_ids, *self._exact(queries, k, threads, segments, allowed))
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
@@ -437,8 +437,8 @@ class SparseIndex:
         if self._device.type != "cpu":
             raise ValueError(f"mode={mode!r}: block-max search runs on the CPU; the index is on {self._device}")
         scores, ids, complete, _ = block_max.search(
-            queries, k, 1.0 if mode == "safe" else float(alpha), threads, int(query_cut or 0),
-            None if allowed is None else allowed[:block_max.ndocs])
+            queries, k, float(alpha) if mode == "approximate" else 1.0, threads, int(query_cut or 0),
+            None if allowed is None or scan is not None else allowed[:block_max.ndocs], scan)
         if tail is not None:
             tail_allowed = None if allowed is None else allowed[block_max.ndocs:]
             tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0], tail_allowed)
@@ -448,6 +448,22 @@ class SparseIndex:
             redo = (~complete).nonzero().flatten()
             scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed)
         return _to_user_ids(user_ids, scores, ids)
+
+    def _scan_positions(self, queries: SparseBatch, segments: list[_Segment], block_max: BlockMax | None,
+                        allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """The stored positions of the allowed documents when scoring just those from the forward index is cheaper
+        than searching (the same results in every mode, scores bit for bit), else None. Cost model: the allowed
+        documents' postings against the postings of the query terms that exhaustive search reads; pruned search
+        gains little under a selective filter, since its bounds ignore the filter."""
+        if block_max is None or allowed is None or self._device.type != "cpu" or not len(queries) \
+                or not block_max.ndocs:
+            return None
+        head = allowed[:block_max.ndocs]
+        nallowed = int(head.sum())
+        read = sum(int((s.ptr[queries.indices + 1] - s.ptr[queries.indices]).sum()) for s in segments) / len(queries)
+        if nallowed * block_max.fwd_terms.numel() / block_max.ndocs >= _SCAN_SHARE * read:
+            return None
+        return block_max.positions_of(head)
 
     def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,20 +12,20 @@
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// Scores the documents [d, end) that `allowed` lets through (null: all) against the query and offers them to
-// `best`; skipping the others before scoring is what keeps a filtered search from paying for documents it cannot
-// return. slot[t] is the position of term t in qslot (0, whose weight is 0, for terms outside the query): both
-// stay in L1, where a dense query vector of dim floats does not. Each document's products are added in ascending
-// term order, one rounding per product and per sum (this file and search.cpp are compiled without FMA
-// contraction), which is how exhaustive search adds a sorted query's terms; products of terms outside the query
-// are +0 and leave a sum unchanged. So scores are bit-identical to exhaustive search. Four documents are
-// interleaved to hide the latency of the additions. Returns false when a document's offsets are not within
-// [0, nnz] in order or its user id is not in [0, ndocs): each is read once, checked, then used, so a file changing
-// under a mapped index cannot move a read out of bounds. int32 terms are clamped to dim (slot[dim] is 0), uint16
-// ones need no check (the slot map has 65536 entries).
-template <class W, class Term>
-bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t d,
-                int64_t end, const uint8_t* allowed, BestK& best) {
+// Scores the n documents stored at positions pos(0), pos(1), ... that `allowed` lets through (null: all) against
+// the query and offers them to `best`; skipping the others before scoring is what keeps a filtered search from
+// paying for documents it cannot return. slot[t] is the position of term t in qslot (0, whose weight is 0, for terms
+// outside the query): both stay in L1, where a dense query vector of dim floats does not. Each document's products
+// are added in ascending term order, one rounding per product and per sum (this file and search.cpp are compiled
+// without FMA contraction), which is how exhaustive search adds a sorted query's terms; products of terms outside
+// the query are +0 and leave a sum unchanged. So scores are bit-identical to exhaustive search. Four documents are
+// interleaved to hide the latency of the additions. Returns false when a document's offsets are not within [0, nnz]
+// in order or its user id is not in [0, ndocs): each is read once, checked, then used, so a file changing under a
+// mapped index cannot move a read out of bounds (positions must lie in [0, ndocs)). int32 terms are clamped to dim
+// (slot[dim] is 0), uint16 ones need no check (the slot map has 65536 entries).
+template <class W, class Term, class Pos>
+bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t n,
+                Pos pos, const uint8_t* allowed, BestK& best) {
   const auto* __restrict terms = static_cast<const Term*>(ix.fwd_terms);
   const auto* __restrict w = static_cast<const typename W::T*>(ix.fwd_weights);
   auto slot_of = [&](int64_t p) -> uint8_t {
@@ -45,34 +45,35 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
   };
   constexpr int64_t kChunk = 64;  // documents listed at a time (blocks may hold up to 2^20)
   int64_t lo[kChunk], hi[kChunk], ids[kChunk];
-  for (int64_t c = d; c < end; c += kChunk) {
-    int64_t n = 0;
-    for (int64_t i = c; i < std::min(end, c + kChunk); ++i) {
-      const int64_t p = ix.fwd_ptr[i], e = ix.fwd_ptr[i + 1], id = ix.doc_ids[i];
+  for (int64_t c = 0; c < n; c += kChunk) {
+    int64_t m = 0;
+    for (int64_t i = c; i < std::min(n, c + kChunk); ++i) {
+      const int64_t d = pos(i);
+      const int64_t p = ix.fwd_ptr[d], e = ix.fwd_ptr[d + 1], id = ix.doc_ids[d];
       if (!(0 <= p && p <= e && e <= ix.nnz) || uint64_t(id) >= uint64_t(ix.ndocs)) return false;
       if (allowed == nullptr || allowed[id] != 0) {
-        lo[n] = p;
-        hi[n] = e;
-        ids[n++] = id;
+        lo[m] = p;
+        hi[m] = e;
+        ids[m++] = id;
       }
     }
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
+    for (; j + 4 <= m; j += 4) {
       const int64_t p0 = lo[j], p1 = lo[j + 1], p2 = lo[j + 2], p3 = lo[j + 3];
-      const int64_t m = std::min(std::min(hi[j] - p0, hi[j + 1] - p1), std::min(hi[j + 2] - p2, hi[j + 3] - p3));
+      const int64_t len = std::min(std::min(hi[j] - p0, hi[j + 1] - p1), std::min(hi[j + 2] - p2, hi[j + 3] - p3));
       float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-      for (int64_t i = 0; i < m; ++i) {
+      for (int64_t i = 0; i < len; ++i) {
         s0 += term_product(p0 + i);
         s1 += term_product(p1 + i);
         s2 += term_product(p2 + i);
         s3 += term_product(p3 + i);
       }
-      offer(tail(p0 + m, hi[j], s0), ids[j]);
-      offer(tail(p1 + m, hi[j + 1], s1), ids[j + 1]);
-      offer(tail(p2 + m, hi[j + 2], s2), ids[j + 2]);
-      offer(tail(p3 + m, hi[j + 3], s3), ids[j + 3]);
+      offer(tail(p0 + len, hi[j], s0), ids[j]);
+      offer(tail(p1 + len, hi[j + 1], s1), ids[j + 1]);
+      offer(tail(p2 + len, hi[j + 2], s2), ids[j + 2]);
+      offer(tail(p3 + len, hi[j + 3], s3), ids[j + 3]);
     }
-    for (; j < n; ++j) offer(tail(lo[j], hi[j], 0.0f), ids[j]);
+    for (; j < m; ++j) offer(tail(lo[j], hi[j], 0.0f), ids[j]);
   }
   return true;
 }
@@ -260,6 +261,29 @@ inline int64_t skip_below(const Term* __restrict terms, int64_t p, int64_t e, Te
   return p;
 }
 
+// Whether score_docs can score the query bit-identically to exhaustive search. The others are left to the exhaustive
+// path, which defines what they give: non-finite weights, unsorted or repeated terms, and more than 255 terms (the
+// slot map has one byte per term).
+inline bool scorable(const SearchQuery& q) {
+  if (q.nterms > 255) return false;
+  for (int64_t t = 0; t < q.nterms; ++t) {
+    if (!std::isfinite(q.weights[t]) || (t > 0 && q.terms[t] <= q.terms[t - 1])) return false;
+  }
+  return true;
+}
+
+// The slot map of a scorable query (see score_docs), and its reset to zeros.
+inline void fill_slots(const SearchQuery& q, const BlockScratch& s) {
+  s.qslot[0] = 0.0f;
+  for (int64_t t = 0; t < q.nterms; ++t) {
+    s.slot[q.terms[t]] = uint8_t(t + 1);
+    s.qslot[t + 1] = q.weights[t];
+  }
+}
+inline void clear_slots(const SearchQuery& q, const BlockScratch& s) {
+  for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
+}
+
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
                   const uint8_t* allowed, const BlockScratch& s,
@@ -269,12 +293,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     *blocks_visited = -1;
     return false;
   };
-  // Left to the exhaustive path, which defines what they give: non-finite weights, unsorted or repeated terms, and
-  // more than 255 terms (the slot map below has one byte per term).
-  if (q.nterms > 255) return false;
-  for (int64_t t = 0; t < q.nterms; ++t) {
-    if (!std::isfinite(q.weights[t]) || (t > 0 && q.terms[t] <= q.terms[t - 1])) return false;
-  }
+  if (!scorable(q)) return false;
   const int64_t ns = ix.nsuper, S = ix.superblock;
   // Terms with negative weights only lower scores (document weights are >= 0): they add nothing to the bounds.
   int32_t bound_terms[256];  // q.nterms <= 255
@@ -320,11 +339,7 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   }
   const float mx = max_bound(s.ub, ns);
   if (!(mx > 0.0f)) return false;
-  s.qslot[0] = 0.0f;
-  for (int64_t t = 0; t < q.nterms; ++t) {
-    s.slot[q.terms[t]] = uint8_t(t + 1);
-    s.qslot[t + 1] = q.weights[t];
-  }
+  fill_slots(q, s);
 
   // Bounds and scores round differently: the bounds get a margin of 4 units in the last place per added term.
   const float margin = 1.0f + float(q.nterms + 4) * 2.4e-7f;
@@ -397,13 +412,14 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
     }
     std::pop_heap(s.heap, s.heap + heap_size--);
     const int64_t d = key_block(s.heap[heap_size]) * ix.block_size;
-    if (!score_docs<W, Term>(ix, s.slot, s.qslot, d, std::min(ix.ndocs, d + ix.block_size), allowed, best)) {
+    const auto in_block = [d](int64_t i) { return d + i; };
+    if (!score_docs<W, Term>(ix, s.slot, s.qslot, std::min(ix.ndocs - d, ix.block_size), in_block, allowed, best)) {
       visited = -1;
       break;
     }
     ++visited;
   }
-  for (int64_t t = 0; t < q.nterms; ++t) s.slot[q.terms[t]] = 0;
+  clear_slots(q, s);
   if (visited < 0) return malformed();
   *blocks_visited = visited;
   const bool complete = best.full() && best.floor() > 0.0f;
@@ -411,7 +427,34 @@ bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, floa
   return complete;
 }
 
+template <class W, class Term>
+bool scan_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, const int64_t* positions, int64_t npos,
+                const uint8_t* allowed, const BlockScratch& s, float* out_scores, int64_t* out_ids,
+                int64_t* scored) {
+  *scored = 0;
+  if (!scorable(q)) return false;
+  fill_slots(q, s);
+  BestK best(out_scores, out_ids, k);
+  const auto listed = [positions](int64_t i) { return positions[i]; };
+  const bool ok = score_docs<W, Term>(ix, s.slot, s.qslot, npos, listed, allowed, best);
+  clear_slots(q, s);
+  *scored = ok ? npos : -1;
+  if (!ok) return false;
+  best.finish();
+  return true;
+}
+
 }  // namespace
+
+bool scan_positions(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, const int64_t* positions,
+                    int64_t npos, const uint8_t* allowed, const BlockScratch& scratch, float* out_scores,
+                    int64_t* out_ids, int64_t* scored) {
+  return visit_value_type(ix.wtype, [&](auto v) {
+    using W = decltype(v);
+    return ix.terms16 ? scan_query<W, uint16_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored)
+                      : scan_query<W, int32_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored);
+  });
+}
 
 bool block_search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
                         const uint8_t* allowed, const BlockScratch& scratch, float* out_scores, int64_t* out_ids,
