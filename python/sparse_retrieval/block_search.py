@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._fake import fake
+from .compact_terms import check_terms, compact_rows, uses_compact_terms
 from .sparse import SparseBatch, cast_values, check_lists
 
 _ops = torch.ops.sparse_retrieval
@@ -64,6 +65,9 @@ class BlockMax:
     blk_ptr: torch.Tensor       # int64 (nsuper + 1,)
     blk_terms: torch.Tensor     # fwd_terms' dtype (block entries,)
     blk_values: torch.Tensor    # uint8 (block entries * superblock,)
+    # Over a huge dim (compact_terms.py): the sorted dimensions the documents hold, and every term array above
+    # indexed by position in it; None: by dimension.
+    terms: torch.Tensor | None = None
 
     @property
     def nblocks(self) -> int:
@@ -75,11 +79,12 @@ class BlockMax:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, in the order the op takes them."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SIZES}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SIZES and f.name != "terms"}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        terms = () if self.terms is None else (self.terms,)
+        return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *terms))
 
     def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0,
                allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None):
@@ -87,6 +92,8 @@ class BlockMax:
         exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate); ``allowed``
         (bool, one per document) restricts the candidates. With ``positions`` (see `positions_of`) the kernel
         scores exactly those documents instead of pruning (``visited``: documents scored, not blocks)."""
+        if self.terms is not None:
+            queries = compact_rows(queries, self.terms)
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
                                  list(self.tensors().values()), self.block_size, self.superblock, k, alpha,
                                  query_cut, threads, allowed, positions)
@@ -130,6 +137,11 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     if w.numel() and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("docs: block-max search needs finite, non-negative document weights (use mode='exact')")
     docs = SparseBatch(docs.indptr, docs.indices, weights, docs.dim, check=False)
+    held = None
+    if uses_compact_terms(docs.dim):  # before clustering too, whose centroids are dense over dim
+        held = torch.unique(docs.indices.long())
+        docs = compact_rows(docs, held)
+        docs = SparseBatch(docs.indptr, docs.indices, docs.values, max(1, held.numel()), check=False)
     n, dim = len(docs), docs.dim
     if order is not None:
         order = torch.as_tensor(order).cpu()
@@ -145,7 +157,9 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     step = 1 << 20
     fwd = SparseBatch.cat([docs[order[a:a + step]] for a in range(0, n, step)]) if n else docs
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
-    return with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction)
+    bm = with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction)
+    bm.terms = held
+    return bm
 
 
 def with_maxima(dim: int, block_size: int, superblock: int, fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor,
@@ -177,6 +191,9 @@ def validate_forward(fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor, fwd_weights
 
 def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
     """The invariants the kernel relies on (memory safety and bit-identical scores), checked after loading."""
+    if bm.terms is not None:
+        check_terms(bm.terms, dim, where)
+        dim = max(1, bm.terms.numel())
     ns = bm.nsuper
     if bm.fwd_ptr.numel() != bm.ndocs + 1:
         raise ValueError(f"{where}: forward index offsets are inconsistent")

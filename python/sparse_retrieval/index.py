@@ -27,6 +27,7 @@ from ._fake import fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max, validate_forward, with_maxima
+from .compact_terms import check_terms, compact_rows, merged_terms, uses_compact_terms, widened_ptr
 from .external_ids import ExternalIds, as_int_ids, as_mask, is_mask
 from .sparse import SparseBatch, as_sparse_batch, cast_values, check_lists
 
@@ -36,12 +37,15 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _MAGIC = b"SRSPIDX\x00"
 # 2 adds named extra arrays (the block-max structure); 3 has superblocks in the block-max structure (the layout is
-# that of 2). Files of versions 1 and 2 still load (a version 2 block-max structure gets superblock maxima rebuilt
-# from its forward index).
-_VERSION = 3
+# that of 2); 4 indexes offsets by the terms held (compact_terms.py: extra arrays "terms" and "block_max.terms"),
+# written only for such indexes, so that files of other indexes stay readable by version 3 readers. Files of
+# versions 1 and 2 still load (a version 2 block-max structure gets superblock maxima rebuilt from its forward
+# index; older files over a dim above COMPACT_DIM get their offsets re-indexed by the terms held).
+_VERSION = 4
 _HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
             2: struct.Struct("<8sIIQQQQQ"),  # ... and the number of extra arrays
-            3: struct.Struct("<8sIIQQQQQ")}
+            3: struct.Struct("<8sIIQQQQQ"),
+            4: struct.Struct("<8sIIQQQQQ")}
 _HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
 _EXTRA = struct.Struct("<32sIQQI8x")  # name, dtype code, offset, count, crc32
@@ -52,7 +56,7 @@ _MODES = ("exact", "safe", "approximate")
 # A filtered search scores the allowed documents alone when their postings are fewer than this share of those of the
 # query terms (measured: docs/benchmarks.md, "Search filters and deletes").
 _SCAN_SHARE = 1.0
-_BLOCK_MAX_FIELDS = tuple(f for f in BlockMax.__dataclass_fields__ if f not in _BLOCK_MAX_SIZES)
+_BLOCK_MAX_FIELDS = tuple(f for f in BlockMax.__dataclass_fields__ if f not in _BLOCK_MAX_SIZES and f != "terms")
 _BLOCK_MAX_FIELDS_V2 = ("fwd_ptr", "fwd_terms", "fwd_weights", "doc_ids", "scale", "bm_dense_row", "bm_dense",
                         "bm_ptr", "bm_blocks", "bm_values")
 _ALIGN = 64
@@ -60,13 +64,29 @@ _ALIGN = 64
 
 @dataclass
 class _Segment:
-    ptr: torch.Tensor      # int64 (dim + 1,)
+    ptr: torch.Tensor      # int64 (dim + 1,), or (len(terms) + 1,) over compact terms
     docs: torch.Tensor     # int32 (nnz,), local document ids
     weights: torch.Tensor  # (nnz,)
     ndocs: int
+    # Over a huge dim (compact_terms.py): the sorted dimensions of the index's documents, shared by all its
+    # segments, and ptr indexed by position in it; None: by dimension.
+    terms: torch.Tensor | None = None
 
     def to(self, device) -> "_Segment":
-        return _Segment(self.ptr.to(device), self.docs.to(device), self.weights.to(device), self.ndocs)
+        terms = None if self.terms is None else self.terms.to(device)
+        return _Segment(self.ptr.to(device), self.docs.to(device), self.weights.to(device), self.ndocs, terms)
+
+    def widened(self, terms: torch.Tensor) -> "_Segment":
+        """The same postings indexed by ``terms``, a superset of this segment's terms."""
+        if self.terms.numel() == terms.numel():
+            return self
+        terms = terms.to(self.ptr.device)
+        return _Segment(widened_ptr(self.ptr, self.terms, terms), self.docs, self.weights, self.ndocs, terms)
+
+    @property
+    def nbytes(self) -> int:
+        terms = () if self.terms is None else (self.terms,)
+        return sum(t.numel() * t.element_size() for t in (self.ptr, self.docs, self.weights, *terms))
 
 
 class SparseIndex:
@@ -81,6 +101,10 @@ class SparseIndex:
     bit for bit) reading far fewer, and ``"approximate"`` stops earlier (``alpha``), both through the block-max
     structure that ``optimize()`` builds. Documents added after ``optimize()`` sit in an exhaustive tail that
     safe and approximate searches scan in full and merge; call ``optimize()`` again to fold them in.
+
+    Memory: 8 bytes a posting with float32 weights, 6 with 16-bit ones, plus offsets per dimension and segment (8
+    bytes each); over more than 2^20 dimensions the offsets cover only the dimensions the documents hold
+    (``compact_terms.py``), so a huge ``dim`` with few documents stays small.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, segment_size: int = 1 << 20,
@@ -202,11 +226,15 @@ class SparseIndex:
             if ids is not None:  # checked before any work: a bad id raises with nothing changed
                 user_ids = (user_ids or ExternalIds(ExternalIds.kind_of(ids))).extended(ids, n)
             segments, tail = list(self._segments), self._tail
+            terms = self._held_terms(segments)
+            if terms is not None and n:  # one list for all segments: a query is mapped once
+                terms = merged_terms(terms, docs.indices)
+                segments = [s.widened(terms) for s in segments]
             while start < n:
                 last = segments[-1] if segments else None
                 room = self.segment_size - last.ndocs if last is not None else 0
                 take = min(n - start, room if room > 0 else self.segment_size)
-                seg = self._build(docs[start:start + take])
+                seg = self._build(docs[start:start + take], terms)
                 if room > 0:
                     segments[-1] = _merge(last, seg)
                 else:
@@ -264,13 +292,26 @@ class SparseIndex:
         deleted = self._deleted
         return 0 if deleted is None else int(deleted.sum())
 
-    def _build(self, docs: SparseBatch) -> _Segment:
-        # Postings are built on the CPU (a counting sort) and then moved to the index's device.
-        cpu = docs.to("cpu")
+    def _held_terms(self, segments: list[_Segment]) -> torch.Tensor | None:
+        """The compact term list the segments share (CPU), or None when this index is indexed by dimension."""
+        if not uses_compact_terms(self._dim):
+            return None
+        return segments[0].terms.cpu() if segments else torch.empty(0, dtype=torch.int64)
+
+    def _build(self, docs: SparseBatch, terms: torch.Tensor | None) -> _Segment:
+        """Postings of ``docs`` over ``terms`` (see _held_terms; they must include every dimension of docs). Built
+        on the CPU (a counting sort), then moved to the index's device."""
+        cpu, dim = docs.to("cpu"), self._dim
+        if terms is not None:
+            cpu, dim = compact_rows(cpu, terms), terms.numel()
         ptr, ids, weights = _ops.build_postings(cpu.indptr, cpu.indices,
-                                                cast_values(cpu.values.detach(), self._dtype, "docs values"),
-                                                self._dim)
-        return _Segment(ptr, ids, weights, len(docs)).to(self._device)
+                                                cast_values(cpu.values.detach(), self._dtype, "docs values"), dim)
+        return _Segment(ptr, ids, weights, len(docs), terms).to(self._device)
+
+    def _segment_rows(self, queries: SparseBatch, segments: list[_Segment]) -> SparseBatch:
+        """``queries`` in the segments' term numbering."""
+        terms = segments[0].terms if segments else None
+        return queries if terms is None else compact_rows(queries, terms)
 
     def _documents(self, lo: int, hi: int) -> SparseBatch:
         """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending) into
@@ -295,7 +336,8 @@ class SparseIndex:
         values = torch.empty(sum(counts), dtype=self._dtype)
         at = 0
         for (s, a, b, out_row), m in zip(parts, counts):
-            col = torch.repeat_interleave(torch.arange(self._dim), s.ptr.cpu().diff(), output_size=s.docs.numel())
+            col = torch.repeat_interleave(torch.arange(self._dim) if s.terms is None else s.terms.cpu(),
+                                          s.ptr.cpu().diff(), output_size=s.docs.numel())
             row, val, keep = s.docs.cpu(), s.weights.cpu(), in_range(s, a, b)
             if keep is not None:
                 row, col, val = row[keep], col[keep], val[keep]
@@ -335,7 +377,7 @@ class SparseIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's tensors."""
-        own = sum(t.numel() * t.element_size() for s in self._segments for t in (s.ptr, s.docs, s.weights))
+        own = sum(s.nbytes for s in self._segments)
         return own + (self._block_max.nbytes if self._block_max else 0) + (self._tail.nbytes if self._tail else 0)
 
     @property
@@ -460,14 +502,17 @@ class SparseIndex:
             return None
         head = allowed[:block_max.ndocs]
         nallowed = int(head.sum())
-        read = sum(int((s.ptr[queries.indices + 1] - s.ptr[queries.indices]).sum()) for s in segments) / len(queries)
+        terms = self._segment_rows(queries, segments).indices.long()
+        read = sum(int((s.ptr[terms + 1] - s.ptr[terms]).sum()) for s in segments) / len(queries)
         if nallowed * block_max.fwd_terms.numel() / block_max.ndocs >= _SCAN_SHARE * read:
             return None
         return block_max.positions_of(head)
 
     def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        segs = segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype))]
+        segs = segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype),
+                                        self._held_terms(segments))]
+        queries = self._segment_rows(queries, segs)
         return _ops.sparse_search(queries.indptr, queries.indices, queries.values.detach(),
                                   [s.ptr for s in segs], [s.docs for s in segs], [s.weights for s in segs],
                                   [s.ndocs for s in segs], k, threads, allowed)
@@ -480,6 +525,9 @@ class SparseIndex:
         segments, block_max, _, deleted, user_ids = self._state()
         segs = [s.to("cpu") for s in segments]
         extras = _extras(block_max)
+        terms = self._held_terms(segs)
+        if terms is not None:
+            extras["terms"] = terms
         if deleted is not None:
             extras["deleted"] = deleted.to(torch.uint8)
         if user_ids is not None:
@@ -501,7 +549,8 @@ class SparseIndex:
             a = _as_numpy(t)
             entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        head = _HEADERS[_VERSION].pack(_MAGIC, _VERSION, _DTYPE_CODES[self._dtype], self._dim,
+        version = _VERSION if terms is not None or "block_max.terms" in extras else min(_VERSION, 3)
+        head = _HEADERS[version].pack(_MAGIC, version, _DTYPE_CODES[self._dtype], self._dim,
                                        sum(s.ndocs for s in segs), len(segs),
                                        self.segment_size, len(extras))
         head += struct.pack("<I", zlib.crc32(table))
@@ -518,7 +567,7 @@ class SparseIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
-        """Reads an index written by ``save`` (format version 1, 2 or 3); with ``mmap`` its arrays map the file
+        """Reads an index written by ``save`` (format versions 1 to 4); with ``mmap`` its arrays map the file
         instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
         ``ValueError``."""
         path = Path(path)
@@ -567,19 +616,6 @@ class SparseIndex:
                 raise ValueError(f"{path}: checksum mismatch in {name} (corrupted file)")
             return torch.from_numpy(a).view(t) if t == torch.bfloat16 else torch.from_numpy(a)
 
-        for s in range(nseg):
-            seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
-            if seg_docs > segment_size:
-                raise ValueError(f"{path}: segment {s} holds {seg_docs} documents, more than the segment size "
-                                 f"{segment_size}")
-            arrays = [array(f"segment {s} {name}", off, crc, count, t) for name, off, crc, count, t in
-                      zip(("ptr", "docs", "weights"), rest[:3], rest[3:], (dim + 1, nnz, nnz),
-                          (torch.int64, torch.int32, dtype))]
-            seg = _Segment(arrays[0], arrays[1], arrays[2], seg_docs)
-            _validate(seg, dim, f"{path}: segment {s}")
-            index._segments.append(seg)
-        if len(index) != ndocs:
-            raise ValueError(f"{path}: segments hold {len(index)} documents, the header says {ndocs}")
         extras = {}
         for e in range(nextra):
             name, tcode, off, count, crc = _EXTRA.unpack_from(table, _ENTRY.size * nseg + e * _EXTRA.size)
@@ -587,6 +623,27 @@ class SparseIndex:
             if tcode not in _EXTRA_DTYPES:
                 raise ValueError(f"{path}: unknown dtype code {tcode} of {name}")
             extras[name] = array(name, off, crc, count, _EXTRA_DTYPES[tcode])
+        terms = extras.pop("terms", None)
+        if terms is not None:
+            if not uses_compact_terms(dim):
+                raise ValueError(f"{path}: a list of terms held for dim {dim}, where offsets are per dimension")
+            check_terms(terms, dim, f"{path}: terms")
+        for s in range(nseg):
+            seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
+            if seg_docs > segment_size:
+                raise ValueError(f"{path}: segment {s} holds {seg_docs} documents, more than the segment size "
+                                 f"{segment_size}")
+            nptr = (dim if terms is None else terms.numel()) + 1
+            arrays = [array(f"segment {s} {name}", off, crc, count, t) for name, off, crc, count, t in
+                      zip(("ptr", "docs", "weights"), rest[:3], rest[3:], (nptr, nnz, nnz),
+                          (torch.int64, torch.int32, dtype))]
+            seg = _Segment(arrays[0], arrays[1], arrays[2], seg_docs, terms)
+            _validate(seg, nptr - 1, f"{path}: segment {s}")
+            index._segments.append(seg)
+        if len(index) != ndocs:
+            raise ValueError(f"{path}: segments hold {len(index)} documents, the header says {ndocs}")
+        if uses_compact_terms(dim) and terms is None:  # written per dimension (before version 4): converted
+            index._segments = _held_by_all(index._segments)
         id_arrays = {name: extras.pop(name) for name in list(extras) if name.startswith("ids.")}
         if id_arrays:
             index._ids = ExternalIds.from_arrays(id_arrays, len(index), f"{path}: ids")
@@ -602,6 +659,7 @@ class SparseIndex:
     def _load_block_max(self, extras: dict[str, torch.Tensor], version: int, where: str) -> None:
         fields = _BLOCK_MAX_FIELDS if version >= 3 else _BLOCK_MAX_FIELDS_V2
         sizes = 3 if version >= 3 else 2
+        terms = extras.pop("block_max.terms", None) if version >= 4 else None
         if set(extras) != {f"block_max.{f}" for f in ("meta", *fields)} or extras["block_max.meta"].numel() != sizes:
             raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
         block_size, superblock, ndocs = extras["block_max.meta"].tolist() if version >= 3 else \
@@ -617,7 +675,7 @@ class SparseIndex:
             validate_forward(*fwd.values(), self._dim, f"{where}: block_max")
             bm = with_maxima(self._dim, block_size, superblock, *fwd.values())
         else:
-            bm = BlockMax(block_size, superblock, ndocs, **arrays)
+            bm = BlockMax(block_size, superblock, ndocs, **arrays, terms=terms)
         if bm.fwd_weights.dtype != self._dtype:
             raise ValueError(f"{where}: block-max weights are {bm.fwd_weights.dtype}, the index's {self._dtype}")
         validate_block_max(bm, self._dim, f"{where}: block_max")
@@ -652,6 +710,8 @@ def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
         return {}
     out = {"block_max.meta": torch.tensor([bm.block_size, bm.superblock, bm.ndocs], dtype=torch.int64)}
     out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
+    if bm.terms is not None:
+        out["block_max.terms"] = bm.terms.cpu()
     return out
 
 
@@ -684,6 +744,14 @@ def _read(f, dtype: np.dtype, offset: int, count: int, mmap: bool) -> np.ndarray
     return np.fromfile(f, dtype=dtype, count=count)
 
 
+def _held_by_all(segments: list[_Segment]) -> list[_Segment]:
+    """Segments indexed by dimension, re-indexed by the dimensions any of them holds."""
+    held = [s.ptr.diff().nonzero().flatten() for s in segments]
+    terms = torch.unique(torch.cat(held)) if held else torch.empty(0, dtype=torch.int64)
+    return [_Segment(widened_ptr(torch.cat([s.ptr[h], s.ptr[-1:]]), h, terms), s.docs, s.weights, s.ndocs, terms)
+            for s, h in zip(segments, held)]
+
+
 def _validate(seg: _Segment, dim: int, where: str) -> None:
     """The invariants the search kernels rely on for memory safety: offsets and sorted, in-range document ids."""
     if seg.ptr.numel() != dim + 1:
@@ -703,7 +771,7 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
     weights = torch.empty(docs.numel(), dtype=a.weights.dtype, device=a.ptr.device)
     docs[pos_a], weights[pos_a] = a.docs, a.weights
     docs[pos_b], weights[pos_b] = b.docs + a.ndocs, b.weights
-    return _Segment(a.ptr + b.ptr, docs, weights, a.ndocs + b.ndocs)
+    return _Segment(a.ptr + b.ptr, docs, weights, a.ndocs + b.ndocs, a.terms)
 
 
 # ---- fake implementations (torch.compile) ----------------------------------------------------------------------
