@@ -85,8 +85,8 @@ class _Segment:
 
     @property
     def nbytes(self) -> int:
-        terms = () if self.terms is None else (self.terms,)
-        return sum(t.numel() * t.element_size() for t in (self.ptr, self.docs, self.weights, *terms))
+        """Bytes of the postings and offsets (the term list is shared by the index's segments)."""
+        return sum(t.numel() * t.element_size() for t in (self.ptr, self.docs, self.weights))
 
 
 class SparseIndex:
@@ -377,7 +377,9 @@ class SparseIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's tensors."""
-        own = sum(s.nbytes for s in self._segments)
+        segments = self._segments
+        own = sum(s.nbytes for s in segments) + (8 * segments[0].terms.numel() if segments and segments[0].terms
+                                                 is not None else 0)
         return own + (self._block_max.nbytes if self._block_max else 0) + (self._tail.nbytes if self._tail else 0)
 
     @property
