@@ -378,8 +378,8 @@ class SparseIndex:
     def nbytes(self) -> int:
         """Bytes held by the index's tensors."""
         segments = self._segments
-        own = sum(s.nbytes for s in segments) + (8 * segments[0].terms.numel() if segments and segments[0].terms
-                                                 is not None else 0)
+        terms = segments[0].terms if segments else None
+        own = sum(s.nbytes for s in segments) + (0 if terms is None else 8 * terms.numel())
         return own + (self._block_max.nbytes if self._block_max else 0) + (self._tail.nbytes if self._tail else 0)
 
     @property
