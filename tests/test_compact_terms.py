@@ -110,6 +110,20 @@ def test_files_written_per_dimension_load_compact(tmp_path, monkeypatch):
     assert_same(loaded.search(queries, 7), small.search(small_queries, 7))
 
 
+def test_files_load_under_another_threshold(tmp_path, monkeypatch):
+    """A file written with offsets per term held loads per dimension where this library's COMPACT_DIM is higher."""
+    dim = (1 << 20) + 5000
+    docs, _, _ = corpus(10, n=80)
+    queries = spread(queries_for(docs, 10, torch.Generator().manual_seed(11)), dim, stride=3000)
+    index = sr.SparseIndex.from_documents(spread(docs, dim, stride=3000), segment_size=30, progress=False)
+    assert index._segments[0].terms is not None
+    index.save(tmp_path / "x")
+    monkeypatch.setattr(compact_terms, "COMPACT_DIM", 1 << 30)
+    loaded = sr.SparseIndex.load(tmp_path / "x")
+    assert all(s.terms is None and s.ptr.numel() == dim + 1 for s in loaded._segments)
+    assert_same(loaded.search(queries, 6), index.search(queries, 6))
+
+
 def test_damaged_term_lists_raise(tmp_path):
     docs, _, _ = corpus(9, n=50)
     index = sr.SparseIndex.from_documents(spread(docs), progress=False)

@@ -627,8 +627,6 @@ class SparseIndex:
             extras[name] = array(name, off, crc, count, _EXTRA_DTYPES[tcode])
         terms = extras.pop("terms", None)
         if terms is not None:
-            if not uses_compact_terms(dim):
-                raise ValueError(f"{path}: a list of terms held for dim {dim}, where offsets are per dimension")
             check_terms(terms, dim, f"{path}: terms")
         for s in range(nseg):
             seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
@@ -644,8 +642,14 @@ class SparseIndex:
             index._segments.append(seg)
         if len(index) != ndocs:
             raise ValueError(f"{path}: segments hold {len(index)} documents, the header says {ndocs}")
-        if uses_compact_terms(dim) and terms is None:  # written per dimension (before version 4): converted
+        # Offsets follow this library's COMPACT_DIM whatever the writer's: per dimension (before version 4, or a
+        # writer with a higher threshold) re-indexed by the terms held, and the other way round.
+        if uses_compact_terms(dim) and terms is None:
             index._segments = _held_by_all(index._segments)
+        elif terms is not None and not uses_compact_terms(dim):
+            every = torch.arange(dim)
+            index._segments = [_Segment(widened_ptr(s.ptr, terms, every), s.docs, s.weights, s.ndocs)
+                               for s in index._segments]
         id_arrays = {name: extras.pop(name) for name in list(extras) if name.startswith("ids.")}
         if id_arrays:
             index._ids = ExternalIds.from_arrays(id_arrays, len(index), f"{path}: ids")
