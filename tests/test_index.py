@@ -260,6 +260,15 @@ def test_filters_and_deletes_match_the_reference(simd_level, tmp_path):
         index.search(queries, 3, filter=[230])
     with pytest.raises(TypeError, match="filter: expected integer ids"):
         index.search(queries, 3, filter=torch.ones(230))
+    with pytest.raises(TypeError, match="filter: uint8 is ambiguous"):  # a numpy-style 0/1 mask, not ids 0 and 1
+        index.search(queries, 3, filter=torch.ones(230, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="filter: expected a 1-D collection"):
+        index.search(queries, 3, filter=torch.tensor([[1, 2]]))
+    with pytest.raises(TypeError, match="filter: expected ids as an int or a list"):
+        index.search(queries, 3, filter=(i for i in [1, 2]))
+    as_list = [bool(b) for b in (torch.arange(230) % 3 == 0)]  # a Python list of bools is a mask too
+    assert all(torch.equal(a, b) for a, b in zip(index.search(queries, 3, filter=as_list),
+                                                 index.search(queries, 3, filter=torch.tensor(as_list))))
     with pytest.raises(ValueError, match="ids: document ids must lie"):
         index.delete([-1])
     for bad in (np.array([True, False]), [2.7], torch.tensor([1.0])):  # never cast into ids

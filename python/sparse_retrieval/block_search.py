@@ -91,7 +91,8 @@ class BlockMax:
         """(scores, ids, complete, visited) of the kernel; rows whose ``complete`` is False must be searched
         exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate); ``allowed``
         (bool, one per document) restricts the candidates. With ``positions`` (see `positions_of`) the kernel
-        scores exactly those documents instead of pruning (``visited``: documents scored, not blocks)."""
+        scores exactly those documents (those of them that ``allowed`` lets through, when both are given) instead
+        of pruning (``visited``: documents listed, not blocks)."""
         if self.terms is not None:
             queries = compact_rows(queries, self.terms)
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),

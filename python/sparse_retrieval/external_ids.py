@@ -154,7 +154,9 @@ class ExternalIds:
 
 
 def is_mask(x) -> bool:
-    """A bool tensor or array: a mask over documents rather than a list of ids."""
+    """A bool tensor, array, list or tuple: a mask over documents rather than a list of ids."""
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(isinstance(v, (bool, np.bool_)) for v in x)
     return (isinstance(x, torch.Tensor) and x.dtype == torch.bool) or (isinstance(x, np.ndarray) and x.dtype == np.bool_)
 
 
@@ -180,10 +182,18 @@ def _as_int_ids(ids, name: str) -> torch.Tensor:
         ids = [ids]
     if isinstance(ids, (set, frozenset, range)):
         ids = list(ids)
-    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+    try:
+        t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected ids as an int or a list, tuple, set, range, tensor or array of ints, got "
+                        f"{type(ids).__name__}") from None
+    if t.dim() > 1:
+        raise ValueError(f"{name}: expected a 1-D collection of ids, got shape {tuple(t.shape)}")
     t = t.reshape(-1).cpu()
     if t.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name}: expected integer ids (or, where accepted, a bool mask), got {t.dtype}")
+    if t.dtype == torch.uint8:  # numpy users' 0/1 masks: read as ids they would silently select ids 0 and 1
+        raise TypeError(f"{name}: uint8 is ambiguous (a 0/1 mask or ids?): pass a bool mask or int64 ids")
     return t.long()

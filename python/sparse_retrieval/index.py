@@ -426,7 +426,8 @@ class SparseIndex:
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
 
         ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or,
-        for an index with positional ids, a bool mask over them. The kernels skip the others while choosing, so k
+        for an index with positional ids, a bool mask over them (tensor, array or list of bools; uint8 is refused
+        as ambiguous). After ``compact()`` the index keeps its ids as user ids: filters then take ids, not masks. The kernels skip the others while choosing, so k
         allowed documents come back whenever k exist (then padding). Deleted documents are never returned. CPU
         only. Once ``optimize()`` has run, a filter whose allowed documents hold fewer postings than the query terms'
         posting lists is answered in every mode by scoring the allowed documents alone from the forward index: the
