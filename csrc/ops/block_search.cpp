@@ -171,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   int64_t* ov = visited.data_ptr<int64_t>();
   const int64_t threads = std::min(num_threads > 0 ? num_threads : int64_t(at::get_num_threads()), nq);
   std::atomic<int64_t> next{0};
+  const bool bounds = !positions.has_value();  // else a scan of the listed positions
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const bool bounds = !positions.has_value();
     const sr::cpu::BlockScratch scratch = thread_scratch(std::max<int64_t>(dim + 1, 65536), bounds ? nsuper : 0,
                                                          bounds ? superblock : 0, bounds ? nblocks : 0);
     for (int64_t i = next++; i < nq; i = next++) {

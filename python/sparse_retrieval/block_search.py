@@ -158,16 +158,18 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     step = 1 << 20
     fwd = SparseBatch.cat([docs[order[a:a + step]] for a in range(0, n, step)]) if n else docs
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
-    bm = with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction)
-    bm.terms = held
-    return bm
+    return with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction,
+                       held)
 
 
 def with_maxima(dim: int, block_size: int, superblock: int, fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor,
-                fwd_weights: torch.Tensor, doc_ids: torch.Tensor, dense_fraction: float = 0.125) -> BlockMax:
-    """The block-max structure of a forward index over ``dim`` terms in stored order (maxima computed here)."""
+                fwd_weights: torch.Tensor, doc_ids: torch.Tensor, dense_fraction: float = 0.125,
+                terms: torch.Tensor | None = None) -> BlockMax:
+    """The block-max structure of a forward index over ``dim`` terms in stored order (maxima computed here); with
+    ``terms`` (see BlockMax.terms) the forward index's terms are positions in that list."""
     maxima = _ops.block_maxima(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fraction)
-    return BlockMax(block_size, superblock, fwd_ptr.numel() - 1, fwd_ptr, fwd_terms, fwd_weights, doc_ids, *maxima)
+    return BlockMax(block_size, superblock, fwd_ptr.numel() - 1, fwd_ptr, fwd_terms, fwd_weights, doc_ids, *maxima,
+                    terms)
 
 
 def _check_int(name: str, value, high: int) -> None:

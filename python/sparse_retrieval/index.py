@@ -425,14 +425,14 @@ class SparseIndex:
         blocks with only that many query terms, the heaviest). Default: ``"safe"`` once ``optimize()`` has run
         on a CPU index, else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
 
-        ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or,
-        for an index with positional ids, a bool mask over them (tensor, array or list of bools; uint8 is refused
-        as ambiguous). After ``compact()`` the index keeps its ids as user ids: filters then take ids, not masks. The kernels skip the others while choosing, so k
-        allowed documents come back whenever k exist (then padding). Deleted documents are never returned. CPU
-        only. Once ``optimize()`` has run, a filter whose allowed documents hold fewer postings than the query terms'
-        posting lists is answered in every mode by scoring the allowed documents alone from the forward index: the
-        exact results (scores bit for bit), in time proportional to the allowed documents (203k passages: 18x
-        faster than unfiltered exhaustive search at 0.1% allowed, 1.4x at 1%).
+        ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or, for
+        an index with positional ids, a bool mask over them (tensor, array or list of bools; uint8 is refused as
+        ambiguous). After ``compact()`` the index keeps its ids as user ids: filters then take ids, not masks. The
+        kernels skip the others while choosing, so k allowed documents come back whenever k exist (then padding).
+        Deleted documents are never returned. CPU only. Once ``optimize()`` has run, a filter whose allowed documents
+        hold fewer postings than the query terms' posting lists is answered in every mode by scoring the allowed
+        documents alone from the forward index: the exact results (scores bit for bit), in time proportional to the
+        allowed documents (203k passages: 18x faster than unfiltered exhaustive search at 0.1% allowed, 1.4x at 1%).
         """
         queries = as_sparse_batch(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < 2**31:

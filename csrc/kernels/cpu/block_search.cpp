@@ -451,8 +451,9 @@ bool scan_positions(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, co
                     int64_t* out_ids, int64_t* scored) {
   return visit_value_type(ix.wtype, [&](auto v) {
     using W = decltype(v);
-    return ix.terms16 ? scan_query<W, uint16_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored)
-                      : scan_query<W, int32_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored);
+    return ix.terms16
+               ? scan_query<W, uint16_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored)
+               : scan_query<W, int32_t>(ix, q, k, positions, npos, allowed, scratch, out_scores, out_ids, scored);
   });
 }
 

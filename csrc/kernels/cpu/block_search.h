@@ -76,9 +76,8 @@ SR_SIMD_DECLARE(bool block_search_query(const BlockMaxIndex& ix, const SearchQue
 // Top k of one query among the documents stored at `positions` (npos of them, each in [0, ndocs)) that `allowed`
 // lets through (as in block_search_query), scored from the forward index exactly as block_search_query scores them
 // (bit-identical to exhaustive search), documents scoring 0 included: a filter that allows few documents is
-// answered by scoring those alone. Returns false, leaving the
-// query to exhaustive search, for queries block_search_query also leaves to it (non-finite weights, unsorted or
-// repeated terms, more than 255 terms). `scored` receives npos, or -1 when the index's offsets or ids turned out
+// answered by scoring those alone. Returns false, leaving the query to exhaustive search, for queries
+// block_search_query also leaves to it (non-finite weights, unsorted or repeated terms, more than 255 terms). `scored` receives npos, or -1 when the index's offsets or ids turned out
 // to be malformed (reads stay in bounds; the result is then unusable). Uses scratch.slot and scratch.qslot only.
 SR_SIMD_DECLARE(bool scan_positions(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k,
                                     const int64_t* positions, int64_t npos, const uint8_t* allowed,
