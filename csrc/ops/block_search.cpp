@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/block_search.h"
+#include "kernels/cpu/list_search.h"
 #include "kernels/cpu/simd.h"
 #include "ops/csr_check.h"
 #include "ops/list_check.h"
@@ -60,7 +61,7 @@ void check_sizes(int64_t block_size, int64_t superblock) {
 // (4 MB of bounds and heap). It stays allocated with the thread: about 13 MB per thread at 8.8M documents.
 sr::cpu::BlockScratch thread_scratch(int64_t slots, int64_t nsuper, int64_t superblock, int64_t nblocks) {
   thread_local std::vector<uint8_t> slot;  // all zero between queries: the kernels clear what they set
-  thread_local std::vector<float> qslot(256), ub, blk_ub;
+  thread_local std::vector<float> qslot(512), ub, blk_ub;
   thread_local std::vector<int32_t> order;
   thread_local std::vector<uint64_t> heap;
   const auto grow = [](auto& v, int64_t n) {
@@ -77,9 +78,19 @@ sr::cpu::BlockScratch thread_scratch(int64_t slots, int64_t nsuper, int64_t supe
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const at::Tensor& q_indptr, const at::Tensor& q_indices, const at::Tensor& q_values, at::TensorList index,
     int64_t block_size, int64_t superblock, int64_t k, double alpha, int64_t query_cut, int64_t num_threads,
-    const std::optional<at::Tensor>& allowed, const std::optional<at::Tensor>& positions) {
+    const std::optional<at::Tensor>& allowed, const std::optional<at::Tensor>& positions,
+    const std::optional<at::TensorList>& lists_arg) {
+  const at::TensorList lists = lists_arg.value_or(at::TensorList());
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= 1.0, "alpha: must lie in (0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(lists.empty() || lists.size() == 6, "lists: expected none or 6 tensors (list_ptr, group_ptr, "
+                    "group_docs, sum_ptr, sum_terms, sum_values), got ", lists.size());
+  const bool use_lists = !lists.empty();
+  // Candidate lists rank by summaries that may miss terms, so stopping later than at the best summary left (alpha
+  // above 1) buys recall there; block bounds are upper bounds, so alpha 1 is already exact.
+  const double max_alpha = use_lists ? 16.0 : 1.0;
+  TORCH_CHECK_VALUE(alpha > 0.0 && alpha <= max_alpha, "alpha: must lie in (0, ", max_alpha, "], got ", alpha);
+  TORCH_CHECK_VALUE(!(use_lists && positions.has_value()), "positions: not with lists (a scan scores the listed "
+                    "documents, lists choose candidates)");
   TORCH_CHECK_VALUE(query_cut >= 0, "query_cut: must be >= 0 (0: every term), got ", query_cut);
   check_sizes(block_size, superblock);
   TORCH_CHECK_VALUE(num_threads >= 0, "num_threads: must be >= 0 (0: all), got ", num_threads);
@@ -128,6 +139,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
                         rows, ")");
     }
   });
+  sr::cpu::TermLists tl{};
+  if (use_lists) {
+    const auto &list_ptr = lists[0], &group_ptr = lists[1], &group_docs = lists[2], &sum_ptr = lists[3],
+               &sum_terms = lists[4], &sum_values = lists[5];
+    TORCH_CHECK_VALUE(group_ptr.dim() == 1 && group_ptr.numel() >= 1, "group_ptr: expected ngroups + 1 >= 1 entries");
+    const int64_t ngroups = group_ptr.numel() - 1;
+    check_1d(list_ptr, at::kLong, dim + 1, "list_ptr");
+    check_1d(group_ptr, at::kLong, ngroups + 1, "group_ptr");
+    check_1d(group_docs, at::kInt, -1, "group_docs");
+    check_1d(sum_ptr, at::kLong, ngroups + 1, "sum_ptr");
+    TORCH_CHECK_TYPE(sum_terms.scalar_type() == fwd_terms.scalar_type(), "sum_terms: expected ",
+                     fwd_terms.scalar_type(), " (the type of fwd_terms), got ", sum_terms.scalar_type());
+    check_1d(sum_terms, sum_terms.scalar_type(), -1, "sum_terms");
+    check_1d(sum_values, at::kByte, sum_terms.numel(), "sum_values");
+    check_offsets(list_ptr, ngroups, "list_ptr");
+    check_offsets(group_ptr, group_docs.numel(), "group_ptr");
+    check_offsets(sum_ptr, sum_terms.numel(), "sum_ptr");
+    check_once("term lists", {list_ptr, group_ptr, group_docs, sum_ptr, sum_terms}, {dim, ndocs}, [&] {
+      TORCH_CHECK_VALUE((list_ptr.slice(0, 1) >= list_ptr.slice(0, 0, -1)).all().item<bool>(),
+                        "list_ptr: offsets must not decrease");
+      check_lists(group_ptr, group_docs, ndocs, "group_ptr", "group_docs");
+      check_lists(sum_ptr, sum_terms, dim, "sum_ptr", "sum_terms");
+    });
+    tl = {ngroups, list_ptr.data_ptr<int64_t>(), group_ptr.data_ptr<int64_t>(), group_docs.data_ptr<int32_t>(),
+          group_docs.numel(), sum_ptr.data_ptr<int64_t>(), sum_terms.data_ptr(), sum_values.data_ptr<uint8_t>(),
+          sum_terms.numel()};
+  }
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
   const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
   const int64_t* pos = nullptr;
@@ -171,18 +209,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   int64_t* ov = visited.data_ptr<int64_t>();
   const int64_t threads = std::min(num_threads > 0 ? num_threads : int64_t(at::get_num_threads()), nq);
   std::atomic<int64_t> next{0};
-  const bool bounds = !positions.has_value();  // else a scan of the listed positions
+  const bool bounds = !positions.has_value() && !use_lists;  // else a scan of the listed positions, or lists
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const sr::cpu::BlockScratch scratch = thread_scratch(std::max<int64_t>(dim + 1, 65536), bounds ? nsuper : 0,
                                                          bounds ? superblock : 0, bounds ? nblocks : 0);
+    thread_local std::vector<uint8_t> seen;  // all zero between queries, as qdense
+    thread_local std::vector<float> qdense;
+    thread_local std::vector<uint64_t> candidates;
+    thread_local std::vector<int64_t> scored;
+    if (use_lists && int64_t(seen.size()) < ndocs) seen.resize(ndocs);
+    if (use_lists && int64_t(qdense.size()) < std::max<int64_t>(dim + 1, 65536)) qdense.resize(std::max<int64_t>(dim + 1, 65536));
+    const sr::cpu::ListScratch list_scratch{seen.data(), qdense.data(), &candidates, &scored};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
-      oc[i] = !bounds
-                  ? SR_SIMD_DISPATCH(scan_positions, ix, query, k, pos, npos, mask, scratch, os + i * k, oi + i * k,
-                                     ov + i)
-                  : SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, mask, scratch,
-                                     os + i * k, oi + i * k, ov + i);
+      if (use_lists) {
+        oc[i] = SR_SIMD_DISPATCH(list_search_query, ix, tl, query, k, float(alpha), query_cut, mask, scratch,
+                                 list_scratch, os + i * k, oi + i * k, ov + i);
+      } else if (!bounds) {
+        oc[i] = SR_SIMD_DISPATCH(scan_positions, ix, query, k, pos, npos, mask, scratch, os + i * k, oi + i * k,
+                                 ov + i);
+      } else {
+        oc[i] = SR_SIMD_DISPATCH(block_search_query, ix, query, k, float(alpha), query_cut, mask, scratch,
+                                 os + i * k, oi + i * k, ov + i);
+      }
     }
   });
   TORCH_CHECK_VALUE(!(visited < 0).any().item<bool>(), "block_search: the index changed after it was checked "
@@ -255,13 +305,108 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
   return {scale, dense_row, dense, ptr, ids, values, blk_ptr, blk_terms, blk_values};
 }
 
+// Term lists of a forward index (see term_top_documents and group_summary in the kernel header): (list_ptr,
+// group_ptr, group_docs, sum_ptr, sum_terms, sum_values). Checks everything it reads: it runs once per build.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> term_lists_cpu(
+    const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale,
+    int64_t list_len, int64_t group, double summary_energy, int64_t doc_cut) {
+  check_1d(scale, at::kFloat, -1, "scale");
+  const int64_t dim = scale.numel();
+  TORCH_CHECK_VALUE(dim >= 1, "scale: expected one entry per term (dim >= 1)");
+  TORCH_CHECK_VALUE(list_len >= 1 && list_len < (int64_t(1) << 31), "list_len: must lie in [1, 2^31), got ", list_len);
+  TORCH_CHECK_VALUE(group >= 1 && group <= (int64_t(1) << 20), "group: must lie in [1, 2^20], got ", group);
+  TORCH_CHECK_VALUE(summary_energy > 0.0 && summary_energy <= 1.0, "summary_energy: must lie in (0, 1], got ",
+                    summary_energy);
+  TORCH_CHECK_VALUE(doc_cut >= 1, "doc_cut: must be >= 1, got ", doc_cut);
+  const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, 1);
+  check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
+  const bool t16 = fwd_terms.scalar_type() == at::kShort;
+  TORCH_CHECK_VALUE(scale.gt(0).logical_and(scale.isfinite()).all().item<bool>(), "scale: must be finite and > 0");
+  if (fwd_terms.numel() > 0) {
+    const auto w = fwd_weights.to(at::kFloat);
+    TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
+                      "fwd_weights: must be finite and non-negative");
+    const auto t = t16 ? fwd_terms.to(at::kLong).bitwise_and(0xffff) : fwd_terms.to(at::kLong);
+    TORCH_CHECK_VALUE(w.le(scale.index_select(0, t) * 255.0).all().item<bool>(),
+                      "scale: must be at least each term's largest weight / 255");
+  }
+  const int64_t ndocs = fwd_ptr.numel() - 1;
+  const int64_t* fp = fwd_ptr.data_ptr<int64_t>();
+  const void *ft = fwd_terms.data_ptr(), *fw = fwd_weights.data_ptr();
+  const float* sc = scale.data_ptr<float>();
+  // Terms split evenly over the threads; each reads the whole forward index once.
+  std::vector<std::vector<int32_t>> docs(dim);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), dim));
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t t_lo = dim * c / threads, t_hi = dim * (c + 1) / threads;
+      SR_SIMD_DISPATCH(term_top_documents, fp, ft, t16, fw, wtype, ndocs, list_len, t_lo, t_hi, docs.data() + t_lo);
+    }
+  });
+  // Groups and their summaries, per term (each term's into its own vectors, then laid out in term order).
+  std::vector<std::vector<int64_t>> sizes(dim), sum_sizes(dim);
+  std::vector<std::vector<int32_t>> sterms(dim);
+  std::vector<std::vector<uint8_t>> svalues(dim);
+  at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<float> gmax(dim, -1.0f);
+    std::vector<int32_t> term_slot(dim, -1);
+    for (int64_t t = lo; t < hi; ++t) {
+      SR_SIMD_DISPATCH(cluster_documents, fp, ft, t16, fw, wtype, docs[t].data(), int64_t(docs[t].size()), group,
+                       doc_cut, term_slot, sizes[t]);
+      int64_t a = 0;
+      for (const int64_t n : sizes[t]) {
+        const size_t before = sterms[t].size();
+        SR_SIMD_DISPATCH(group_summary, fp, ft, t16, fw, wtype, docs[t].data() + a, n, sc, summary_energy, gmax,
+                         sterms[t], svalues[t]);
+        sum_sizes[t].push_back(int64_t(sterms[t].size() - before));
+        a += n;
+      }
+    }
+  });
+  auto list_ptr = at::zeros({dim + 1}, fwd_ptr.options());
+  int64_t* lp = list_ptr.data_ptr<int64_t>();
+  for (int64_t t = 0; t < dim; ++t) lp[t + 1] = lp[t] + int64_t(sizes[t].size());
+  const int64_t ngroups = lp[dim];
+  auto sum_ptr = at::zeros({ngroups + 1}, fwd_ptr.options());
+  auto group_ptr = at::zeros({ngroups + 1}, fwd_ptr.options());
+  int64_t *sp = sum_ptr.data_ptr<int64_t>(), *gp = group_ptr.data_ptr<int64_t>();
+  std::vector<int64_t> doc_at(dim + 1, 0);
+  for (int64_t t = 0; t < dim; ++t) {
+    doc_at[t + 1] = doc_at[t] + int64_t(docs[t].size());
+    for (int64_t g = lp[t]; g < lp[t + 1]; ++g) {
+      gp[g + 1] = gp[g] + sizes[t][g - lp[t]];
+      sp[g + 1] = sp[g] + sum_sizes[t][g - lp[t]];
+    }
+  }
+  auto group_docs = at::empty({doc_at[dim]}, fwd_ptr.options().dtype(at::kInt));
+  auto sum_terms = at::empty({sp[ngroups]}, fwd_ptr.options().dtype(fwd_terms.scalar_type()));
+  auto sum_values = at::empty({sp[ngroups]}, fwd_ptr.options().dtype(at::kByte));
+  int32_t* gd = group_docs.data_ptr<int32_t>();
+  uint8_t* sv = sum_values.data_ptr<uint8_t>();
+  at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      std::copy(docs[t].begin(), docs[t].end(), gd + doc_at[t]);
+      const int64_t at0 = sp[lp[t]];
+      std::copy(svalues[t].begin(), svalues[t].end(), sv + at0);
+      if (t16) {
+        auto* st = static_cast<int16_t*>(sum_terms.data_ptr());
+        for (size_t j = 0; j < sterms[t].size(); ++j) st[at0 + int64_t(j)] = int16_t(uint16_t(sterms[t][j]));
+      } else {
+        std::copy(sterms[t].begin(), sterms[t].end(), sum_terms.data_ptr<int32_t>() + at0);
+      }
+    }
+  });
+  return {list_ptr, group_ptr, group_docs, sum_ptr, sum_terms, sum_values};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
   m.def("block_search(Tensor q_indptr, Tensor q_indices, Tensor q_values, Tensor[] index, int block_size, "
         "int superblock, int k, float alpha, int query_cut, int num_threads, Tensor? allowed=None, "
-        "Tensor? positions=None) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? positions=None, Tensor[]? lists=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("term_lists(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, Tensor scale, int list_len, int group, "
+        "float summary_energy, int doc_cut) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, int superblock, "
         "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
@@ -269,6 +414,7 @@ TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
 TORCH_LIBRARY_IMPL(sparse_retrieval, CPU, m) {
   m.impl("block_search", &block_search_cpu);
   m.impl("block_maxima", &block_maxima_cpu);
+  m.impl("term_lists", &term_lists_cpu);
 }
 
 }  // namespace sr::ops

@@ -319,7 +319,7 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 
 @fake("block_search")
 def _(q_indptr, q_indices, q_values, index, block_size, superblock, k, alpha, query_cut, num_threads, allowed=None,
-      positions=None):
+      positions=None, lists=None):
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))
@@ -335,3 +335,12 @@ def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fracti
             fwd_ptr.new_empty((entries,), dtype=torch.int32), fwd_ptr.new_empty((entries,), dtype=torch.uint8),
             fwd_ptr.new_empty((nsuper + 1,)), fwd_terms.new_empty((blk_entries,)),
             fwd_ptr.new_empty((blk_entries * superblock,), dtype=torch.uint8))
+
+
+@fake("term_lists")
+def _(fwd_ptr, fwd_terms, fwd_weights, scale, list_len, group, summary_energy, doc_cut):
+    ctx = torch.library.get_ctx()
+    groups, listed, entries = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (fwd_ptr.new_empty((scale.shape[0] + 1,)), fwd_ptr.new_empty((groups + 1,)),
+            fwd_ptr.new_empty((listed,), dtype=torch.int32), fwd_ptr.new_empty((groups + 1,)),
+            fwd_terms.new_empty((entries,)), fwd_ptr.new_empty((entries,), dtype=torch.uint8))
