@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const std::optional<at::TensorList>& lists_arg) {
   const at::TensorList lists = lists_arg.value_or(at::TensorList());
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(lists.empty() || lists.size() == 6, "lists: expected none or 6 tensors (list_ptr, group_ptr, "
-                    "group_docs, sum_ptr, sum_terms, sum_values), got ", lists.size());
+  TORCH_CHECK_VALUE(lists.empty() || lists.size() == 9, "lists: expected none or 9 tensors (list_ptr, group_ptr, "
+                    "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values), got ", lists.size());
   const bool use_lists = !lists.empty();
   // Candidate lists rank by summaries that may miss terms, so stopping later than at the best summary left (alpha
   // above 1) buys recall there; block bounds are upper bounds, so alpha 1 is already exact.
@@ -141,30 +141,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   });
   sr::cpu::TermLists tl{};
   if (use_lists) {
-    const auto &list_ptr = lists[0], &group_ptr = lists[1], &group_docs = lists[2], &sum_ptr = lists[3],
-               &sum_terms = lists[4], &sum_values = lists[5];
+    const auto &list_ptr = lists[0], &group_ptr = lists[1], &group_docs = lists[2], &dir_ptr = lists[3],
+               &dir_terms = lists[4], &dir_at = lists[5], &ent_ptr = lists[6], &ent_groups = lists[7],
+               &ent_values = lists[8];
     TORCH_CHECK_VALUE(group_ptr.dim() == 1 && group_ptr.numel() >= 1, "group_ptr: expected ngroups + 1 >= 1 entries");
     const int64_t ngroups = group_ptr.numel() - 1;
     check_1d(list_ptr, at::kLong, dim + 1, "list_ptr");
     check_1d(group_ptr, at::kLong, ngroups + 1, "group_ptr");
     check_1d(group_docs, at::kInt, -1, "group_docs");
-    check_1d(sum_ptr, at::kLong, ngroups + 1, "sum_ptr");
-    TORCH_CHECK_TYPE(sum_terms.scalar_type() == fwd_terms.scalar_type(), "sum_terms: expected ",
-                     fwd_terms.scalar_type(), " (the type of fwd_terms), got ", sum_terms.scalar_type());
-    check_1d(sum_terms, sum_terms.scalar_type(), -1, "sum_terms");
-    check_1d(sum_values, at::kByte, sum_terms.numel(), "sum_values");
+    check_1d(dir_ptr, at::kLong, dim + 1, "dir_ptr");
+    TORCH_CHECK_TYPE(dir_terms.scalar_type() == fwd_terms.scalar_type(), "dir_terms: expected ",
+                     fwd_terms.scalar_type(), " (the type of fwd_terms), got ", dir_terms.scalar_type());
+    check_1d(dir_terms, dir_terms.scalar_type(), -1, "dir_terms");
+    check_1d(dir_at, at::kInt, dir_terms.numel(), "dir_at");
+    check_1d(ent_ptr, at::kLong, dim + 1, "ent_ptr");
+    check_1d(ent_groups, at::kShort, -1, "ent_groups");
+    check_1d(ent_values, at::kByte, ent_groups.numel(), "ent_values");
     check_offsets(list_ptr, ngroups, "list_ptr");
     check_offsets(group_ptr, group_docs.numel(), "group_ptr");
-    check_offsets(sum_ptr, sum_terms.numel(), "sum_ptr");
-    check_once("term lists", {list_ptr, group_ptr, group_docs, sum_ptr, sum_terms}, {dim, ndocs}, [&] {
-      TORCH_CHECK_VALUE((list_ptr.slice(0, 1) >= list_ptr.slice(0, 0, -1)).all().item<bool>(),
-                        "list_ptr: offsets must not decrease");
+    check_offsets(dir_ptr, dir_terms.numel(), "dir_ptr");
+    check_offsets(ent_ptr, ent_groups.numel(), "ent_ptr");
+    check_once("term lists", {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups},
+               {dim, ndocs}, [&] {
+      for (const auto* p : {&list_ptr, &ent_ptr}) {
+        TORCH_CHECK_VALUE((p->slice(0, 1) >= p->slice(0, 0, -1)).all().item<bool>(),
+                          p == &list_ptr ? "list_ptr" : "ent_ptr", ": offsets must not decrease");
+      }
+      TORCH_CHECK_VALUE((list_ptr.slice(0, 1) - list_ptr.slice(0, 0, -1)).le(65536).all().item<bool>(),
+                        "list_ptr: a term lists at most 65536 groups");
       check_lists(group_ptr, group_docs, ndocs, "group_ptr", "group_docs");
-      check_lists(sum_ptr, sum_terms, dim, "sum_ptr", "sum_terms");
+      check_lists(dir_ptr, dir_terms, dim, "dir_ptr", "dir_terms");
     });
     tl = {ngroups, list_ptr.data_ptr<int64_t>(), group_ptr.data_ptr<int64_t>(), group_docs.data_ptr<int32_t>(),
-          group_docs.numel(), sum_ptr.data_ptr<int64_t>(), sum_terms.data_ptr(), sum_values.data_ptr<uint8_t>(),
-          sum_terms.numel()};
+          group_docs.numel(), dir_ptr.data_ptr<int64_t>(), dir_terms.data_ptr(), dir_at.data_ptr<int32_t>(),
+          dir_terms.numel(), ent_ptr.data_ptr<int64_t>(), reinterpret_cast<const uint16_t*>(ent_groups.data_ptr()),
+          ent_values.data_ptr<uint8_t>(), ent_groups.numel()};
   }
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
   const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
@@ -213,13 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const sr::cpu::BlockScratch scratch = thread_scratch(std::max<int64_t>(dim + 1, 65536), bounds ? nsuper : 0,
                                                          bounds ? superblock : 0, bounds ? nblocks : 0);
-    thread_local std::vector<uint8_t> seen;  // all zero between queries, as qdense
-    thread_local std::vector<float> qdense;
+    thread_local std::vector<uint8_t> seen;  // all zero between queries, as acc
+    thread_local std::vector<float> acc(65536);
     thread_local std::vector<uint64_t> candidates;
     thread_local std::vector<int64_t> scored;
     if (use_lists && int64_t(seen.size()) < ndocs) seen.resize(ndocs);
-    if (use_lists && int64_t(qdense.size()) < std::max<int64_t>(dim + 1, 65536)) qdense.resize(std::max<int64_t>(dim + 1, 65536));
-    const sr::cpu::ListScratch list_scratch{seen.data(), qdense.data(), &candidates, &scored};
+    const sr::cpu::ListScratch list_scratch{seen.data(), acc.data(), &candidates, &scored};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};
@@ -305,15 +315,17 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
   return {scale, dense_row, dense, ptr, ids, values, blk_ptr, blk_terms, blk_values};
 }
 
-// Term lists of a forward index (see term_top_documents and group_summary in the kernel header): (list_ptr,
-// group_ptr, group_docs, sum_ptr, sum_terms, sum_values). Checks everything it reads: it runs once per build.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> term_lists_cpu(
+// Term lists of a forward index (TermLists, built with term_top_documents, cluster_documents and group_summary of
+// the kernel header): (list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups,
+// ent_values). Checks everything it reads: it runs once per build.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+term_lists_cpu(
     const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale,
     int64_t list_len, int64_t group, double summary_energy, int64_t doc_cut) {
   check_1d(scale, at::kFloat, -1, "scale");
   const int64_t dim = scale.numel();
   TORCH_CHECK_VALUE(dim >= 1, "scale: expected one entry per term (dim >= 1)");
-  TORCH_CHECK_VALUE(list_len >= 1 && list_len < (int64_t(1) << 31), "list_len: must lie in [1, 2^31), got ", list_len);
+  TORCH_CHECK_VALUE(list_len >= 1 && list_len <= 65536, "list_len: must lie in [1, 65536], got ", list_len);
   TORCH_CHECK_VALUE(group >= 1 && group <= (int64_t(1) << 20), "group: must lie in [1, 2^20], got ", group);
   TORCH_CHECK_VALUE(summary_energy > 0.0 && summary_energy <= 1.0, "summary_energy: must lie in (0, 1], got ",
                     summary_energy);
@@ -363,40 +375,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     }
   });
-  auto list_ptr = at::zeros({dim + 1}, fwd_ptr.options());
-  int64_t* lp = list_ptr.data_ptr<int64_t>();
-  for (int64_t t = 0; t < dim; ++t) lp[t + 1] = lp[t] + int64_t(sizes[t].size());
-  const int64_t ngroups = lp[dim];
-  auto sum_ptr = at::zeros({ngroups + 1}, fwd_ptr.options());
-  auto group_ptr = at::zeros({ngroups + 1}, fwd_ptr.options());
-  int64_t *sp = sum_ptr.data_ptr<int64_t>(), *gp = group_ptr.data_ptr<int64_t>();
-  std::vector<int64_t> doc_at(dim + 1, 0);
-  for (int64_t t = 0; t < dim; ++t) {
-    doc_at[t + 1] = doc_at[t] + int64_t(docs[t].size());
-    for (int64_t g = lp[t]; g < lp[t + 1]; ++g) {
-      gp[g + 1] = gp[g] + sizes[t][g - lp[t]];
-      sp[g + 1] = sp[g] + sum_sizes[t][g - lp[t]];
-    }
-  }
-  auto group_docs = at::empty({doc_at[dim]}, fwd_ptr.options().dtype(at::kInt));
-  auto sum_terms = at::empty({sp[ngroups]}, fwd_ptr.options().dtype(fwd_terms.scalar_type()));
-  auto sum_values = at::empty({sp[ngroups]}, fwd_ptr.options().dtype(at::kByte));
-  int32_t* gd = group_docs.data_ptr<int32_t>();
-  uint8_t* sv = sum_values.data_ptr<uint8_t>();
+  // Each list's summaries transposed: (term, group in the list, maximum) sorted by term, then group.
+  std::vector<std::vector<int32_t>> dterms(dim), dat(dim);
+  std::vector<std::vector<uint16_t>> egroups(dim);
+  std::vector<std::vector<uint8_t>> evalues(dim);
   at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<std::tuple<int32_t, uint16_t, uint8_t>> entries;
     for (int64_t t = lo; t < hi; ++t) {
-      std::copy(docs[t].begin(), docs[t].end(), gd + doc_at[t]);
-      const int64_t at0 = sp[lp[t]];
-      std::copy(svalues[t].begin(), svalues[t].end(), sv + at0);
-      if (t16) {
-        auto* st = static_cast<int16_t*>(sum_terms.data_ptr());
-        for (size_t j = 0; j < sterms[t].size(); ++j) st[at0 + int64_t(j)] = int16_t(uint16_t(sterms[t][j]));
-      } else {
-        std::copy(sterms[t].begin(), sterms[t].end(), sum_terms.data_ptr<int32_t>() + at0);
+      entries.clear();
+      for (size_t g = 0, e = 0; g < sum_sizes[t].size(); ++g) {
+        for (int64_t i = 0; i < sum_sizes[t][g]; ++i, ++e) entries.emplace_back(sterms[t][e], uint16_t(g), svalues[t][e]);
+      }
+      std::vector<int32_t>().swap(sterms[t]);
+      std::vector<uint8_t>().swap(svalues[t]);
+      std::sort(entries.begin(), entries.end());
+      for (size_t e = 0; e < entries.size(); ++e) {
+        if (e == 0 || std::get<0>(entries[e]) != std::get<0>(entries[e - 1])) {
+          dterms[t].push_back(std::get<0>(entries[e]));
+          dat[t].push_back(int32_t(e));
+        }
+        egroups[t].push_back(std::get<1>(entries[e]));
+        evalues[t].push_back(std::get<2>(entries[e]));
       }
     }
   });
-  return {list_ptr, group_ptr, group_docs, sum_ptr, sum_terms, sum_values};
+  const auto opts = fwd_ptr.options();
+  auto list_ptr = at::zeros({dim + 1}, opts), dir_ptr = at::zeros({dim + 1}, opts), ent_ptr = at::zeros({dim + 1}, opts);
+  int64_t *lp = list_ptr.data_ptr<int64_t>(), *dp = dir_ptr.data_ptr<int64_t>(), *ep = ent_ptr.data_ptr<int64_t>();
+  std::vector<int64_t> doc_at(dim + 1, 0);
+  for (int64_t t = 0; t < dim; ++t) {
+    lp[t + 1] = lp[t] + int64_t(sizes[t].size());
+    dp[t + 1] = dp[t] + int64_t(dterms[t].size());
+    ep[t + 1] = ep[t] + int64_t(egroups[t].size());
+    doc_at[t + 1] = doc_at[t] + int64_t(docs[t].size());
+  }
+  const int64_t ngroups = lp[dim];
+  auto group_ptr = at::zeros({ngroups + 1}, opts);
+  int64_t* gp = group_ptr.data_ptr<int64_t>();
+  for (int64_t t = 0; t < dim; ++t) {
+    for (int64_t g = lp[t]; g < lp[t + 1]; ++g) gp[g + 1] = gp[g] + sizes[t][g - lp[t]];
+  }
+  auto group_docs = at::empty({doc_at[dim]}, opts.dtype(at::kInt));
+  auto dir_terms = at::empty({dp[dim]}, opts.dtype(fwd_terms.scalar_type()));
+  auto dir_at = at::empty({dp[dim]}, opts.dtype(at::kInt));
+  auto ent_groups = at::empty({ep[dim]}, opts.dtype(at::kShort));
+  auto ent_values = at::empty({ep[dim]}, opts.dtype(at::kByte));
+  at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      std::copy(docs[t].begin(), docs[t].end(), group_docs.data_ptr<int32_t>() + doc_at[t]);
+      std::copy(dat[t].begin(), dat[t].end(), dir_at.data_ptr<int32_t>() + dp[t]);
+      std::copy(egroups[t].begin(), egroups[t].end(), reinterpret_cast<uint16_t*>(ent_groups.data_ptr()) + ep[t]);
+      std::copy(evalues[t].begin(), evalues[t].end(), ent_values.data_ptr<uint8_t>() + ep[t]);
+      if (t16) {
+        auto* dt = reinterpret_cast<uint16_t*>(dir_terms.data_ptr());
+        for (size_t j = 0; j < dterms[t].size(); ++j) dt[dp[t] + int64_t(j)] = uint16_t(dterms[t][j]);
+      } else {
+        std::copy(dterms[t].begin(), dterms[t].end(), dir_terms.data_ptr<int32_t>() + dp[t]);
+      }
+    }
+  });
+  return {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values};
 }
 
 }  // namespace
@@ -406,7 +444,7 @@ TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
         "int superblock, int k, float alpha, int query_cut, int num_threads, Tensor? allowed=None, "
         "Tensor? positions=None, Tensor[]? lists=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("term_lists(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, Tensor scale, int list_len, int group, "
-        "float summary_energy, int doc_cut) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float summary_energy, int doc_cut) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, int superblock, "
         "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -38,6 +38,7 @@ import torch
 from ._fake import fake
 from .compact_terms import check_terms, compact_rows, uses_compact_terms
 from .sparse import SparseBatch, cast_values, check_lists
+from .term_lists import TermLists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -68,6 +69,8 @@ class BlockMax:
     # Over a huge dim (compact_terms.py): the sorted dimensions the documents hold, and every term array above
     # indexed by position in it; None: by dimension.
     terms: torch.Tensor | None = None
+    # The structure of approximate search at scale (term_lists.py), when built.
+    lists: TermLists | None = None
 
     @property
     def nblocks(self) -> int:
@@ -79,25 +82,29 @@ class BlockMax:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, in the order the op takes them."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SIZES and f.name != "terms"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _SIZES and f.name not in ("terms", "lists")}
 
     @property
     def nbytes(self) -> int:
         terms = () if self.terms is None else (self.terms,)
-        return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *terms))
+        lists = 0 if self.lists is None else self.lists.nbytes
+        return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *terms)) + lists
 
     def search(self, queries: SparseBatch, k: int, alpha: float, threads: int, query_cut: int = 0,
-               allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+               allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None, lists: bool = False):
         """(scores, ids, complete, visited) of the kernel; rows whose ``complete`` is False must be searched
         exhaustively. ``query_cut`` > 0 bounds blocks with that many query terms only (approximate); ``allowed``
         (bool, one per document) restricts the candidates. With ``positions`` (see `positions_of`) the kernel
         scores exactly those documents (those of them that ``allowed`` lets through, when both are given) instead
-        of pruning (``visited``: documents listed, not blocks)."""
+        of pruning (``visited``: documents listed, not blocks). With ``lists`` the candidates come from the term
+        lists (term_lists.py; ``query_cut`` terms' lists, ``alpha`` up to term_lists.MAX_ALPHA; ``visited``:
+        groups scored)."""
         if self.terms is not None:
             queries = compact_rows(queries, self.terms)
         return _ops.block_search(queries.indptr, queries.indices, queries.values.detach(),
                                  list(self.tensors().values()), self.block_size, self.superblock, k, alpha,
-                                 query_cut, threads, allowed, positions)
+                                 query_cut, threads, allowed, positions, self.lists.tensors() if lists else None)
 
     def positions_of(self, allowed: torch.Tensor) -> torch.Tensor:
         """The stored positions (ascending) of the documents whose ``allowed`` entry (bool, one per id) is set:
@@ -336,11 +343,3 @@ def _(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fracti
             fwd_ptr.new_empty((nsuper + 1,)), fwd_terms.new_empty((blk_entries,)),
             fwd_ptr.new_empty((blk_entries * superblock,), dtype=torch.uint8))
 
-
-@fake("term_lists")
-def _(fwd_ptr, fwd_terms, fwd_weights, scale, list_len, group, summary_energy, doc_cut):
-    ctx = torch.library.get_ctx()
-    groups, listed, entries = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    return (fwd_ptr.new_empty((scale.shape[0] + 1,)), fwd_ptr.new_empty((groups + 1,)),
-            fwd_ptr.new_empty((listed,), dtype=torch.int32), fwd_ptr.new_empty((groups + 1,)),
-            fwd_terms.new_empty((entries,)), fwd_ptr.new_empty((entries,), dtype=torch.uint8))

@@ -163,23 +163,6 @@ class SuperblockOrder {
   int64_t m_ = 0, j_ = 0, sorted_ = 0;
 };
 
-// The first position in [p, e) of ascending `terms` whose term is >= t (or e). A superblock lists ~1,500 terms
-// and a query brings ~26, far apart: windows of 32 whose last term is below t are skipped with one predictable
-// comparison each, and the last window is counted with a compare the compiler vectorises (a binary search per
-// query term, mispredicting about half its steps, made a superblock cost ~3 us).
-template <class Term>
-inline int64_t skip_below(const Term* __restrict terms, int64_t p, int64_t e, Term t) {
-  constexpr int64_t kWindow = 32;
-  while (p + kWindow <= e && terms[p + kWindow - 1] < t) p += kWindow;
-  if (p + kWindow <= e) {
-    int64_t below = 0;
-    for (int64_t j = 0; j < kWindow; ++j) below += terms[p + j] < t ? 1 : 0;
-    return p + below;
-  }
-  while (p < e && terms[p] < t) ++p;
-  return p;
-}
-
 template <class W, class Term>
 bool search_query(const BlockMaxIndex& ix, const SearchQuery& q, int64_t k, float alpha, int64_t query_cut,
                   const uint8_t* allowed, const BlockScratch& s,

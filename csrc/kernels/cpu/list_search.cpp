@@ -12,68 +12,6 @@
 namespace sr::cpu::SR_SIMD_NS {
 namespace {
 
-// The query's dot product with the summary entries [a, e): qd[term] (weight x scale of each positive query term, 0
-// elsewhere; int32 terms clamped to dim, where qd is 0) times the 8-bit maximum. Summaries are read in list order,
-// so the cost is the lookups: gathered 16 (AVX-512) or 8 (AVX2) at a time, and four partial sums in the scalar
-// loop, which a single running sum made wait out an addition's latency per entry. The partial sums round in
-// another order than the scores; all products are >= 0 and at most one per query term is not 0, so the margin of
-// the stopping rule covers it.
-template <class Term>
-inline float summary_dot(const Term* __restrict terms, const uint8_t* __restrict v, const float* __restrict qd,
-                         int64_t dim, int64_t a, int64_t e) {
-  const auto lookup = [&](int64_t p) {
-    if constexpr (sizeof(Term) == 2) {
-      return qd[terms[p]];
-    } else {
-      return qd[std::min(uint32_t(terms[p]), uint32_t(dim))];
-    }
-  };
-  int64_t p = a;
-  float dot = 0.0f;
-#if SR_SIMD_LEVEL == 3
-  __m512 acc = _mm512_setzero_ps();
-  const __m512i last = _mm512_set1_epi32(int32_t(dim));
-  for (; p + 16 <= e; p += 16) {
-    __m512i idx;
-    if constexpr (sizeof(Term) == 2) {
-      idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(terms + p)));
-    } else {
-      idx = _mm512_min_epu32(_mm512_loadu_si512(terms + p), last);
-    }
-    const __m512 q = _mm512_i32gather_ps(idx, qd, 4);
-    const __m512 val = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + p))));
-    acc = _mm512_add_ps(acc, _mm512_mul_ps(q, val));
-  }
-  dot = _mm512_reduce_add_ps(acc);
-#elif SR_SIMD_LEVEL == 2
-  __m256 acc = _mm256_setzero_ps();
-  const __m256i last = _mm256_set1_epi32(int32_t(dim));
-  for (; p + 8 <= e; p += 8) {
-    __m256i idx;
-    if constexpr (sizeof(Term) == 2) {
-      idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(terms + p)));
-    } else {
-      idx = _mm256_min_epu32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(terms + p)), last);
-    }
-    const __m256 q = _mm256_i32gather_ps(qd, idx, 4);
-    const __m256 val = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + p))));
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(q, val));
-  }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  for (const float x : lanes) dot += x;
-#endif
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  for (; p + 4 <= e; p += 4) {
-    s0 += lookup(p) * float(v[p]);
-    s1 += lookup(p + 1) * float(v[p + 1]);
-    s2 += lookup(p + 2) * float(v[p + 2]);
-    s3 += lookup(p + 3) * float(v[p + 3]);
-  }
-  for (; p < e; ++p) s0 += lookup(p) * float(v[p]);
-  return dot + ((s0 + s1) + (s2 + s3));
-}
-
 template <class W, class Term>
 bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& q, int64_t k, float alpha,
                 int64_t query_cut, const uint8_t* allowed, const BlockScratch& s, const ListScratch& ls,
@@ -95,22 +33,35 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
   auto& cand = *ls.candidates;
   if (int64_t(cand.size()) < total) cand.resize(total);
   fill_slots(q, s);
-  float* qd = ls.qdense;
-  for (int64_t t = 0; t < q.nterms; ++t) qd[q.terms[t]] = q.weights[t] > 0.0f ? q.weights[t] * ix.scale[q.terms[t]] : 0.0f;
-  const auto* sterms = static_cast<const Term*>(L.sum_terms);
+  // Summary scores of the groups of each list: for each positive query term (ascending), its entries in the list's
+  // transposed summaries are added to the groups' sums (acc, one float per group of the list).
+  const auto* dterms = static_cast<const Term*>(L.dir_terms);
+  float* acc = ls.acc;
   bool ok = true;
   int64_t n = 0;
   for (int64_t i = 0; i < ncut && ok; ++i) {
     const int64_t t = q.terms[cut[i]];
-    for (int64_t g = L.list_ptr[t]; g < L.list_ptr[t + 1]; ++g) {
-      const int64_t a = L.sum_ptr[g], e = L.sum_ptr[g + 1];
-      ok = 0 <= a && a <= e && e <= L.sum_entries;
-      if (!ok) break;
-      const float dot = summary_dot<Term>(sterms, L.sum_values, qd, ix.dim, a, e);
-      if (dot > 0.0f) cand[n++] = block_key(dot, g);
+    const int64_t g0 = L.list_ptr[t], ng = L.list_ptr[t + 1] - g0;
+    const int64_t d0 = L.dir_ptr[t], d1 = L.dir_ptr[t + 1], e0 = L.ent_ptr[t], e1 = L.ent_ptr[t + 1];
+    ok = ng <= 65536 && 0 <= d0 && d0 <= d1 && d1 <= L.ndir && 0 <= e0 && e0 <= e1 && e1 <= L.nent;
+    if (!ok) break;
+    int64_t j = d0;
+    for (int64_t r = 0; r < q.nterms && j < d1; ++r) {
+      if (!(q.weights[r] > 0.0f)) continue;
+      const int64_t u = q.terms[r];
+      j = skip_below(dterms, j, d1, Term(u));
+      if (j == d1 || int64_t(dterms[j]) != u) continue;
+      const int64_t a = std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j])), e0, e1);
+      const int64_t b = j + 1 < d1 ? std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j + 1])), a, e1) : e1;
+      const float w = q.weights[r] * ix.scale[u];
+      const uint32_t last = uint32_t(std::max<int64_t>(ng, 1) - 1);
+      for (int64_t e = a; e < b; ++e) acc[std::min(uint32_t(L.ent_groups[e]), last)] += w * float(L.ent_values[e]);
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      if (acc[g] > 0.0f) cand[n++] = block_key(acc[g], g0 + g);
+      acc[g] = 0.0f;
     }
   }
-  for (int64_t t = 0; t < q.nterms; ++t) qd[q.terms[t]] = 0.0f;
 
   // Groups best summary first (a heap: most queries stop long before the last); a document listed in several
   // groups is scored once.
@@ -119,51 +70,57 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
   std::make_heap(cand.data(), cand.data() + n);
   auto& scored = *ls.scored;
   scored.clear();
-  int64_t fresh[64];
+  // Groups are scored a batch at a time: up to kBatch of them that pass the stopping test against the k-th score
+  // so far. A group's documents lie anywhere in the forward index; fetching the offsets, ids and `seen` bytes of a
+  // whole batch, then their terms and weights, lets the misses overlap (one group at a time, a group of ten cost
+  // ~1.4-4.5 us at 2M documents). The groups scored are still a prefix of one order, and a later test sees a k-th
+  // score no higher than one group at a time would, so recall still only grows with alpha.
+  constexpr int64_t kBatch = 8;
+  int64_t batch[kBatch];
   int64_t visited = 0;
-  while (ok && n > 0) {
-    const float top = key_bound(cand[0]);
-    if (best.full() && best.floor() > alpha * top * margin) break;
-    std::pop_heap(cand.data(), cand.data() + n--);
-    const int64_t g = key_block(cand[n]);
-    const int64_t a = L.group_ptr[g], e = L.group_ptr[g + 1];
-    if (!(0 <= a && a <= e && e <= L.group_entries)) {
-      ok = false;
-      break;
+  bool more = true;
+  while (ok && more) {
+    int64_t nb = 0;
+    while (nb < kBatch) {
+      if (n == 0 || (best.full() && best.floor() > alpha * key_bound(cand[0]) * margin)) {
+        more = false;
+        break;
+      }
+      std::pop_heap(cand.data(), cand.data() + n--);
+      const int64_t g = key_block(cand[n]);
+      batch[nb++] = g;
+      __builtin_prefetch(L.group_ptr + g);
     }
-    if (n > 0) __builtin_prefetch(L.group_ptr + key_block(cand[0]));  // the next group, likely
-    for (int64_t p = a; p < e && ok;) {
-      // A group's documents lie anywhere in the forward index: their offsets, ids and `seen` bytes are fetched
-      // together, then their terms and weights, so that the misses overlap (one at a time, scoring a group of
-      // ten cost ~4.5 us at 2M documents).
-      const int64_t pe = std::min(e, p + 64);
-      for (int64_t j = p; j < pe; ++j) {
+    for (int64_t i = 0; i < nb && ok; ++i) {
+      const int64_t a = L.group_ptr[batch[i]], e = L.group_ptr[batch[i] + 1];
+      ok = 0 <= a && a <= e && e <= L.group_entries;
+      for (int64_t j = a; j < e && ok; ++j) {
         const uint32_t d = std::min(uint32_t(L.group_docs[j]), uint32_t(ix.ndocs - 1));
         __builtin_prefetch(ix.fwd_ptr + d);
         __builtin_prefetch(ix.doc_ids + d);
         __builtin_prefetch(ls.seen + d);
       }
-      int64_t m = 0;
-      for (; p < pe; ++p) {
-        const uint32_t d = uint32_t(L.group_docs[p]);
-        if (d >= uint64_t(ix.ndocs)) {
-          ok = false;
-          break;
-        }
+    }
+    const int64_t first = int64_t(scored.size());
+    for (int64_t i = 0; i < nb && ok; ++i) {
+      for (int64_t j = L.group_ptr[batch[i]]; j < L.group_ptr[batch[i] + 1]; ++j) {
+        const uint32_t d = uint32_t(L.group_docs[j]);
+        ok = d < uint64_t(ix.ndocs);
+        if (!ok) break;
         if (ls.seen[d]) continue;
         ls.seen[d] = 1;
         scored.push_back(d);
-        fresh[m++] = d;
-        const int64_t lo = std::clamp<int64_t>(ix.fwd_ptr[d], 0, ix.nnz), hi = std::clamp<int64_t>(ix.fwd_ptr[d + 1], lo, ix.nnz);
+        const int64_t lo = std::clamp<int64_t>(ix.fwd_ptr[d], 0, ix.nnz);
+        const int64_t hi = std::clamp<int64_t>(ix.fwd_ptr[d + 1], lo, ix.nnz);
         for (int64_t x = lo; x < hi; x += 32) {
           __builtin_prefetch(static_cast<const Term*>(ix.fwd_terms) + x);
           __builtin_prefetch(static_cast<const typename W::T*>(ix.fwd_weights) + x);
         }
       }
-      const auto listed = [&fresh](int64_t i) { return fresh[i]; };
-      ok = ok && score_docs<W, Term>(ix, s.slot, s.qslot, m, listed, allowed, best);
     }
-    ++visited;
+    const auto listed = [&scored, first](int64_t i) { return scored[first + i]; };
+    ok = ok && score_docs<W, Term>(ix, s.slot, s.qslot, int64_t(scored.size()) - first, listed, allowed, best);
+    visited += nb;
   }
   for (const int64_t d : scored) ls.seen[d] = 0;
   clear_slots(q, s);

@@ -15,28 +15,34 @@
 
 namespace sr::cpu {
 
-// The term lists of a BlockMaxIndex. Term t's groups: [list_ptr[t], list_ptr[t + 1]); group g's documents (stored
-// positions, ascending): group_docs[group_ptr[g], group_ptr[g + 1]); its summary: terms (ascending, the type of
-// fwd_terms) and 8-bit maxima (dequantized with the index's scale, rounded up as its bounds are) at
-// [sum_ptr[g], sum_ptr[g + 1]).
+// The term lists of a BlockMaxIndex. Term t's groups: [list_ptr[t], list_ptr[t + 1]) (at most 65536); group g's
+// documents (stored positions, ascending): group_docs[group_ptr[g], group_ptr[g + 1]). The summaries of a list are
+// kept transposed, so that a query reads only the entries of its own terms: list t's distinct summary terms
+// (ascending, the type of fwd_terms) are dir_terms[dir_ptr[t], dir_ptr[t + 1]); directory entry j's entries are
+// [ent_ptr[t] + dir_at[j], ent_ptr[t] + dir_at[j + 1]) (the list's last up to ent_ptr[t + 1]), each a group of the list
+// (ent_groups, its index in the list, ascending) and that term's 8-bit maximum over the group (ent_values,
+// dequantized with the index's scale, rounded up as its bounds are).
 struct TermLists {
   int64_t ngroups;
   const int64_t* list_ptr;
   const int64_t* group_ptr;
   const int32_t* group_docs;
   int64_t group_entries;
-  const int64_t* sum_ptr;
-  const void* sum_terms;
-  const uint8_t* sum_values;
-  int64_t sum_entries;
+  const int64_t* dir_ptr;
+  const void* dir_terms;
+  const int32_t* dir_at;
+  int64_t ndir;
+  const int64_t* ent_ptr;
+  const uint16_t* ent_groups;
+  const uint8_t* ent_values;
+  int64_t nent;
 };
 
 // Per-thread scratch of list_search_query beside a BlockScratch (whose slot and qslot it uses): `seen`, ndocs
-// zeroed bytes, and `qdense`, max(dim + 1, 65536) zeroed floats (both left zeroed); `candidates` and `scored`,
-// grown as needed.
+// zeroed bytes, and `acc`, 65536 zeroed floats (both left zeroed); `candidates` and `scored`, grown as needed.
 struct ListScratch {
   uint8_t* seen;
-  float* qdense;
+  float* acc;
   std::vector<uint64_t>* candidates;
   std::vector<int64_t>* scored;
 };
@@ -70,7 +76,8 @@ SR_SIMD_DECLARE(void cluster_documents(const int64_t* fwd_ptr, const void* fwd_t
                                        std::vector<int64_t>& sizes))
 // Summary of the documents at stored positions docs[0, n): each term's largest weight over them, cut to the fewest
 // terms (largest maxima first, ties to the lower term) whose maxima sum to at least `energy` (in (0, 1]) of all,
-// quantized with `scale` as term_maxima does; appended to terms (ascending) and values. `gmax` holds dim floats
+// quantized with `scale` as term_maxima does; appended to terms (ascending) and values (TermLists keeps them
+// transposed). `gmax` holds dim floats
 // of -1 (left so).
 SR_SIMD_DECLARE(void group_summary(const int64_t* fwd_ptr, const void* fwd_terms, bool terms16,
                                    const void* fwd_weights, ValueType wtype, const int32_t* docs, int64_t n,

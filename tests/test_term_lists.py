@@ -1,0 +1,184 @@
+"""Term lists (SparseIndex approximate search after Seismic, term_lists.py): with every posting listed, full
+summaries, every query term and alpha = 1 the results equal exhaustive search bit for bit (random, clustered and
+tied data of awkward sizes, every SIMD level, threads, filters, after add, save/load and compact, over a huge dim);
+recall only grows with alpha; bad parameters and damaged structures raise."""
+import pytest
+import torch
+
+import sparse_retrieval as sr
+from sparse_retrieval.block_search import build_block_max
+from sparse_retrieval.sparse import SparseBatch
+from sparse_retrieval.term_lists import build_term_lists
+
+from test_block_search import assert_same, clustered, queries_for
+from test_compact_terms import spread
+
+ops = torch.ops.sparse_retrieval
+EVERYTHING = dict(list_len=65536, summary_energy=1.0)
+ALL_TERMS = 1 << 20
+
+
+def data(n, seed, kind="clustered", dim=300):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        docs = SparseBatch(*(lambda b: (b.indptr, b.indices, b.values.abs()))(
+            __import__("test_sparse_dot").random_batch(n, dim, 40, gen)), dim)
+    else:
+        docs = clustered(n, dim, 6, gen, coarse=kind == "coarse")
+    return docs, queries_for(docs, 40, gen, negative=kind == "random")
+
+
+@pytest.mark.parametrize("n,block_size,group,k", [(1, 1, 1, 1), (97, 8, 3, 5), (777, 7, 10, 40), (1500, 16, 64, 10),
+                                                  (300, 8, 1, 400)])
+@pytest.mark.parametrize("kind", ["random", "clustered", "coarse"])
+def test_everything_listed_is_exact(simd, n, block_size, group, k, kind):
+    docs, queries = data(n, n + group, kind)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=block_size, progress=False,
+                                          term_lists=dict(EVERYTHING, group=group))
+    exact = index.search(queries, k, mode="exact")
+    for threads in (1, 3):
+        assert_same(index.search(queries, k, threads, mode="approximate", alpha=1.0, query_cut=ALL_TERMS), exact)
+    assert_same(index.search(queries, k, mode="safe"), exact)  # safe search ignores the lists
+
+
+def test_recall_grows_with_alpha_and_query_cut():
+    docs, queries = data(3000, 5, dim=500)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False,
+                                          term_lists=dict(list_len=200, group=8, summary_energy=0.5))
+    exact = index.search(queries, 10, mode="exact")[1]
+
+    def recall(**kw):
+        ids = index.search(queries, 10, mode="approximate", **kw)[1]
+        return [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(ids, exact)]
+
+    previous = None
+    for alpha in (0.3, 0.8, 1.0, 1.2, 1.5, 3.0):
+        now = recall(alpha=alpha)
+        if previous is not None:  # per query: the groups scored for a larger alpha include those of a smaller
+            assert all(a >= b for a, b in zip(now, previous)), alpha
+        previous = now
+    assert sum(recall(alpha=0.3)) < sum(recall(alpha=3.0))
+    assert sum(recall(query_cut=1)) < sum(recall(query_cut=16))
+    # the groups scored grow with alpha, query by query (raw op: fourth output)
+    bm = index.block_max
+    visited = [bm.search(queries, 10, alpha, 1, 8, lists=True)[3] for alpha in (0.5, 1.0, 2.0)]
+    assert bool((visited[0] <= visited[1]).all() and (visited[1] <= visited[2]).all())
+
+
+def test_filters_deletes_add_save_load_compact(tmp_path):
+    docs, queries = data(900, 8)
+    more, _ = data(130, 9)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=EVERYTHING, progress=False)
+    index.add(more)  # a tail outside the lists, searched exhaustively
+    index.delete(torch.arange(0, 1030, 7))
+
+    gone = torch.arange(0, 1030, 7)
+    keep = torch.rand(1030, generator=torch.Generator().manual_seed(1)) < 0.6
+    keep[gone] = False  # compact() forgets deleted ids: a filter must not name them afterwards
+    allowed = keep.nonzero().flatten()
+    run = lambda ix, mode, **kw: ix.search(queries, 10, mode=mode, filter=allowed, **kw)
+    approx = dict(alpha=1.0, query_cut=ALL_TERMS)
+    exact = run(index, "exact")
+    assert_same(run(index, "approximate", **approx), exact)
+    assert bool(((exact[1] % 7 != 0) | (exact[1] < 0)).all())
+    index.save(tmp_path / "a.idx")
+    for mmap in (True, False):
+        loaded = sr.SparseIndex.load(tmp_path / "a.idx", mmap=mmap)
+        assert loaded.block_max.lists is not None
+        assert_same(run(loaded, "approximate", **approx), exact)
+    index.compact(progress=False)  # rebuilds the lists with the same parameters
+    assert index.block_max.lists.list_len == 65536 and index.block_max.lists.summary_energy == 1.0
+    assert_same(run(index, "approximate", **approx), exact)
+
+
+def test_huge_dim():
+    docs, queries = data(400, 12, dim=200)
+    small = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=EVERYTHING, progress=False)
+    big = sr.SparseIndex.from_documents(spread(docs), block_max=True, term_lists=EVERYTHING, progress=False)
+    approx = dict(mode="approximate", alpha=1.0, query_cut=ALL_TERMS)
+    assert_same(big.search(spread(queries), 10, **approx), small.search(queries, 10, **approx))
+    assert_same(big.search(spread(queries), 10, **approx), small.search(queries, 10, mode="exact"))
+
+
+def test_bad_parameters_raise():
+    docs, queries = data(200, 13)
+    with pytest.raises(ValueError, match="block_max=True"):
+        sr.SparseIndex.from_documents(docs, term_lists=True, progress=False)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    for spec, match in ((dict(list_len=0), "list_len"), (dict(list_len=70000), "list_len"), (dict(group=0), "group"),
+                        (dict(summary_energy=0.0), "summary_energy"), (dict(summary_energy=1.5), "summary_energy"),
+                        (dict(doc_cut=0), "doc_cut"), (dict(list_len=2.5), "list_len"), (dict(size=3), "unknown")):
+        with pytest.raises(ValueError, match=match):
+            index.optimize(term_lists=spec, progress=False)
+    with pytest.raises(TypeError, match="term_lists"):
+        index.optimize(term_lists="yes", progress=False)
+    with pytest.raises(ValueError, match=r"alpha: expected a number in \(0, 1\]"):  # no lists: block maxima
+        index.search(queries, 5, mode="approximate", alpha=1.2)
+    index.optimize(term_lists=True, progress=False)
+    for alpha in (0.0, 16.5, True):
+        with pytest.raises(ValueError, match=r"alpha: expected a number in \(0, 16\]"):
+            index.search(queries, 5, mode="approximate", alpha=alpha)
+    index.search(queries, 5, mode="approximate", alpha=16.0)
+
+
+def raw(docs):
+    bm = build_block_max(docs, torch.float32, block_size=8, superblock=1, progress=False)
+    return bm, build_term_lists(bm, **EVERYTHING)
+
+
+def test_raw_op_checks_its_inputs():
+    docs, queries = data(300, 14)
+    bm, tl = raw(docs)
+    q = queries
+    call = lambda lists, alpha=1.0, positions=None: ops.block_search(
+        q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 1, 5, alpha, 0, 1, None, positions, lists)
+    call(tl.tensors())
+    with pytest.raises(ValueError, match="lists: expected none or 9 tensors"):
+        call(tl.tensors()[:8])
+    with pytest.raises(ValueError, match="alpha"):
+        call(tl.tensors(), alpha=17.0)
+    with pytest.raises(ValueError, match="positions: not with lists"):
+        call(tl.tensors(), positions=torch.tensor([0, 1]))
+    damaged = [
+        (2, lambda t: t.fill_(10**6), "group_docs"),                  # documents out of range
+        (2, lambda t: t.flip(0), "group_docs"),                       # not ascending
+        (4, lambda t: t.flip(0), "dir_terms"),                        # summary terms not ascending
+        (0, lambda t: t[1:].fill_(0), "list_ptr"),                    # offsets not ending at the group count
+        (5, lambda t: t.float(), "dir_at"),                           # wrong dtype
+        (7, lambda t: t[:-1], "ent_values|ent_groups"),               # lengths differ
+    ]
+    for i, damage, match in damaged:
+        lists = [t.clone() for t in tl.tensors()]
+        out = damage(lists[i])
+        if out is not None:
+            lists[i] = out.contiguous()
+        with pytest.raises((ValueError, IndexError, TypeError), match=match):
+            call(lists)
+    for args, match in (((0, 10, 0.6, 15), "list_len"), ((10, 0, 0.6, 15), "group"), ((10, 10, 0.0, 15), "summary"),
+                        ((10, 10, 0.6, 0), "doc_cut")):
+        with pytest.raises(ValueError, match=match):
+            ops.term_lists(bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale, *args)
+    with pytest.raises(ValueError, match="scale"):
+        ops.term_lists(bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale / 1000, 10, 10, 0.6, 15)
+
+
+def test_damaged_file_raises(tmp_path):
+    docs, _ = data(200, 15)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=True, progress=False)
+    path = tmp_path / "a.idx"
+    index.save(path)
+    bm = index.block_max
+    bm.lists.group_docs = bm.lists.group_docs.flip(0).contiguous()  # written as it is: the reader must notice
+    index.save(tmp_path / "b.idx")
+    with pytest.raises(ValueError, match="term lists"):
+        sr.SparseIndex.load(tmp_path / "b.idx")
+    sr.SparseIndex.load(path)
+
+
+def test_opcheck():
+    docs, queries = data(64, 16, dim=40)
+    bm, tl = raw(docs)
+    q = queries[:4]
+    torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 1, 5,
+                                             1.2, 3, 1, None, None, tl.tensors()))
+    torch.library.opcheck(ops.term_lists, (bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale, 16, 4, 0.5, 15))
