@@ -514,7 +514,7 @@ class SparseIndex:
         scores, ids, complete, _ = block_max.search(
             queries, k, float(alpha) if mode == "approximate" else 1.0, threads, int(query_cut or 0),
             None if allowed is None or scan is not None else allowed[:block_max.ndocs], scan,
-            lists and scan is None)
+            lists=lists and scan is None)
         if tail is not None:
             tail_allowed = None if allowed is None else allowed[block_max.ndocs:]
             tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0], tail_allowed)
