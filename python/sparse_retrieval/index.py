@@ -447,7 +447,7 @@ class SparseIndex:
         bounds blocks with only that many query terms, the heaviest). With term lists (``optimize(term_lists=
         True)``) it scores the groups listed under the query's ``query_cut`` heaviest terms (default 8), best
         summary first, until the k-th score beats ``alpha`` times the best summary score left (``alpha`` in (0,
-        16], default 1.2: summaries miss terms, so alpha above 1 buys recall). Recall only grows with alpha.
+        16], default 1.1: summaries miss terms, so alpha above 1 buys recall). Recall only grows with alpha.
         Default: ``"safe"`` once ``optimize()`` has run on a CPU index, else ``"exact"``. Safe and approximate
         search run on the CPU, one thread per query.
 

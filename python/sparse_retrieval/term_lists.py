@@ -33,7 +33,7 @@ _ops = torch.ops.sparse_retrieval
 
 MAX_LIST_LEN = 65536  # groups are numbered within a list in 16 bits
 DEFAULT_QUERY_CUT = 8
-DEFAULT_ALPHA = 1.2
+DEFAULT_ALPHA = 1.1
 MAX_ALPHA = 16.0
 
 
@@ -86,7 +86,7 @@ def check_params(list_len: int, group: int, summary_energy: float, doc_cut: int)
         raise ValueError(f"summary_energy: expected a number in (0, 1], got {summary_energy!r}")
 
 
-def build_term_lists(bm, *, list_len: int = 2000, group: int = 10, summary_energy: float = 0.6,
+def build_term_lists(bm, *, list_len: int = 2000, group: int = 8, summary_energy: float = 0.7,
                      doc_cut: int = 15) -> TermLists:
     """The term lists of a block-max structure ``bm`` (see the module docstring for the parameters; the defaults
     are the best measured on 2M documents)."""

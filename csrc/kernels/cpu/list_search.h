@@ -1,11 +1,12 @@
 // Candidate-list search (torch-free), approximate, after Seismic (Bruch, Nardini, Rulli, Venturini, SIGIR 2024),
-// on the forward index of a block-max structure: each term keeps its `list_len` documents of largest weight, cut,
-// in stored (clustered) order, into groups of `group` neighbours; each group keeps a summary (the largest weight of
-// each term over its documents, cut to the terms that carry `summary_energy` of their sum, 8-bit). A query takes the
-// groups listed under its `query_cut` terms of largest weight x maximum, ranks them by the dot product of the query
-// with their summaries (read in list order: the summaries of a list are contiguous), scores their documents from
-// the forward index best group first, and stops once its k-th score beats alpha x the best summary score left.
-// Where block-max search bounds every block (a cost that grows with the collection), this reads a few short lists.
+// on the forward index of a block-max structure: each term keeps its `list_len` documents of largest weight,
+// clustered into groups of about `group` similar documents; each group keeps a summary (the largest weight of each
+// term over its documents, cut to the terms that carry `summary_energy` of their sum, 8-bit), stored transposed per
+// list so that a query reads only its own terms' entries. A query takes the groups listed under its `query_cut`
+// terms of largest weight x maximum, ranks them by the dot product of the query with their summaries, scores their
+// documents from the forward index best group first, and stops once its k-th score beats alpha x the best summary
+// score left. Where block-max search bounds every block (a cost that grows with the collection), this reads a few
+// short lists.
 #pragma once
 
 #include <cstdint>
