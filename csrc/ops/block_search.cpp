@@ -61,7 +61,7 @@ void check_sizes(int64_t block_size, int64_t superblock) {
 // (4 MB of bounds and heap). It stays allocated with the thread: about 13 MB per thread at 8.8M documents.
 sr::cpu::BlockScratch thread_scratch(int64_t slots, int64_t nsuper, int64_t superblock, int64_t nblocks) {
   thread_local std::vector<uint8_t> slot;  // all zero between queries: the kernels clear what they set
-  thread_local std::vector<float> qslot(512), ub, blk_ub;
+  thread_local std::vector<float> qslot(256), ub, blk_ub;
   thread_local std::vector<int32_t> order;
   thread_local std::vector<uint64_t> heap;
   const auto grow = [](auto& v, int64_t n) {

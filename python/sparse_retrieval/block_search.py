@@ -19,7 +19,9 @@ large collections (8.8M documents: ``superblock=2`` 1.33x faster safe and 1.67x 
 block, 4 about 1.2x) and cost on small ones (203k: 0.57x at 2; 1M: 0.38x at 4), hence ``superblock="auto"``: 2 from
 ``AUTO_SUPERBLOCK_DOCS`` documents on, else 1 (docs/benchmarks.md). A second approximate knob, ``query_cut``,
 computes the bounds from the query's ``query_cut`` terms of largest weight x maximum only (cheaper bounds, which
-miss the other terms' share; scores still use every term).
+miss the other terms' share; scores still use every term). On large collections the term lists of
+`term_lists.py` (after Seismic) replace the block maxima for approximate search: they read a few short lists
+instead of bounding every block.
 
 Safe search needs non-negative, finite document weights (learned sparse encoders produce these). Queries with
 negative weights are fine (those terms only lower scores). A query that matches fewer than k documents with a

@@ -45,7 +45,7 @@ struct BlockMaxIndex {
   const uint8_t* blk_values;
 };
 
-// Per-thread scratch: slot holds max(dim + 1, 65536) zeroed bytes (left zeroed); qslot 512 floats (block-max search uses 256); ub and order
+// Per-thread scratch: slot holds max(dim + 1, 65536) zeroed bytes (left zeroed); qslot 256 floats; ub and order
 // nsuper floats and int32s; blk_ub `superblock` floats; heap nblocks uint64s.
 struct BlockScratch {
   uint8_t* slot;

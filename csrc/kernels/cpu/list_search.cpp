@@ -43,7 +43,8 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
     const int64_t t = q.terms[cut[i]];
     const int64_t g0 = L.list_ptr[t], ng = L.list_ptr[t + 1] - g0;
     const int64_t d0 = L.dir_ptr[t], d1 = L.dir_ptr[t + 1], e0 = L.ent_ptr[t], e1 = L.ent_ptr[t + 1];
-    ok = ng <= 65536 && 0 <= d0 && d0 <= d1 && d1 <= L.ndir && 0 <= e0 && e0 <= e1 && e1 <= L.nent;
+    ok = 0 <= g0 && 0 <= ng && ng <= 65536 && g0 + ng <= L.ngroups && 0 <= d0 && d0 <= d1 && d1 <= L.ndir &&
+         0 <= e0 && e0 <= e1 && e1 <= L.nent;
     if (!ok) break;
     int64_t j = d0;
     for (int64_t r = 0; r < q.nterms && j < d1; ++r) {
