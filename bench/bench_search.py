@@ -446,7 +446,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     t0 = time.perf_counter()
     index.block_max.lists = build_term_lists(index.block_max, **spec)
     facts["term_lists_build_s"], facts["term_lists_bytes"] = time.perf_counter() - t0, index.block_max.lists.nbytes
-    facts["term_lists"] = spec
+    facts["term_lists"] = dict(spec, list_len=index.block_max.lists.list_len)
     _log(f"term lists {facts['term_lists_build_s']:.1f} s +{facts['term_lists_bytes'] / 1e9:.3f} GB")
     for t in sorted({1, all_threads}):
         for c in args.list_cuts:
@@ -567,7 +567,8 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
     ap.add_argument("--query-cuts", type=int, nargs="+", default=[16, 14, 12, 8, 5])
     ap.add_argument("--cut-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8])
-    ap.add_argument("--list-len", type=int, default=2000, help="term lists: documents per term")
+    ap.add_argument("--list-len", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="term lists: documents per term")
     ap.add_argument("--list-group", type=int, default=8, help="term lists: documents per group")
     ap.add_argument("--summary-energy", type=float, default=0.7, help="term lists: share of a summary kept")
     ap.add_argument("--list-cuts", type=int, nargs="+", default=[6, 8, 10], help="term lists: query_cut values")

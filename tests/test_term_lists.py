@@ -110,6 +110,8 @@ def test_bad_parameters_raise():
                         (dict(doc_cut=0), "doc_cut"), (dict(list_len=2.5), "list_len"), (dict(size=3), "unknown")):
         with pytest.raises(ValueError, match=match):
             index.optimize(term_lists=spec, progress=False)
+    with pytest.raises(ValueError, match="list_len"):
+        index.optimize(term_lists=dict(list_len="big"), progress=False)
     with pytest.raises(TypeError, match="term_lists"):
         index.optimize(term_lists="yes", progress=False)
     with pytest.raises(ValueError, match=r"alpha: expected a number in \(0, 1\]"):  # no lists: block maxima
@@ -119,6 +121,15 @@ def test_bad_parameters_raise():
         with pytest.raises(ValueError, match=r"alpha: expected a number in \(0, 16\]"):
             index.search(queries, 5, mode="approximate", alpha=alpha)
     index.search(queries, 5, mode="approximate", alpha=16.0)
+
+
+def test_auto_list_len():
+    from sparse_retrieval.term_lists import auto_list_len
+    assert auto_list_len(1) == auto_list_len(2_000_000) == 2000
+    assert 4000 < auto_list_len(8_841_823) < 4400 and auto_list_len(10**12) == 65536
+    docs, _ = data(100, 17)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=True, progress=False)
+    assert index.block_max.lists.list_len == 2000
 
 
 def raw(docs):

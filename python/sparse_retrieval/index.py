@@ -196,9 +196,10 @@ class SparseIndex:
         ``term_lists.py``) also builds per-term lists of clustered documents with summaries, after Seismic, which
         ``search(mode="approximate")`` then uses instead of the block maxima: the fast approximate search on
         large collections (2M documents, 1 thread: 3.1x safe search at recall 0.98, 2.25x Seismic's QPS at
-        0.95; 8.8M with ``{"list_len": 4000}``: recall 0.95 at 0.5 ms per query). Memory: 1.2 GB at the default
-        2,000 documents per term (dim 30,522), 2.6 GB at 4,000; building: 2 minutes at 2M documents, 5-9 at 8.8M
-        (2 threads)."""
+        0.95; 8.8M with 4,000 documents per term: recall 0.95 at 0.5 ms per query). Documents per term default
+        to 2,000 up to 2M documents and grow with the square root of the collection beyond
+        (``term_lists.auto_list_len``). Memory: 1.2 GB at 2,000 documents per term (dim 30,522), 2.6 GB at
+        4,000; building: 2 minutes at 2M documents, 5-9 at 8.8M (2 threads)."""
         self._optimize(None, block_size, superblock, reorder, order, term_lists, progress)
 
     def _optimize(self, docs: SparseBatch | None, block_size: int, superblock: int, reorder: bool, order,

@@ -14,7 +14,7 @@ buys recall; recall grows with alpha (the groups scored are a prefix of one orde
 every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.25x the QPS of
 Seismic's best setting at recall 0.95 and 1.9x at 0.97, 1 thread; at 8.8M, recall 0.953 at 0.49 ms per query with
 ``list_len=4000`` (docs/benchmarks.md). Lists must grow with the collection (2,000 documents per term stop near
-recall 0.92 at 8.8M).
+recall 0.92 at 8.8M; the default, ``list_len="auto"``, grows them from 2M documents on).
 
 With ``list_len`` covering every posting, ``summary_energy = 1``, every query term and ``alpha = 1`` the results
 are exact (summaries are then upper bounds of their documents' scores); the tests use this.
@@ -24,6 +24,7 @@ builder op ``term_lists``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -88,10 +89,19 @@ def check_params(list_len: int, group: int, summary_energy: float, doc_cut: int)
         raise ValueError(f"summary_energy: expected a number in (0, 1], got {summary_energy!r}")
 
 
-def build_term_lists(bm, *, list_len: int = 2000, group: int = 8, summary_energy: float = 0.7,
+def auto_list_len(ndocs: int) -> int:
+    """Documents per term list for a collection of ``ndocs``: 2,000 up to 2M documents (recall 0.98 at the default
+    search settings on 2M), growing with the square root beyond (4,195 at 8.8M, where 4,000 gave 0.95-0.97 and 2,000
+    stopped near 0.92)."""
+    return min(MAX_LIST_LEN, max(2000, round(2000 * math.sqrt(ndocs / 2e6))))
+
+
+def build_term_lists(bm, *, list_len: int | str = "auto", group: int = 8, summary_energy: float = 0.7,
                      doc_cut: int = 15) -> TermLists:
     """The term lists of a block-max structure ``bm`` (see the module docstring for the parameters; the defaults
-    are the best measured on 2M documents)."""
+    are the best measured on 2M documents; ``list_len="auto"``: `auto_list_len`)."""
+    if list_len == "auto":
+        list_len = auto_list_len(bm.ndocs)
     check_params(list_len, group, summary_energy, doc_cut)
     arrays = _ops.term_lists(bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale, list_len, group,
                              float(summary_energy), doc_cut)
