@@ -105,6 +105,7 @@ def test_bad_parameters_raise():
     with pytest.raises(ValueError, match="block_max=True"):
         sr.SparseIndex.from_documents(docs, term_lists=True, progress=False)
     index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False)
+    before = index.block_max
     for spec, match in ((dict(list_len=0), "list_len"), (dict(list_len=70000), "list_len"), (dict(group=0), "group"),
                         (dict(summary_energy=0.0), "summary_energy"), (dict(summary_energy=1.5), "summary_energy"),
                         (dict(doc_cut=0), "doc_cut"), (dict(list_len=2.5), "list_len"), (dict(size=3), "unknown")):
@@ -114,6 +115,7 @@ def test_bad_parameters_raise():
         index.optimize(term_lists=dict(list_len="big"), progress=False)
     with pytest.raises(TypeError, match="term_lists"):
         index.optimize(term_lists="yes", progress=False)
+    assert index.block_max is before  # refused before the (long) rebuild
     with pytest.raises(ValueError, match=r"alpha: expected a number in \(0, 1\]"):  # no lists: block maxima
         index.search(queries, 5, mode="approximate", alpha=1.2)
     index.optimize(term_lists=True, progress=False)

@@ -34,7 +34,7 @@ from .term_lists import DEFAULT_ALPHA as _LISTS_ALPHA
 from .term_lists import DEFAULT_QUERY_CUT as _LISTS_QUERY_CUT
 from .term_lists import FIELDS as _LIST_FIELDS
 from .term_lists import MAX_ALPHA as _LISTS_MAX_ALPHA
-from .term_lists import TermLists, build_term_lists, from_saved, validate_term_lists
+from .term_lists import build_term_lists, check_spec, from_saved, validate_term_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -208,11 +208,13 @@ class SparseIndex:
         postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
+        lists_spec = _term_lists_spec(term_lists)  # checked before the long build, not after
         with self._writing:
             docs = self._documents(0, len(self)) if docs is None else docs
             block_max = build_block_max(docs, self._dtype, block_size=block_size, superblock=superblock,
                                         reorder=reorder, order=order, progress=progress)
-            block_max.lists = _term_lists(block_max, term_lists)
+            if lists_spec is not None:
+                block_max.lists = build_term_lists(block_max, **lists_spec)
             with self._publish:
                 self._block_max, self._tail = block_max, None
 
@@ -766,21 +768,18 @@ def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
     return out
 
 
-def _term_lists(bm: BlockMax, spec: bool | dict) -> TermLists | None:
-    """The term lists ``optimize(term_lists=spec)`` asks for: None (False), the defaults (True) or a dict of
-    build_term_lists' parameters."""
+def _term_lists_spec(spec: bool | dict) -> dict | None:
+    """build_term_lists' parameters for ``optimize(term_lists=spec)``: None (False), the defaults (True) or the
+    dict given, checked."""
     if spec is False or spec is None:
         return None
     if spec is True:
-        spec = {}
+        return {}
     if not isinstance(spec, dict):
         raise TypeError(f"term_lists: expected a bool or a dict of list_len, group, summary_energy, doc_cut, got "
                         f"{type(spec).__name__}")
-    unknown = set(spec) - {"list_len", "group", "summary_energy", "doc_cut"}
-    if unknown:
-        raise ValueError(f"term_lists: unknown parameters {sorted(unknown)} (list_len, group, summary_energy, "
-                         f"doc_cut)")
-    return build_term_lists(bm, **spec)
+    check_spec(spec)
+    return spec
 
 
 def merge_top_k(s: torch.Tensor, i: torch.Tensor, k: int):

@@ -24,6 +24,7 @@ builder op ``term_lists``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -79,9 +80,11 @@ _PARAMS = ("list_len", "group", "summary_energy", "doc_cut")
 FIELDS = tuple(f.name for f in fields(TermLists) if f.name not in _PARAMS)
 
 
-def check_params(list_len: int, group: int, summary_energy: float, doc_cut: int) -> None:
+def check_params(list_len: int | str, group: int, summary_energy: float, doc_cut: int) -> None:
     for name, value, high in (("list_len", list_len, MAX_LIST_LEN), ("group", group, 1 << 20),
                               ("doc_cut", doc_cut, 1 << 20)):
+        if name == "list_len" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise ValueError(f"{name}: expected an int in [1, {high}], got {value!r}")
     if isinstance(summary_energy, bool) or not isinstance(summary_energy, (int, float)) or \
@@ -106,6 +109,15 @@ def build_term_lists(bm, *, list_len: int | str = "auto", group: int = 8, summar
     arrays = _ops.term_lists(bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale, list_len, group,
                              float(summary_energy), doc_cut)
     return TermLists(list_len, group, float(summary_energy), doc_cut, *arrays)
+
+
+def check_spec(spec: dict) -> None:
+    """Checks keyword arguments of build_term_lists (names and values) before the long build that precedes it."""
+    params = {n: p.default for n, p in inspect.signature(build_term_lists).parameters.items() if n != "bm"}
+    unknown = set(spec) - set(params)
+    if unknown:
+        raise ValueError(f"term_lists: unknown parameters {sorted(unknown)} ({', '.join(params)})")
+    check_params(**{**params, **spec})
 
 
 def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) -> TermLists:
