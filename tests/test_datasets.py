@@ -110,7 +110,7 @@ def test_bad_argument_types_raise(kwargs, message):
 import gzip  # noqa: E402
 
 from sparse_retrieval.datasets import derive_documents, man_page_passages, wordnet_passages  # noqa: E402
-from sparse_retrieval.datasets.splade import _encode_cached  # noqa: E402
+from sparse_retrieval.datasets.splade import encode_cached  # noqa: E402
 from sparse_retrieval.datasets.text import man_page  # noqa: E402
 
 
@@ -152,12 +152,12 @@ def test_encoding_is_cached_per_chunk_and_resumes(tmp_path, monkeypatch):
             return SparseBatch.from_lists(rows, 12)
 
     texts = [f"text {i}" * (i % 3 + 1) for i in range(10)]
-    first = _encode_cached(texts, tmp_path, Fake, "x", progress=False)
+    first = encode_cached(texts, tmp_path, Fake, "x", progress=False)
     assert calls == [4, 4, 2] and len(first) == 10
     (tmp_path / "chunk00001.pt").unlink()  # an interrupted build: one chunk missing
     (tmp_path / "chunk00002.pt").write_bytes(b"damaged")
     calls.clear()
-    again = _encode_cached(texts, tmp_path, Fake, "x", progress=False)
+    again = encode_cached(texts, tmp_path, Fake, "x", progress=False)
     assert calls == [4, 2]
     assert torch.equal(again.indices, first.indices) and torch.equal(again.values, first.values)
 

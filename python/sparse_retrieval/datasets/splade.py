@@ -87,7 +87,10 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _encode_cached(texts: list[str], folder: Path, encoder_factory, desc: str, progress: bool) -> SparseBatch:
+def encode_cached(texts: list[str], folder: Path, encoder_factory, desc: str, progress: bool) -> SparseBatch:
+    """``encoder_factory()(texts)`` cached in ``folder`` chunk by chunk (checked when read, written atomically), so
+    an interrupted encoding resumes; the encoder is only created when a chunk is missing. The caller keys
+    ``folder`` by everything the vectors depend on (model, texts, length limit)."""
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,10 +158,10 @@ def splade_collection(cache: str | os.PathLike = ".cache/splade_collection", *, 
     folder = cache / f"collection-{key}"
     factory = (lambda: SpladeEncoder(max_length=max_length, bf16=bf16))
     t0 = time.perf_counter()
-    docs = _encode_cached(passages.texts, folder / "docs", factory, "encoding passages", progress)
+    docs = encode_cached(passages.texts, folder / "docs", factory, "encoding passages", progress)
     qtexts = [passages.queries[i] for i in chosen]
     qkey = hashlib.sha256("\x00".join(qtexts).encode()).hexdigest()[:12]
-    queries = _encode_cached(qtexts, folder / f"queries-{qkey}", factory, "encoding queries", progress)
+    queries = encode_cached(qtexts, folder / f"queries-{qkey}", factory, "encoding queries", progress)
     info = dict(config, passages=len(docs), queries=len(queries), all_queries=len(passages.queries),
                 doc_nnz=docs.nnz / max(1, len(docs)), query_nnz=queries.nnz / max(1, len(queries)),
                 load_or_encode_s=time.perf_counter() - t0, cache=str(folder))
