@@ -547,9 +547,13 @@ def generate_speed(args, results: dict) -> None:
     ids = tok(eval_text(), return_tensors="pt").input_ids[0]
     calib = [ids[i * 512:(i + 1) * 512] for i in range(2)]
     quantizers = cq.calibrate(model, calib, group_size=8, bits=8, iters=3, progress=True)
-    contexts = [1024, 4096] if args.quick else [1024, 4096, 8192]
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 8192])
     rows = []
     for T in contexts:
+        if T > model.config.max_position_embeddings:
+            # RoPE itself has no length limit: past the trained positions the text is nonsense, the speed is not.
+            print(f"context {T}: beyond SmolLM2's {model.config.max_position_embeddings} trained positions "
+                  "(a speed measurement only)")
         prompt = ids.repeat(T // len(ids) + 1)[:T][None]
         prefilled = DynamicCache(config=model.config)
         t0 = time.perf_counter()
@@ -611,6 +615,7 @@ def main():
     p.add_argument("--speed", action="store_true")
     p.add_argument("--generate", action="store_true", help="tokens/s of model.generate with each cache")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--contexts", type=int, nargs="+", help="--generate: context lengths (default 1k, 4k, 8k)")
     p.add_argument("--generate-repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--n-seq", type=int, default=4)

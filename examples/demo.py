@@ -56,6 +56,7 @@ from sparse_retrieval.datasets.text import debian_package, fetch_wordnet, man_pa
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = "usr/share/doc/python3.11/html/_sources"
+CMAKE_SOURCES = "usr/share/doc/cmake-data/html/_sources"
 UNDERLINE = re.compile(r"^([=\-~^\"'`*+#<>:._])\1{2,}\s*$")
 ROLE = re.compile(r":[\w:.-]+:`([^`]*)`")
 
@@ -153,26 +154,40 @@ def load_corpus(args) -> tuple[list[str], list[str], torch.Tensor]:
     return titles, bodies, query_docs
 
 
-def general_collection(args) -> tuple[list[str], list[str], torch.Tensor]:
-    """The CSR head's training collection: ``--general`` passages drawn (seeded) from each of the man pages
-    installed here and WordNet, and the known-item queries (NAME lines, usage examples) whose relevant passage was
-    drawn: (passages, queries, the passage of each query). None of it is from the Python docs."""
-    try:
-        sources = (man_page_passages(), wordnet_passages(fetch_wordnet(args.cache)))
-    except RuntimeError as exc:
-        sys.exit(f"{exc}")
+def general_collection(args) -> tuple[list[str], list[str], torch.Tensor, list[int]]:
+    """The CSR head's training collection, none of it from the Python docs: for each of ``--general-sources``,
+    ``man``: ``--general`` passages drawn (seeded) from the man pages installed here, with their NAME lines as
+    queries; ``wordnet``: ``--general`` WordNet glosses, with their usage examples as queries; ``cmake``: every
+    section of the CMake documentation (Debian ``cmake-doc``, Sphinx sources like the Python docs'), with its
+    unique titles as queries. Returns (passages, queries, the passage of each query, where each source's passages
+    start, and end)."""
     rng = random.Random(args.seed)
-    texts, queries, relevant = [], [], []
-    for src in sources:
-        drawn = sorted(rng.sample(range(len(src.texts)), min(args.general, len(src.texts))))
+    texts, queries, relevant, bounds = [], [], [], [0]
+    for name in args.general_sources.split(","):
+        try:
+            if name == "cmake":
+                titles, bodies = parse_sections(debian_package("cmake-doc", args.cache) / CMAKE_SOURCES,
+                                                args.max_chars)
+                texts_, qs = bodies, known_item_queries(titles).tolist()
+                src_queries, src_relevant = [titles[i] for i in qs], [[i] for i in qs]
+            elif name in ("man", "wordnet"):
+                src = man_page_passages() if name == "man" else wordnet_passages(fetch_wordnet(args.cache))
+                texts_, src_queries, src_relevant = src.texts, src.queries, src.relevant
+            else:
+                sys.exit(f"--general-sources: unknown source {name!r} (man, wordnet, cmake)")
+        except RuntimeError as exc:
+            sys.exit(f"{exc}")
+        drawn = range(len(texts_)) if name == "cmake" else \
+            sorted(rng.sample(range(len(texts_)), min(args.general, len(texts_))))
         at = {p: len(texts) + j for j, p in enumerate(drawn)}
-        texts += [src.texts[p] for p in drawn]
-        for query, rel in zip(src.queries, src.relevant):
+        texts += [texts_[p] for p in drawn]
+        for query, rel in zip(src_queries, src_relevant):
             kept = [at[p] for p in rel if p in at]
             if kept:
                 queries.append(query)
                 relevant.append(rng.choice(kept))
-    return texts, queries, torch.tensor(relevant)
+        bounds.append(len(texts))
+    return texts, queries, torch.tensor(relevant), bounds
 
 
 def minilm():
@@ -408,7 +423,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--query-length", type=int, default=32, help="SPLADE token limit of queries")
     g.add_argument("--doc-length", type=int, default=128, help="SPLADE token limit of sections")
     g = p.add_argument_group("CSR head")
-    g.add_argument("--general", type=int, default=10000, help="passages drawn from each general source")
+    g.add_argument("--general-sources", default="man,wordnet", help="the head's training text (man, wordnet, cmake)")
+    g.add_argument("--general", type=int, default=10000, help="passages drawn from the man pages and from WordNet")
     g.add_argument("--train-k", type=int, default=64, help="k of the trained head (it encodes at every --ks)")
     g.add_argument("--ks", default="8,16,32,64,128", help="comma-separated k values to encode with")
     g.add_argument("--hidden", type=int, default=4096, help="latent size")
@@ -489,14 +505,15 @@ def main(argv=None) -> dict:
     clock["dense"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    g_texts, g_queries, g_rel = general_collection(args)
-    g_emb = embed(model, g_texts, args.cache, "general")
+    g_texts, g_queries, g_rel, bounds = general_collection(args)
+    g_emb = torch.cat([embed(model, g_texts[a:b], args.cache, "general") for a, b in zip(bounds, bounds[1:])])
     gp_texts, gp_doc = pseudo_queries(g_texts, args.pseudo_per_doc, args.seed)
     g_anchors = torch.cat([embed(model, g_queries, args.cache, "general-queries", batch_size=128),
                            embed(model, gp_texts, args.cache, "general-pseudo", batch_size=128)])
-    print(f"CSR training collection: {len(g_texts)} man-page and WordNet passages, {len(g_queries)} queries, "
+    print(f"CSR training collection ({args.general_sources}): {len(g_texts)} passages, {len(g_queries)} queries, "
           f"{len(gp_texts)} pseudo-queries")
-    result["csr_training"] = {"passages": len(g_texts), "queries": len(g_queries), "pseudo_queries": len(gp_texts)}
+    result["csr_training"] = {"sources": args.general_sources, "passages": len(g_texts), "queries": len(g_queries),
+                              "pseudo_queries": len(gp_texts)}
     csr = train_csr(g_anchors, torch.cat([g_rel, gp_doc]), g_emb, args, args.train_k, args.seed)
     result["csr_training"]["dead_latents"] = int(csr.dead_mask.sum())
     for k in [int(v) for v in args.ks.split(",")]:
