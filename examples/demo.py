@@ -402,26 +402,34 @@ def table_line(r: dict) -> str:
 FULL = {"ft_steps": 200, "ft_warmup": 60, "general": 20000, "csr_steps": 1000, "pool": 4096}  # --full: the settings of docs/benchmarks.md
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="folder for demo.json and demo.png")
+def common_arguments(p: argparse.ArgumentParser) -> None:
+    """The corpus, split, encoding, timing and seed arguments (this demo's and examples/finetune_splade.py's)."""
+    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo", help="corpora, embeddings, models")
     p.add_argument("--docs-dir", type=Path, help="an extracted python3.11-doc package (skips apt-get download)")
-    p.add_argument("--full", action="store_true", help=f"train longer: {FULL}")
     p.add_argument("--held-out", type=float, default=0.3, help="share of queries held out for evaluation")
     p.add_argument("--validate", action="store_true",
                    help="report on a validation fifth of the training queries instead of the held-out ones")
     p.add_argument("--max-chars", type=int, default=1500, help="section text kept")
-    p.add_argument("--max-seq-length", type=int, default=128, help="MiniLM token limit")
     p.add_argument("--pseudo-per-doc", type=int, default=1, help="pseudo-queries (word spans) per text")
+    p.add_argument("--query-length", type=int, default=32, help="SPLADE token limit of queries")
+    p.add_argument("--doc-length", type=int, default=128, help="SPLADE token limit of sections")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats (median and range reported)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(p)
+    p.add_argument("--full", action="store_true", help=f"train longer: {FULL}")
+    p.add_argument("--max-seq-length", type=int, default=128, help="MiniLM token limit")
     g = p.add_argument_group("fine-tuned SPLADE")
     g.add_argument("--ft-lambda", type=float, default=0.1, help="FLOPs weight of documents and queries")
     g.add_argument("--ft-steps", type=int, default=60)
     g.add_argument("--ft-warmup", type=int, default=20, help="quadratic warm-up of the FLOPs weight (steps)")
     g.add_argument("--ft-batch-size", type=int, default=32)
     g.add_argument("--ft-lr", type=float, default=5e-5)
-    g.add_argument("--query-length", type=int, default=32, help="SPLADE token limit of queries")
-    g.add_argument("--doc-length", type=int, default=128, help="SPLADE token limit of sections")
     g = p.add_argument_group("CSR head")
     g.add_argument("--general-sources", default="man,wordnet", help="the head's training text (man, wordnet, cmake)")
     g.add_argument("--general", type=int, default=10000, help="passages drawn from the man pages and from WordNet")
@@ -440,9 +448,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--flops-weight", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=200, help="FLOPs weight warm-up steps of the head")
     g.add_argument("--dead-after", type=int, default=50, help="steps without activation before a latent is dead")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats (median and range reported)")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 

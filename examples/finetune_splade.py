@@ -29,7 +29,7 @@ import torch
 from sparse_retrieval.datasets.splade import SpladeEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import (HEADER, REPO, finetune_splade, load_corpus, pseudo_queries, sparse_row,  # noqa: E402
+from demo import (HEADER, common_arguments, finetune_splade, load_corpus, pseudo_queries, sparse_row,  # noqa: E402
                   splade_encode, split_queries, table_line)
 
 
@@ -41,10 +41,7 @@ def evaluate(system: str, encoder: SpladeEncoder, bodies: list[str], queries: li
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "demo",
-                   help="the corpus and the encodings (demo.py's cache)")
-    p.add_argument("--docs-dir", type=Path, help="an extracted python3.11-doc package (skips apt-get download)")
+    common_arguments(p)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.003, 0.01],
                    help="FLOPs weights of the documents (lambda_d); each trains one model from splade-tiny")
     p.add_argument("--query-weight", type=float, default=1.0, help="lambda_q / lambda_d")
@@ -52,16 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=100, help="quadratic warm-up of the FLOPs weights (steps)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--query-length", type=int, default=32, help="token limit of queries")
-    p.add_argument("--doc-length", type=int, default=128, help="token limit of sections")
-    p.add_argument("--max-chars", type=int, default=1500, help="section text kept (as demo.py)")
-    p.add_argument("--pseudo-per-doc", type=int, default=1, help="pseudo-queries per section among the anchors")
-    p.add_argument("--held-out", type=float, default=0.3, help="share of title queries held out (as demo.py)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.validate = False
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
