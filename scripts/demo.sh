@@ -14,6 +14,7 @@ cd "$SR_ROOT"
 export HF_HUB_OFFLINE=1
 # A fresh machine may have no apt package lists yet; the demo fetches its corpora with `apt-get download`.
 if ! apt-cache show python3.11-doc wordnet-base >/dev/null 2>&1; then
-  apt-get update -qq || echo "apt-get update failed: pass --docs-dir to an extracted python3.11-doc" >&2
+  apt-get update -qq || echo "apt-get update failed: extract python3.11-doc and wordnet-base (dpkg-deb -x) under" \
+    ".cache/demo/<package>, or pass --docs-dir and --general-sources man" >&2
 fi
 "$SR_PY" examples/demo.py --out bench/results/demo "$@"
