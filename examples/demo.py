@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import sparse_retrieval as sr
 from sparse_retrieval import losses, metrics
-from sparse_retrieval.datasets.splade import SpladeEncoder, encode_cached
+from sparse_retrieval.datasets.splade import SpladeEncoder, encode_cached, splade_pool
 from sparse_retrieval.datasets.text import debian_package, fetch_wordnet, man_page_passages, wordnet_passages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +106,6 @@ def embed(model, texts: list[str], cache: Path, name: str, batch_size: int = 64)
     torch.save(emb, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a truncated cache file
     return emb
-
 
 
 def pseudo_queries(bodies: list[str], per_doc: int, seed: int) -> tuple[list[str], torch.Tensor]:
@@ -243,8 +242,7 @@ def splade_encode(encoder: SpladeEncoder, texts: list[str], max_length: int, cac
 def splade_vectors(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
     """SPLADE max pooling with gradients: (len(texts), vocab) dense."""
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    logits = model(**enc).logits
-    return (torch.log1p(torch.relu(logits)) * enc["attention_mask"][..., None]).amax(1)
+    return splade_pool(model(**enc).logits, enc["attention_mask"])
 
 
 def finetune_splade(encoder: SpladeEncoder, anchors: list[str], positives: list[str], *, lam: float, steps: int,
@@ -312,7 +310,8 @@ def train_csr(anchors: torch.Tensor, anchor_docs: torch.Tensor, docs: torch.Tens
         # The dictionary starts on random passages (random unit rows reconstruct far worse in a short training).
         atoms = docs[torch.randperm(len(docs), generator=gen)[:args.hidden]]
         if len(atoms) < args.hidden:
-            atoms = torch.cat([atoms, torch.randn(args.hidden - len(atoms), docs.shape[1], generator=gen) * atoms.std()])
+            noise = torch.randn(args.hidden - len(atoms), docs.shape[1], generator=gen)
+            atoms = torch.cat([atoms, noise * atoms.std()])
         model.encoder.weight.copy_(F.normalize(atoms, dim=1))
         if model.decoder_weight is not None:
             model.decoder_weight.copy_(model.encoder.weight.T)
@@ -327,7 +326,8 @@ def train_csr(anchors: torch.Tensor, anchor_docs: torch.Tensor, docs: torch.Tens
         loss = loss_fn(model, a, docs[anchor_docs[idx]])
         # Listwise over a random pool: in-batch distillation only ranks the batch's own positives.
         pool = docs[torch.randint(len(docs), (args.pool,), generator=gen)]
-        student = F.log_softmax(loss_fn.last_output.latents[:len(a)] @ model.codes(pool).T / args.distill_temperature, 1)
+        z_a = loss_fn.last_output.latents[:len(a)]
+        student = F.log_softmax(z_a @ model.codes(pool).T / args.distill_temperature, 1)
         teacher = F.log_softmax(a @ pool.T / args.distill_temperature, 1)
         loss = loss + args.distill_weight * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """Datasets: synthetic_splade (shapes, determinism, validity, statistics); the real-text collections (parsers,
 chunked cache and resume with a stand-in encoder, derive_documents)."""
+import math
 import pytest
 import torch
 
@@ -110,7 +111,7 @@ def test_bad_argument_types_raise(kwargs, message):
 import gzip  # noqa: E402
 
 from sparse_retrieval.datasets import derive_documents, man_page_passages, wordnet_passages  # noqa: E402
-from sparse_retrieval.datasets.splade import encode_cached  # noqa: E402
+from sparse_retrieval.datasets.splade import encode_cached, splade_pool  # noqa: E402
 from sparse_retrieval.datasets.text import man_page  # noqa: E402
 
 
@@ -177,3 +178,18 @@ def test_derive_documents_keeps_the_real_ones_and_their_statistics():
     assert torch.equal(again.indices, grown.indices)
     with pytest.raises(ValueError, match="n"):
         derive_documents(d, 10, progress=False)
+
+
+def test_splade_pool_is_max_of_log_saturated_logits_over_unpadded_tokens():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 7, generator=gen) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    out = splade_pool(logits, mask)
+    for b in range(3):
+        for v in range(7):
+            kept = [max(float(logits[b, t, v]), 0.0) for t in range(5) if mask[b, t]]
+            assert out[b, v].item() == pytest.approx(math.log1p(max(kept)) if kept else 0.0, abs=1e-6)
+    logits.requires_grad_(True)
+    splade_pool(logits, mask).sum().backward()
+    assert logits.grad[2].abs().sum() == 0 and logits.grad[1, 2:].abs().sum() == 0
+

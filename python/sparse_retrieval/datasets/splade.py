@@ -29,6 +29,12 @@ def splade_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def splade_pool(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """SPLADE's pooling of MLM logits (batch, tokens, vocab): max over tokens of log(1 + relu(logit)), padding
+    (``attention_mask`` 0) left out; (batch, vocab). Differentiable, so training loops use it too."""
+    return (torch.log1p(torch.relu(logits)) * attention_mask[..., None]).amax(1)
+
+
 class SpladeEncoder:
     """SPLADE max pooling: w_j = max over tokens of log(1 + relu(MLM logit_j)), padding masked out.
 
@@ -55,8 +61,7 @@ class SpladeEncoder:
                                  max_length=self.max_length, return_tensors="pt")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(**enc).logits
-            w = torch.log1p(torch.relu(logits.float())) * enc["attention_mask"][..., None]
-            v = w.amax(1)
+            v = splade_pool(logits.float(), enc["attention_mask"])
             for j, i in enumerate(idx):
                 nz = v[j].nonzero().squeeze(1)
                 rows[i] = (nz.int(), v[j, nz])
