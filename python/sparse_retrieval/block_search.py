@@ -32,6 +32,7 @@ The kernel is csrc/kernels/cpu/block_search.cpp (op ``torch.ops.sparse_retrieval
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, fields
 
@@ -108,10 +109,50 @@ class BlockMax:
                                  list(self.tensors().values()), self.block_size, self.superblock, k, alpha,
                                  query_cut, threads, allowed, positions, self.lists.tensors() if lists else None)
 
+    @functools.cached_property
+    def term_counts(self) -> torch.Tensor:
+        """Documents holding each term (int64, one per entry of ``scale``), counted once from the forward index."""
+        return torch.bincount(_as_long(self.fwd_terms), minlength=self.scale.numel())
+
     def positions_of(self, allowed: torch.Tensor) -> torch.Tensor:
         """The stored positions (ascending) of the documents whose ``allowed`` entry (bool, one per id) is set:
         one gather over all documents, in stored order so that the scan reads the forward index forwards."""
         return allowed[self.doc_ids].nonzero().flatten()
+
+    def scan(self, queries: SparseBatch, k: int, threads: int, allowed: torch.Tensor | None = None):
+        """Exhaustive search from the forward index alone (every document scored; the same results as the
+        postings' exhaustive search, scores bit for bit): (scores, ids). Rows the kernel cannot score so (more
+        than 255 terms, a non-finite weight) raise ValueError."""
+        scores, ids, complete, _ = self.search(queries, k, 1.0, threads, 0, allowed, torch.arange(self.ndocs))
+        if not bool(complete.all()):
+            row = int((~complete).nonzero()[0])
+            raise ValueError(f"queries: row {row} has more than 255 terms or a non-finite weight, which an index "
+                             f"without postings (keep_postings=False) cannot score; keep the postings for such "
+                             f"queries")
+        return scores, ids
+
+    def documents(self, lo: int, hi: int, dim: int) -> SparseBatch:
+        """The documents with ids [lo, hi) rebuilt from the forward index (terms ascending, weights as stored), a
+        million rows at a time so that the transient index arrays stay small."""
+        position = torch.empty(self.ndocs, dtype=torch.int64)
+        position[self.doc_ids] = torch.arange(self.ndocs)
+        position = position[lo:hi]
+        lengths = self.fwd_ptr[position + 1] - self.fwd_ptr[position]
+        indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=indptr[1:])
+        nnz = int(indptr[-1])
+        indices = torch.empty(nnz, dtype=torch.int32 if dim < 2**31 else torch.int64)
+        values = torch.empty(nnz, dtype=self.fwd_weights.dtype)
+        step = 1 << 20
+        for a in range(0, hi - lo, step):
+            b = min(hi - lo, a + step)
+            at, end = int(indptr[a]), int(indptr[b])
+            flat = torch.repeat_interleave(self.fwd_ptr[position[a:b]] - indptr[a:b], lengths[a:b],
+                                           output_size=end - at) + torch.arange(at, end)
+            terms = _as_long(self.fwd_terms[flat])
+            indices[at:end] = terms if self.terms is None else self.terms[terms]
+            values[at:end] = self.fwd_weights[flat]
+        return SparseBatch(indptr, indices, values, dim, check=False)
 
 
 _SIZES = ("block_size", "superblock", "ndocs")

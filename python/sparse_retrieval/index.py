@@ -45,12 +45,15 @@ _MAGIC = b"SRSPIDX\x00"
 # that of 2); 4 indexes offsets by the terms held (compact_terms.py: extra arrays "terms" and "block_max.terms"),
 # written only for such indexes, so that files of other indexes stay readable by version 3 readers. Files of
 # versions 1 and 2 still load (a version 2 block-max structure gets superblock maxima rebuilt from its forward
-# index; older files over a dim above COMPACT_DIM get their offsets re-indexed by the terms held).
-_VERSION = 4
+# index; older files over a dim above COMPACT_DIM get their offsets re-indexed by the terms held). 5: an index
+# without postings (optimize(keep_postings=False)): the segments hold the documents from extra array
+# "postings_from" on (the tail); written only for such indexes.
+_VERSION = 5
 _HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
             2: struct.Struct("<8sIIQQQQQ"),  # ... and the number of extra arrays
             3: struct.Struct("<8sIIQQQQQ"),
-            4: struct.Struct("<8sIIQQQQQ")}
+            4: struct.Struct("<8sIIQQQQQ"),
+            5: struct.Struct("<8sIIQQQQQ")}
 _HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
 _EXTRA = struct.Struct("<32sIQQI8x")  # name, dtype code, offset, count, crc32
@@ -131,15 +134,18 @@ class SparseIndex:
         self._tail: SparseIndex | None = None  # documents added after optimize(), searched exhaustively
         self._deleted: torch.Tensor | None = None  # bool per document (CPU): tombstones of delete()
         self._ids: ExternalIds | None = None  # user ids, when documents were added with ids
+        # False after optimize(keep_postings=False): no segments; documents [0, _block_max.ndocs) live in the
+        # forward index alone, later ones in the tail.
+        self._postings = True
         self._writing = threading.Lock()  # held by add/optimize from start to end
         self._publish = threading.Lock()  # held while the fields above are read or replaced together
         self._mapped: tuple | None = None  # (fd, size, mtime) of the file that load(mmap=True) mapped
 
     def _state(self) -> tuple[list[_Segment], BlockMax | None, SparseIndex | None, torch.Tensor | None,
-                              ExternalIds | None]:
-        """A consistent view (segments, block maxima, tail, tombstones, user ids) for a reader."""
+                              ExternalIds | None, bool]:
+        """A consistent view (segments, block maxima, tail, tombstones, user ids, postings kept) for a reader."""
         with self._publish:
-            return self._segments, self._block_max, self._tail, self._deleted, self._ids
+            return self._segments, self._block_max, self._tail, self._deleted, self._ids, self._postings
 
     def _watch_file(self, fd: int, path: Path, size: int | None = None, mtime: int | None = None) -> None:
         """Remembers the size and time (default: now) of the open file ``fd`` that this index's arrays map (closed
@@ -166,22 +172,23 @@ class SparseIndex:
     def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
                        block_max: bool = False, block_size: int = 8, superblock: int | str = "auto",
                        reorder: bool = True, order=None, term_lists: bool | dict = False,
-                       progress: bool = True) -> "SparseIndex":
+                       keep_postings: bool = True, progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
         (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
-        also builds the structure of safe and approximate search, and ``term_lists`` that of approximate search
-        at scale (see ``optimize``)."""
+        also builds the structure of safe and approximate search, ``term_lists`` that of approximate search at
+        scale, and ``keep_postings=False`` drops the exhaustive postings (see ``optimize``)."""
         docs = as_sparse_batch(docs, "docs")
+        for name, value in (("term_lists", term_lists), ("keep_postings", not keep_postings)):
+            if value and not block_max:
+                raise ValueError(f"{name}: needs the block-max structure; pass block_max=True as well")
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
         index.add(docs, ids=ids, progress=progress)
         if block_max:
-            index._optimize(docs, block_size, superblock, reorder, order, term_lists, progress)
-        elif term_lists:
-            raise ValueError("term_lists: built on the block-max structure; pass block_max=True as well")
+            index._optimize(docs, block_size, superblock, reorder, order, term_lists, keep_postings, progress)
         return index
 
     def optimize(self, *, block_size: int = 8, superblock: int | str = "auto", reorder: bool = True, order=None,
-                 term_lists: bool | dict = False, progress: bool = True) -> None:
+                 term_lists: bool | dict = False, keep_postings: bool = True, progress: bool = True) -> None:
         """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
         blocks of ``block_size`` documents and superblocks of ``superblock`` blocks with 8-bit per-term maxima,
@@ -199,24 +206,43 @@ class SparseIndex:
         0.95; 8.8M with 4,000 documents per term: recall 0.95 at 0.5 ms per query). Documents per term default
         to 2,000 up to 2M documents and grow with the square root of the collection beyond
         (``term_lists.auto_list_len``). Memory: 1.2 GB at 2,000 documents per term (dim 30,522), 2.6 GB at
-        4,000; building: 2 minutes at 2M documents, 5-9 at 8.8M (2 threads)."""
-        self._optimize(None, block_size, superblock, reorder, order, term_lists, progress)
+        4,000; building: 2 minutes at 2M documents, 5-9 at 8.8M (2 threads).
+
+        ``keep_postings=False`` then drops the exhaustive postings (the index's first copy of the documents; 6-8
+        bytes a posting): the forward index of the block-max structure becomes the only one. Safe and approximate
+        search are unchanged; exact search and the few queries that safe search hands to it (fewer than k
+        documents with a positive score) score every document from the forward index instead: the same results,
+        slower (a scan of all postings per query), and a query with more than 255 terms or a non-finite weight
+        raises ValueError. Documents added later sit in the exhaustive tail as usual; ``optimize()`` (which keeps
+        the postings by default) rebuilds them. Memory at 2M documents: 2.1 instead of 2.9 GB with term lists."""
+        self._optimize(None, block_size, superblock, reorder, order, term_lists, keep_postings, progress)
 
     def _optimize(self, docs: SparseBatch | None, block_size: int, superblock: int, reorder: bool, order,
-                  term_lists: bool | dict, progress: bool) -> None:
+                  term_lists: bool | dict, keep_postings: bool, progress: bool) -> None:
         """optimize() over ``docs`` (all of the index's documents, when the caller has them: no rebuild from the
         postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
         lists_spec = _term_lists_spec(term_lists)  # checked before the long build, not after
+        if not isinstance(keep_postings, bool):
+            raise TypeError(f"keep_postings: expected a bool, got {type(keep_postings).__name__}")
         with self._writing:
             docs = self._documents(0, len(self)) if docs is None else docs
             block_max = build_block_max(docs, self._dtype, block_size=block_size, superblock=superblock,
                                         reorder=reorder, order=order, progress=progress)
             if lists_spec is not None:
                 block_max.lists = build_term_lists(block_max, **lists_spec)
+            segments = []
+            if keep_postings:
+                segments = self._segments if self._postings else self._with_postings(docs, progress)._segments
             with self._publish:
-                self._block_max, self._tail = block_max, None
+                self._block_max, self._tail, self._segments, self._postings = block_max, None, segments, keep_postings
+
+    def _with_postings(self, docs: SparseBatch, progress: bool) -> "SparseIndex":
+        """A plain index (postings only) over ``docs``, with this one's settings."""
+        fresh = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
+        fresh.add(docs, progress=progress)
+        return fresh
 
     def add(self, docs, *, ids=None, progress: bool = True) -> None:
         """Appends ``docs`` (a SparseBatch or any format ``search`` takes). Without ``ids`` they get the positional
@@ -252,7 +278,7 @@ class SparseIndex:
             if terms is not None and n:  # one list for all segments: a query is mapped once
                 terms = merged_terms(terms, docs.indices)
                 segments = [s.widened(terms) for s in segments]
-            while start < n:
+            while start < n and self._postings:
                 last = segments[-1] if segments else None
                 room = self.segment_size - last.ndocs if last is not None else 0
                 take = min(n - start, room if room > 0 else self.segment_size)
@@ -267,6 +293,7 @@ class SparseIndex:
                 tail = (tail.to(self._device) if tail is not None else  # a copy: readers may hold the old one
                         SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device))
                 tail.add(docs, progress=False)
+                bar.update(n - start)
             deleted = self._deleted
             if deleted is not None and n:
                 deleted = torch.cat([deleted, torch.zeros(n, dtype=torch.bool)])
@@ -290,7 +317,7 @@ class SparseIndex:
         Ids do not change: an index without user ids keeps its positional ids as ids the index assigns itself
         (new documents continue from the largest id ever given)."""
         with self._writing:
-            segments, block_max, _, deleted, user_ids = self._state()
+            segments, block_max, _, deleted, user_ids, postings = self._state()
             if deleted is None or not bool(deleted.any()):
                 return
             keep = (~deleted).nonzero().flatten()
@@ -298,8 +325,7 @@ class SparseIndex:
             if user_ids is None:
                 user_ids = ExternalIds("int", auto=True).extended(torch.arange(len(deleted)), len(deleted))
             user_ids = user_ids.subset(keep)
-            fresh = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device)
-            fresh.add(docs, progress=progress)
+            segments = self._with_postings(docs, progress)._segments if postings else []
             if block_max is not None:
                 lists = block_max.lists
                 block_max = build_block_max(docs, self._dtype, block_size=block_max.block_size,
@@ -308,7 +334,7 @@ class SparseIndex:
                     block_max.lists = build_term_lists(block_max, list_len=lists.list_len, group=lists.group,
                                                        summary_energy=lists.summary_energy, doc_cut=lists.doc_cut)
             with self._publish:
-                self._segments, self._block_max, self._tail = fresh._segments, block_max, None
+                self._segments, self._block_max, self._tail = segments, block_max, None
                 self._deleted, self._ids = None, user_ids
                 self._mapped = None  # nothing reads a loaded file any more
 
@@ -340,48 +366,23 @@ class SparseIndex:
         return queries if terms is None else compact_rows(queries, terms)
 
     def _documents(self, lo: int, hi: int) -> SparseBatch:
-        """Documents [lo, hi) as a CPU SparseBatch, rebuilt from the postings (each row's terms ascending) into
-        arrays allocated once, one segment at a time, so that the transient memory is one segment's."""
-        parts, base = [], 0
-        for s in self._segments:  # (segment, its first local row, past its last, first output row)
-            a, b = max(lo, base), min(hi, base + s.ndocs)
-            if a < b:
-                parts.append((s, a - base, b - base, a - lo))
-            base += s.ndocs
-
-        def in_range(s, a, b):
-            docs = s.docs.cpu()
-            return None if a == 0 and b == s.ndocs else (docs >= a) & (docs < b)
-
-        counts = []
-        for s, a, b, _ in parts:
-            keep = in_range(s, a, b)
-            counts.append(s.docs.numel() if keep is None else int(keep.sum()))
-        indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
-        indices = torch.empty(sum(counts), dtype=torch.int32 if self._dim < 2**31 else torch.int64)
-        values = torch.empty(sum(counts), dtype=self._dtype)
-        at = 0
-        for (s, a, b, out_row), m in zip(parts, counts):
-            col = torch.repeat_interleave(torch.arange(self._dim) if s.terms is None else s.terms.cpu(),
-                                          s.ptr.cpu().diff(), output_size=s.docs.numel())
-            row, val, keep = s.docs.cpu(), s.weights.cpu(), in_range(s, a, b)
-            if keep is not None:
-                row, col, val = row[keep], col[keep], val[keep]
-            # Postings run column by column, rows ascending within each: a stable sort by row leaves each row's
-            # columns ascending.
-            order = torch.sort(row, stable=True).indices
-            indices[at:at + m] = col[order]
-            values[at:at + m] = val[order]
-            rows_out = indptr[out_row + 1:out_row + 1 + b - a]
-            torch.cumsum(torch.bincount(row.long() - a, minlength=b - a), 0, out=rows_out)
-            rows_out += at
-            at += m
-            del row, col, val, order, keep
-        return SparseBatch(indptr, indices, values, self._dim, check=False)
+        """Documents [lo, hi) as a CPU SparseBatch (each row's terms ascending): from the postings, or without
+        them from the forward index and the tail."""
+        segments, block_max, tail, _, _, postings = self._state()
+        if postings:
+            return _posting_documents(segments, lo, hi, self._dim, self._dtype)
+        split = block_max.ndocs
+        parts = [block_max.documents(lo, min(hi, split), self._dim)] if lo < split or tail is None else []
+        if hi > split:
+            parts.append(tail._documents(max(lo, split) - split, hi - split))
+        return SparseBatch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- facts -----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return sum(s.ndocs for s in self._segments)
+        segments, block_max, tail, _, _, postings = self._state()
+        if postings:
+            return sum(s.ndocs for s in segments)
+        return block_max.ndocs + (len(tail) if tail is not None else 0)
 
     @property
     def dim(self) -> int:
@@ -397,8 +398,11 @@ class SparseIndex:
 
     @property
     def nnz(self) -> int:
-        """Number of postings."""
-        return sum(s.docs.numel() for s in self._segments)
+        """Number of postings (of the forward index, for documents whose postings were dropped)."""
+        segments, block_max, tail, _, _, postings = self._state()
+        if postings:
+            return sum(s.docs.numel() for s in segments)
+        return block_max.fwd_terms.numel() + (tail.nnz if tail is not None else 0)
 
     @property
     def nbytes(self) -> int:
@@ -415,14 +419,19 @@ class SparseIndex:
 
     def __repr__(self) -> str:
         return (f"SparseIndex(docs={len(self)}, dim={self._dim}, postings={self.nnz}, weights={self._dtype}, "
-                f"segments={len(self._segments)}, device={self._device}, block_max="
+                f"segments={len(self._segments)}{'' if self._postings else ' (postings dropped)'}, "
+                f"device={self._device}, block_max="
                 + (f"{self._block_max.ndocs} docs in blocks of {self._block_max.block_size})" if self._block_max
                    else "None)"))
 
     def to(self, device) -> "SparseIndex":
         """A copy of the index on ``device`` (searches then run there)."""
         out = SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=device)
-        segments, block_max, tail, deleted, user_ids = self._state()
+        segments, block_max, tail, deleted, user_ids, postings = self._state()
+        if not postings and out._device.type != "cpu":
+            raise ValueError(f"to: an index without postings (keep_postings=False) searches on the CPU only; "
+                             f"rebuild them with optimize() first")
+        out._postings = postings
         out._segments = [s.to(out._device) for s in segments]
         out._block_max = block_max  # CPU only: safe/approximate search refuse other devices
         out._tail = tail.to(device) if tail is not None else None
@@ -473,7 +482,8 @@ class SparseIndex:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         threads = min(int(threads), 1 << 16)
-        segments, block_max, tail, deleted, user_ids = self._state()
+        segments, block_max, tail, deleted, user_ids, postings = self._state()
+        forward = None if postings else (block_max, tail)  # what exhaustive search reads without postings
         if mode is None:
             mode = "safe" if block_max is not None and self._device.type == "cpu" else "exact"
         if mode not in _MODES:
@@ -498,7 +508,7 @@ class SparseIndex:
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
-        n = sum(s.ndocs for s in segments)
+        n = sum(s.ndocs for s in segments) if postings else block_max.ndocs + (len(tail) if tail is not None else 0)
         if filter is not None and user_ids is not None:
             if is_mask(filter):
                 raise ValueError("filter: this index has user ids (given to add, or kept by compact()); pass the "
@@ -507,9 +517,9 @@ class SparseIndex:
         allowed = _allowed(filter, deleted, n)
         if allowed is not None and self._device.type != "cpu":
             raise ValueError(f"filter: search filters (and deletes) run on the CPU; the index is on {self._device}")
-        scan = self._scan_positions(queries, segments, block_max, allowed)
+        scan = self._scan_positions(queries, segments, block_max, allowed, postings)
         if mode == "exact" and scan is None:
-            return _to_user_ids(user_ids, *self._exact(queries, k, threads, segments, allowed))
+            return _to_user_ids(user_ids, *self._exact(queries, k, threads, segments, allowed, forward))
         if block_max is None:
             raise ValueError(f"mode={mode!r}: needs the block-max structure; call index.optimize() first (or build "
                              f"with SparseIndex.from_documents(docs, block_max=True))")
@@ -519,35 +529,42 @@ class SparseIndex:
             queries, k, float(alpha) if mode == "approximate" else 1.0, threads, int(query_cut or 0),
             None if allowed is None or scan is not None else allowed[:block_max.ndocs], scan,
             lists=lists and scan is None)
-        if tail is not None:
-            tail_allowed = None if allowed is None else allowed[block_max.ndocs:]
-            tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0], tail_allowed)
-            tail_ids = torch.where(tail_ids >= 0, tail_ids + block_max.ndocs, -1)
-            scores, ids = merge_top_k(torch.cat([scores, tail_scores], 1), torch.cat([ids, tail_ids], 1), k)
+        scores, ids = _with_tail(scores, ids, queries, k, threads, tail, block_max.ndocs, allowed)
         if not bool(complete.all()):  # fewer than k positive scores: exhaustive search defines the result
             redo = (~complete).nonzero().flatten()
-            scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed)
+            scores[redo], ids[redo] = self._exact(queries[redo], k, threads, segments, allowed, forward)
         return _to_user_ids(user_ids, scores, ids)
 
     def _scan_positions(self, queries: SparseBatch, segments: list[_Segment], block_max: BlockMax | None,
-                        allowed: torch.Tensor | None) -> torch.Tensor | None:
+                        allowed: torch.Tensor | None, postings: bool) -> torch.Tensor | None:
         """The stored positions of the allowed documents when scoring just those from the forward index is cheaper
         than searching (the same results in every mode, scores bit for bit), else None. Cost model: the allowed
-        documents' postings against the postings of the query terms that exhaustive search reads; pruned search
-        gains little under a selective filter, since its bounds ignore the filter."""
+        documents' postings against the postings of the query terms that exhaustive search reads (counted from
+        the forward index without postings); pruned search gains little under a selective filter, since its
+        bounds ignore the filter."""
         if block_max is None or allowed is None or self._device.type != "cpu" or not len(queries) \
                 or not block_max.ndocs:
             return None
         head = allowed[:block_max.ndocs]
         nallowed = int(head.sum())
-        terms = self._segment_rows(queries, segments).indices.long()
-        read = sum(int((s.ptr[terms + 1] - s.ptr[terms]).sum()) for s in segments) / len(queries)
+        if postings:
+            terms = self._segment_rows(queries, segments).indices.long()
+            read = sum(int((s.ptr[terms + 1] - s.ptr[terms]).sum()) for s in segments) / len(queries)
+        else:
+            rows = queries if block_max.terms is None else compact_rows(queries, block_max.terms)
+            read = int(block_max.term_counts[rows.indices.long()].sum()) / len(queries)
         if nallowed * block_max.fwd_terms.numel() / block_max.ndocs >= _SCAN_SHARE * read:
             return None
         return block_max.positions_of(head)
 
     def _exact(self, queries: SparseBatch, k: int, threads: int, segments: list[_Segment],
-               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               allowed: torch.Tensor | None = None, forward: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exhaustive search over the postings of ``segments``, or, without postings, over ``forward`` = (block
+        maxima, tail): every document of the forward index scored, then the tail."""
+        if forward is not None:
+            block_max, tail = forward
+            scores, ids = block_max.scan(queries, k, threads, None if allowed is None else allowed[:block_max.ndocs])
+            return _with_tail(scores, ids, queries, k, threads, tail, block_max.ndocs, allowed)
         segs = segments or [self._build(SparseBatch.from_lists([], self._dim, dtype=self._dtype),
                                         self._held_terms(segments))]
         queries = self._segment_rows(queries, segs)
@@ -560,9 +577,14 @@ class SparseIndex:
         """Writes the index (with its block-max structure, if any) to ``path`` atomically: a temporary file in the
         same folder, fsync, then rename."""
         path = Path(path)
-        segments, block_max, _, deleted, user_ids = self._state()
+        segments, block_max, tail, deleted, user_ids, postings = self._state()
+        total = sum(s.ndocs for s in segments) if postings else block_max.ndocs + (len(tail) if tail else 0)
+        if not postings:  # the tail's postings are the file's segments
+            segments = tail._state()[0] if tail is not None else []
         segs = [s.to("cpu") for s in segments]
         extras = _extras(block_max)
+        if not postings:
+            extras["postings_from"] = torch.tensor([block_max.ndocs])
         terms = self._held_terms(segs)
         if terms is not None:
             extras["terms"] = terms
@@ -587,9 +609,8 @@ class SparseIndex:
             a = _as_numpy(t)
             entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        version = _VERSION if terms is not None or "block_max.terms" in extras else min(_VERSION, 3)
-        head = _HEADERS[version].pack(_MAGIC, version, _DTYPE_CODES[self._dtype], self._dim,
-                                       sum(s.ndocs for s in segs), len(segs),
+        version = min(_VERSION, 5 if not postings else 4 if terms is not None or "block_max.terms" in extras else 3)
+        head = _HEADERS[version].pack(_MAGIC, version, _DTYPE_CODES[self._dtype], self._dim, total, len(segs),
                                        self.segment_size, len(extras))
         head += struct.pack("<I", zlib.crc32(table))
         head += struct.pack("<I", zlib.crc32(head))
@@ -605,7 +626,7 @@ class SparseIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
-        """Reads an index written by ``save`` (format versions 1 to 4); with ``mmap`` its arrays map the file
+        """Reads an index written by ``save`` (format versions 1 to 5); with ``mmap`` its arrays map the file
         instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
         ``ValueError``."""
         path = Path(path)
@@ -664,6 +685,12 @@ class SparseIndex:
         terms = extras.pop("terms", None)
         if terms is not None:
             check_terms(terms, dim, f"{path}: terms")
+        postings_from = extras.pop("postings_from", None)
+        if postings_from is not None:
+            if version < 5 or postings_from.dtype != torch.int64 or postings_from.numel() != 1 or \
+                    not 0 <= int(postings_from[0]) <= ndocs:
+                raise ValueError(f"{path}: invalid postings_from")
+            postings_from = int(postings_from[0])
         for s in range(nseg):
             seg_docs, nnz, *rest = _ENTRY.unpack_from(table, s * _ENTRY.size)
             if seg_docs > segment_size:
@@ -676,8 +703,10 @@ class SparseIndex:
             seg = _Segment(arrays[0], arrays[1], arrays[2], seg_docs, terms)
             _validate(seg, nptr - 1, f"{path}: segment {s}")
             index._segments.append(seg)
-        if len(index) != ndocs:
-            raise ValueError(f"{path}: segments hold {len(index)} documents, the header says {ndocs}")
+        held = sum(s.ndocs for s in index._segments)
+        if held != ndocs - (postings_from or 0):
+            raise ValueError(f"{path}: segments hold {held} documents, the header says {ndocs}"
+                             + ("" if postings_from is None else f" from document {postings_from} on"))
         # Offsets follow this library's COMPACT_DIM whatever the writer's: per dimension (before version 4, or a
         # writer with a higher threshold) re-indexed by the terms held, and the other way round.
         if uses_compact_terms(dim) and terms is None:
@@ -688,17 +717,26 @@ class SparseIndex:
                                for s in index._segments]
         id_arrays = {name: extras.pop(name) for name in list(extras) if name.startswith("ids.")}
         if id_arrays:
-            index._ids = ExternalIds.from_arrays(id_arrays, len(index), f"{path}: ids")
+            index._ids = ExternalIds.from_arrays(id_arrays, ndocs, f"{path}: ids")
         deleted = extras.pop("deleted", None)
         if deleted is not None:
-            if deleted.numel() != len(index) or bool((deleted > 1).any()):
-                raise ValueError(f"{path}: the tombstones do not match the {len(index)} documents")
+            if deleted.numel() != ndocs or bool((deleted > 1).any()):
+                raise ValueError(f"{path}: the tombstones do not match the {ndocs} documents")
             index._deleted = deleted.bool()
+        tail = None
+        if postings_from is not None:
+            if not extras:
+                raise ValueError(f"{path}: an index without postings lacks its block-max structure")
+            tail = SparseIndex(dim, dtype, segment_size=segment_size)
+            tail._segments, index._segments, index._postings = index._segments, [], False
         if extras:
-            index._load_block_max(extras, version, f"{path}")
+            index._load_block_max(extras, version, f"{path}", ndocs, postings_from, tail)
         return index
 
-    def _load_block_max(self, extras: dict[str, torch.Tensor], version: int, where: str) -> None:
+    def _load_block_max(self, extras: dict[str, torch.Tensor], version: int, where: str, total: int,
+                        postings_from: int | None, tail: SparseIndex | None) -> None:
+        """The block-max structure (and the tail) of an index of ``total`` documents; without postings the
+        structure must cover the documents before ``postings_from`` and ``tail`` holds the others."""
         fields = _BLOCK_MAX_FIELDS if version >= 3 else _BLOCK_MAX_FIELDS_V2
         sizes = 3 if version >= 3 else 2
         terms = extras.pop("block_max.terms", None) if version >= 4 else None
@@ -709,7 +747,8 @@ class SparseIndex:
             raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
         block_size, superblock, ndocs = extras["block_max.meta"].tolist() if version >= 3 else \
             (extras["block_max.meta"][0].item(), 1, extras["block_max.meta"][1].item())
-        if not 1 <= block_size <= 1 << 20 or not 1 <= superblock <= 1024 or not 0 <= ndocs <= len(self):
+        if not 1 <= block_size <= 1 << 20 or not 1 <= superblock <= 1024 or not 0 <= ndocs <= total or \
+                (postings_from is not None and ndocs != postings_from):
             raise ValueError(f"{where}: invalid block-max sizes (block {block_size}, superblock {superblock}, "
                              f"documents {ndocs})")
         arrays = {k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"}
@@ -730,8 +769,10 @@ class SparseIndex:
             bm.lists = from_saved(list_meta, list_arrays, where)
             validate_term_lists(bm.lists, bm, where)
         self._block_max = bm
-        if ndocs < len(self):
-            self._tail = SparseIndex.from_documents(self._documents(ndocs, len(self)), self._dtype,
+        if tail is not None:
+            self._tail = tail if len(tail) else None
+        elif ndocs < total:
+            self._tail = SparseIndex.from_documents(self._documents(ndocs, total), self._dtype,
                                                     segment_size=self.segment_size, progress=False)
 
 
@@ -782,6 +823,17 @@ def _term_lists_spec(spec: bool | dict) -> dict | None:
     return spec
 
 
+def _with_tail(scores: torch.Tensor, ids: torch.Tensor, queries: SparseBatch, k: int, threads: int,
+               tail: SparseIndex | None, split: int, allowed: torch.Tensor | None):
+    """Results over the first ``split`` documents merged with the exhaustive tail's (its documents from split on)."""
+    if tail is None:
+        return scores, ids
+    tail_scores, tail_ids = tail._exact(queries, k, threads, tail._state()[0],
+                                        None if allowed is None else allowed[split:])
+    tail_ids = torch.where(tail_ids >= 0, tail_ids + split, -1)
+    return merge_top_k(torch.cat([scores, tail_scores], 1), torch.cat([ids, tail_ids], 1), k)
+
+
 def merge_top_k(s: torch.Tensor, i: torch.Tensor, k: int):
     """Row-wise top k of (scores, ids) candidates (several results side by side): score descending, ties to the
     lower id, padding (id -1) last."""
@@ -809,6 +861,47 @@ def _read(f, dtype: np.dtype, offset: int, count: int, mmap: bool) -> np.ndarray
         return np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=(count,))
     f.seek(offset)
     return np.fromfile(f, dtype=dtype, count=count)
+
+
+def _posting_documents(segments: list[_Segment], lo: int, hi: int, dim: int, dtype: torch.dtype) -> SparseBatch:
+    """Documents [lo, hi) of ``segments`` as a CPU SparseBatch, rebuilt from the postings (each row's terms
+    ascending) into arrays allocated once, one segment at a time, so that the transient memory is one segment's."""
+    parts, base = [], 0
+    for s in segments:  # (segment, its first local row, past its last, first output row)
+        a, b = max(lo, base), min(hi, base + s.ndocs)
+        if a < b:
+            parts.append((s, a - base, b - base, a - lo))
+        base += s.ndocs
+
+    def in_range(s, a, b):
+        docs = s.docs.cpu()
+        return None if a == 0 and b == s.ndocs else (docs >= a) & (docs < b)
+
+    counts = []
+    for s, a, b, _ in parts:
+        keep = in_range(s, a, b)
+        counts.append(s.docs.numel() if keep is None else int(keep.sum()))
+    indptr = torch.zeros(hi - lo + 1, dtype=torch.int64)
+    indices = torch.empty(sum(counts), dtype=torch.int32 if dim < 2**31 else torch.int64)
+    values = torch.empty(sum(counts), dtype=dtype)
+    at = 0
+    for (s, a, b, out_row), m in zip(parts, counts):
+        col = torch.repeat_interleave(torch.arange(dim) if s.terms is None else s.terms.cpu(),
+                                      s.ptr.cpu().diff(), output_size=s.docs.numel())
+        row, val, keep = s.docs.cpu(), s.weights.cpu(), in_range(s, a, b)
+        if keep is not None:
+            row, col, val = row[keep], col[keep], val[keep]
+        # Postings run column by column, rows ascending within each: a stable sort by row leaves each row's
+        # columns ascending.
+        order = torch.sort(row, stable=True).indices
+        indices[at:at + m] = col[order]
+        values[at:at + m] = val[order]
+        rows_out = indptr[out_row + 1:out_row + 1 + b - a]
+        torch.cumsum(torch.bincount(row.long() - a, minlength=b - a), 0, out=rows_out)
+        rows_out += at
+        at += m
+        del row, col, val, order, keep
+    return SparseBatch(indptr, indices, values, dim, check=False)
 
 
 def _held_by_all(segments: list[_Segment]) -> list[_Segment]:
