@@ -74,6 +74,9 @@ class BlockMax:
     terms: torch.Tensor | None = None
     # The structure of approximate search at scale (term_lists.py), when built.
     lists: TermLists | None = None
+    # False: built without maxima (optimize(block_maxima=False): term lists only); the maxima arrays are then
+    # empty (every bound 0) and safe search is refused.
+    maxima: bool = True
 
     @property
     def nblocks(self) -> int:
@@ -86,7 +89,7 @@ class BlockMax:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, in the order the op takes them."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in _SIZES and f.name not in ("terms", "lists")}
+                if f.name not in _SIZES and f.name not in ("terms", "lists", "maxima")}
 
     @property
     def nbytes(self) -> int:
@@ -171,13 +174,14 @@ def resolve_superblock(superblock: int | str, ndocs: int) -> int:
 
 def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 8, superblock: int | str = "auto",
                     reorder: bool = True, order: torch.Tensor | None = None, dense_fraction: float = 0.125,
-                    seed: int = 0, progress: bool = True) -> BlockMax:
+                    seed: int = 0, maxima: bool = True, progress: bool = True) -> BlockMax:
     """The block-max structure of ``docs`` (ids 0 .. len(docs) - 1), weights stored as ``dtype``.
 
     ``reorder`` clusters documents first (`cluster_order`); without it blocks follow the id order. ``order`` (a
     permutation of the ids, e.g. from recursive graph bisection or an earlier `cluster_order`) replaces both. A term whose
     sparse superblock entries would cover at least ``dense_fraction`` of the superblocks gets a dense row instead
-    (faster bounds, at most 1 / (5 * dense_fraction) times the bytes of its sparse entries)."""
+    (faster bounds, at most 1 / (5 * dense_fraction) times the bytes of its sparse entries). ``maxima=False``
+    builds the forward index and the scales alone (for term lists)."""
     _check_int("block_size", block_size, 1 << 20)
     superblock = resolve_superblock(superblock, len(docs))
     if not 0.0 < dense_fraction <= 1.0:
@@ -209,17 +213,33 @@ def build_block_max(docs: SparseBatch, dtype: torch.dtype, *, block_size: int = 
     fwd = SparseBatch.cat([docs[order[a:a + step]] for a in range(0, n, step)]) if n else docs
     terms = fwd.indices.to(torch.int16 if dim <= 65536 else torch.int32)  # int16 holds uint16 bits
     return with_maxima(dim, block_size, superblock, fwd.indptr, terms, fwd.values, order.long(), dense_fraction,
-                       held)
+                       held, maxima)
 
 
 def with_maxima(dim: int, block_size: int, superblock: int, fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor,
                 fwd_weights: torch.Tensor, doc_ids: torch.Tensor, dense_fraction: float = 0.125,
-                terms: torch.Tensor | None = None) -> BlockMax:
-    """The block-max structure of a forward index over ``dim`` terms in stored order (maxima computed here); with
-    ``terms`` (see BlockMax.terms) the forward index's terms are positions in that list."""
-    maxima = _ops.block_maxima(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fraction)
-    return BlockMax(block_size, superblock, fwd_ptr.numel() - 1, fwd_ptr, fwd_terms, fwd_weights, doc_ids, *maxima,
-                    terms)
+                terms: torch.Tensor | None = None, maxima: bool = True) -> BlockMax:
+    """The block-max structure of a forward index over ``dim`` terms in stored order (maxima computed here, unless
+    ``maxima`` is False: then only the scales, and empty maxima); with ``terms`` (see BlockMax.terms) the forward
+    index's terms are positions in that list."""
+    ndocs = fwd_ptr.numel() - 1
+    if maxima:
+        arrays = _ops.block_maxima(fwd_ptr, fwd_terms, fwd_weights, dim, block_size, superblock, dense_fraction)
+    else:
+        nsuper = -(-ndocs // (block_size * superblock))
+        empty = torch.zeros(0, dtype=torch.uint8)
+        arrays = (term_scales(fwd_terms, fwd_weights, dim), torch.full((dim,), -1), empty,
+                  torch.zeros(dim + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), empty,
+                  torch.zeros(nsuper + 1, dtype=torch.int64), fwd_terms.new_zeros(0), empty)
+    return BlockMax(block_size, superblock, ndocs, fwd_ptr, fwd_terms, fwd_weights, doc_ids, *arrays, terms,
+                    maxima=maxima)
+
+
+def term_scales(fwd_terms: torch.Tensor, fwd_weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each term's largest weight / 255 (a hair above: quantized maxima then never round below a weight), or 1 for
+    a term without postings: the ``scale`` the block_maxima kernel computes, bit for bit."""
+    top = torch.zeros(dim, dtype=torch.float32).scatter_reduce_(0, _as_long(fwd_terms), fwd_weights.float(), "amax")
+    return torch.where(top > 0, (top.double() / 255.0 * (1.0 + 2.0**-20)).float(), 1.0)
 
 
 def _check_int(name: str, value, high: int) -> None:

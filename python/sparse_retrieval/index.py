@@ -65,7 +65,7 @@ _MODES = ("exact", "safe", "approximate")
 # query terms (measured: docs/benchmarks.md, "Search filters and deletes").
 _SCAN_SHARE = 1.0
 _BLOCK_MAX_FIELDS = tuple(f for f in BlockMax.__dataclass_fields__
-                          if f not in _BLOCK_MAX_SIZES and f not in ("terms", "lists"))
+                          if f not in _BLOCK_MAX_SIZES and f not in ("terms", "lists", "maxima"))
 _BLOCK_MAX_FIELDS_V2 = ("fwd_ptr", "fwd_terms", "fwd_weights", "doc_ids", "scale", "bm_dense_row", "bm_dense",
                         "bm_ptr", "bm_blocks", "bm_values")
 _ALIGN = 64
@@ -172,23 +172,27 @@ class SparseIndex:
     def from_documents(cls, docs, dtype: torch.dtype | None = None, *, ids=None, segment_size: int = 1 << 20,
                        block_max: bool = False, block_size: int = 8, superblock: int | str = "auto",
                        reorder: bool = True, order=None, term_lists: bool | dict = False,
-                       keep_postings: bool = True, progress: bool = True) -> "SparseIndex":
+                       block_maxima: bool = True, keep_postings: bool = True,
+                       progress: bool = True) -> "SparseIndex":
         """An index over ``docs`` (a SparseBatch or any format ``search`` takes), weights stored as ``dtype``
         (default: docs' dtype). Document ids are 0 .. len(docs) - 1, or ``ids`` (see ``add``). ``block_max=True``
         also builds the structure of safe and approximate search, ``term_lists`` that of approximate search at
-        scale, and ``keep_postings=False`` drops the exhaustive postings (see ``optimize``)."""
+        scale; ``block_maxima=False`` and ``keep_postings=False`` leave structures out (see ``optimize``)."""
         docs = as_sparse_batch(docs, "docs")
-        for name, value in (("term_lists", term_lists), ("keep_postings", not keep_postings)):
+        for name, value in (("term_lists", term_lists), ("keep_postings", not keep_postings),
+                            ("block_maxima", not block_maxima)):
             if value and not block_max:
                 raise ValueError(f"{name}: needs the block-max structure; pass block_max=True as well")
         index = cls(docs.dim, dtype or docs.dtype, segment_size=segment_size, device=docs.device)
         index.add(docs, ids=ids, progress=progress)
         if block_max:
-            index._optimize(docs, block_size, superblock, reorder, order, term_lists, keep_postings, progress)
+            index._optimize(docs, block_size, superblock, reorder, order, term_lists, block_maxima, keep_postings,
+                            progress)
         return index
 
     def optimize(self, *, block_size: int = 8, superblock: int | str = "auto", reorder: bool = True, order=None,
-                 term_lists: bool | dict = False, keep_postings: bool = True, progress: bool = True) -> None:
+                 term_lists: bool | dict = False, block_maxima: bool = True, keep_postings: bool = True,
+                 progress: bool = True) -> None:
         """Builds (or rebuilds, folding in documents added since) the block-max structure over all documents:
         documents clustered so that similar ones are neighbours (``reorder``; ids stay as they are), cut into
         blocks of ``block_size`` documents and superblocks of ``superblock`` blocks with 8-bit per-term maxima,
@@ -214,22 +218,30 @@ class SparseIndex:
         documents with a positive score) score every document from the forward index instead: the same results,
         slower (a scan of all postings per query), and a query with more than 255 terms or a non-finite weight
         raises ValueError. Documents added later sit in the exhaustive tail as usual; ``optimize()`` (which keeps
-        the postings by default) rebuilds them. Memory at 2M documents: 2.1 instead of 2.9 GB with term lists."""
-        self._optimize(None, block_size, superblock, reorder, order, term_lists, keep_postings, progress)
+        the postings by default) rebuilds them. ``block_maxima=False`` (with term lists) also leaves out the block
+        maxima: an index for approximate search alone (the default mode then), as Seismic's, which refuses
+        ``mode="safe"``; exact search still works as above. Memory at 2M documents with term lists: 2.9 GB with
+        everything, 2.1 GB without postings, 1.7 GB without postings and maxima."""
+        self._optimize(None, block_size, superblock, reorder, order, term_lists, block_maxima, keep_postings,
+                       progress)
 
     def _optimize(self, docs: SparseBatch | None, block_size: int, superblock: int, reorder: bool, order,
-                  term_lists: bool | dict, keep_postings: bool, progress: bool) -> None:
+                  term_lists: bool | dict, block_maxima: bool, keep_postings: bool, progress: bool) -> None:
         """optimize() over ``docs`` (all of the index's documents, when the caller has them: no rebuild from the
         postings)."""
         if self._device.type != "cpu":
             raise ValueError(f"optimize: block-max search runs on the CPU; the index is on {self._device}")
         lists_spec = _term_lists_spec(term_lists)  # checked before the long build, not after
-        if not isinstance(keep_postings, bool):
-            raise TypeError(f"keep_postings: expected a bool, got {type(keep_postings).__name__}")
+        for name, value in (("block_maxima", block_maxima), ("keep_postings", keep_postings)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        if not block_maxima and lists_spec is None:
+            raise ValueError("block_maxima=False: needs term lists (term_lists=True), which approximate search then "
+                             "uses; without either, only exact search would be left")
         with self._writing:
             docs = self._documents(0, len(self)) if docs is None else docs
             block_max = build_block_max(docs, self._dtype, block_size=block_size, superblock=superblock,
-                                        reorder=reorder, order=order, progress=progress)
+                                        reorder=reorder, order=order, maxima=block_maxima, progress=progress)
             if lists_spec is not None:
                 block_max.lists = build_term_lists(block_max, **lists_spec)
             segments = []
@@ -329,7 +341,8 @@ class SparseIndex:
             if block_max is not None:
                 lists = block_max.lists
                 block_max = build_block_max(docs, self._dtype, block_size=block_max.block_size,
-                                            superblock=block_max.superblock, progress=progress)
+                                            superblock=block_max.superblock, maxima=block_max.maxima,
+                                            progress=progress)
                 if lists is not None:
                     block_max.lists = build_term_lists(block_max, list_len=lists.list_len, group=lists.group,
                                                        summary_energy=lists.summary_energy, doc_cut=lists.doc_cut)
@@ -461,8 +474,8 @@ class SparseIndex:
         True)``) it scores the groups listed under the query's ``query_cut`` heaviest terms (default 8), best
         summary first, until the k-th score beats ``alpha`` times the best summary score left (``alpha`` in (0,
         16], default 1.1: summaries miss terms, so alpha above 1 buys recall). Recall only grows with alpha.
-        Default: ``"safe"`` once ``optimize()`` has run on a CPU index, else ``"exact"``. Safe and approximate
-        search run on the CPU, one thread per query.
+        Default: ``"safe"`` once ``optimize()`` has run on a CPU index (``"approximate"`` if it left out the block
+        maxima), else ``"exact"``. Safe and approximate search run on the CPU, one thread per query.
 
         ``filter``: the documents allowed as results, as a collection of ids (tensor, array, list, set, range) or, for
         an index with positional ids, a bool mask over them (tensor, array or list of bools; uint8 is refused as
@@ -485,9 +498,13 @@ class SparseIndex:
         segments, block_max, tail, deleted, user_ids, postings = self._state()
         forward = None if postings else (block_max, tail)  # what exhaustive search reads without postings
         if mode is None:
-            mode = "safe" if block_max is not None and self._device.type == "cpu" else "exact"
+            mode = "exact" if block_max is None or self._device.type != "cpu" else \
+                "safe" if block_max.maxima else "approximate"
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        if mode == "safe" and block_max is not None and not block_max.maxima:
+            raise ValueError("mode='safe': this index was optimized with block_maxima=False (approximate search "
+                             "only); use mode='approximate' or 'exact', or optimize() again")
         for name, value in (("alpha", alpha), ("query_cut", query_cut)):
             if value is not None and mode != "approximate":
                 raise ValueError(f"{name}: only for mode='approximate' (mode is {mode!r})")
@@ -609,7 +626,8 @@ class SparseIndex:
             a = _as_numpy(t)
             entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        version = min(_VERSION, 5 if not postings else 4 if terms is not None or "block_max.terms" in extras else 3)
+        version = min(_VERSION, 5 if not postings or (block_max is not None and not block_max.maxima) else
+                      4 if terms is not None or "block_max.terms" in extras else 3)
         head = _HEADERS[version].pack(_MAGIC, version, _DTYPE_CODES[self._dtype], self._dim, total, len(segs),
                                        self.segment_size, len(extras))
         head += struct.pack("<I", zlib.crc32(table))
@@ -738,17 +756,20 @@ class SparseIndex:
         """The block-max structure (and the tail) of an index of ``total`` documents; without postings the
         structure must cover the documents before ``postings_from`` and ``tail`` holds the others."""
         fields = _BLOCK_MAX_FIELDS if version >= 3 else _BLOCK_MAX_FIELDS_V2
-        sizes = 3 if version >= 3 else 2
+        sizes = (3, 4) if version >= 5 else (3,) if version >= 3 else (2,)
         terms = extras.pop("block_max.terms", None) if version >= 4 else None
         list_meta = extras.pop("term_lists.meta", None)
         list_arrays = {name.split(".", 1)[1]: extras.pop(name) for name in list(extras)
                        if name.startswith("term_lists.")}
-        if set(extras) != {f"block_max.{f}" for f in ("meta", *fields)} or extras["block_max.meta"].numel() != sizes:
+        if set(extras) != {f"block_max.{f}" for f in ("meta", *fields)} or \
+                extras["block_max.meta"].numel() not in sizes:
             raise ValueError(f"{where}: unexpected extra arrays {sorted(extras)}")
-        block_size, superblock, ndocs = extras["block_max.meta"].tolist() if version >= 3 else \
-            (extras["block_max.meta"][0].item(), 1, extras["block_max.meta"][1].item())
+        meta = extras["block_max.meta"].tolist()
+        block_size, superblock, ndocs = meta[:3] if version >= 3 else (meta[0], 1, meta[1])
+        maxima = len(meta) < 4 or meta[3] != 0
         if not 1 <= block_size <= 1 << 20 or not 1 <= superblock <= 1024 or not 0 <= ndocs <= total or \
-                (postings_from is not None and ndocs != postings_from):
+                (postings_from is not None and ndocs != postings_from) or meta[3:] not in ([], [0]) or \
+                (not maxima and list_meta is None):
             raise ValueError(f"{where}: invalid block-max sizes (block {block_size}, superblock {superblock}, "
                              f"documents {ndocs})")
         arrays = {k.split(".", 1)[1]: v for k, v in extras.items() if k != "block_max.meta"}
@@ -759,7 +780,7 @@ class SparseIndex:
             validate_forward(*fwd.values(), self._dim, f"{where}: block_max")
             bm = with_maxima(self._dim, block_size, superblock, *fwd.values())
         else:
-            bm = BlockMax(block_size, superblock, ndocs, **arrays, terms=terms)
+            bm = BlockMax(block_size, superblock, ndocs, **arrays, terms=terms, maxima=maxima)
         if bm.fwd_weights.dtype != self._dtype:
             raise ValueError(f"{where}: block-max weights are {bm.fwd_weights.dtype}, the index's {self._dtype}")
         validate_block_max(bm, self._dim, f"{where}: block_max")
@@ -799,7 +820,8 @@ def _extras(bm: BlockMax | None) -> dict[str, torch.Tensor]:
     """Named arrays saved beside the segments: the block-max structure (the tail is rebuilt on load)."""
     if bm is None:
         return {}
-    out = {"block_max.meta": torch.tensor([bm.block_size, bm.superblock, bm.ndocs], dtype=torch.int64)}
+    meta = [bm.block_size, bm.superblock, bm.ndocs] + ([] if bm.maxima else [0])  # 4th: maxima (version 5)
+    out = {"block_max.meta": torch.tensor(meta, dtype=torch.int64)}
     out.update({f"block_max.{k}": v.cpu() for k, v in bm.tensors().items()})
     if bm.terms is not None:
         out["block_max.terms"] = bm.terms.cpu()

@@ -1,6 +1,8 @@
-"""An index whose exhaustive postings were dropped (``optimize(keep_postings=False)``): every search mode gives the
-results of the same index with postings (scores bit for bit), through filters, deletes, add (the tail), compact,
-optimize again, save/load (mmap or not) and a huge dim; what it cannot score raises."""
+"""Indexes with structures left out: without the exhaustive postings (``optimize(keep_postings=False)``) every
+search mode gives the results of the same index with postings (scores bit for bit), and without the block maxima
+(``block_maxima=False``, term lists only) approximate and exact search give those of the full index, through
+filters, deletes, add (the tail), compact, optimize again, save/load (mmap or not) and a huge dim; what such an
+index cannot do raises."""
 import struct
 import zlib
 
@@ -10,6 +12,7 @@ import torch
 
 import sparse_retrieval as sr
 from sparse_retrieval import reference
+from sparse_retrieval.block_search import build_block_max, term_scales
 from sparse_retrieval.sparse import SparseBatch
 
 from test_block_search import assert_same, clustered, queries_for
@@ -182,3 +185,72 @@ def test_what_it_cannot_do_raises():
         sr.SparseIndex.from_documents(docs, keep_postings=False)
     with pytest.raises(TypeError, match="keep_postings"):
         sr.SparseIndex.from_documents(docs, block_max=True, keep_postings="no", progress=False)
+
+
+LISTS = {"list_len": 64, "group": 4}
+
+
+@pytest.mark.parametrize("keep_postings", [True, False])
+def test_without_block_maxima_approximate_and_exact_match_the_full_index(simd, keep_postings):
+    gen = torch.Generator().manual_seed(21)
+    docs = clustered(1300, 400, 10, gen, coarse=True)
+    queries = queries_for(docs, 40, gen, negative=True)
+    full = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=LISTS, progress=False)
+    lean = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=LISTS, block_maxima=False,
+                                         keep_postings=keep_postings, progress=False)
+    assert not lean.block_max.maxima and lean.nbytes < full.nbytes
+    assert torch.equal(lean.block_max.scale, full.block_max.scale)
+    mask = torch.rand(1300, generator=gen) < 0.3
+    for alpha in (0.8, 1.1, 3.0):
+        for search in ({}, {"filter": mask}, {"query_cut": 2}):
+            assert_same(lean.search(queries, 10, mode="approximate", alpha=alpha, **search),
+                        full.search(queries, 10, mode="approximate", alpha=alpha, **search))
+    assert_same(lean.search(queries, 10), full.search(queries, 10, mode="approximate"))  # the default mode
+    assert_same(lean.search(queries, 10, mode="exact"), full.search(queries, 10, mode="exact"))
+    with pytest.raises(ValueError, match="block_maxima=False"):
+        lean.search(queries, 10, mode="safe")
+    lean.delete(range(0, 1300, 3))
+    full.delete(range(0, 1300, 3))
+    lean.compact(progress=False)
+    full.compact(progress=False)
+    assert not lean.block_max.maxima and lean._postings == keep_postings
+    assert_same(lean.search(queries, 10), full.search(queries, 10, mode="approximate"))
+
+
+@pytest.mark.parametrize("keep_postings", [True, False])
+def test_without_block_maxima_save_load(tmp_path, keep_postings):
+    gen = torch.Generator().manual_seed(22)
+    docs = clustered(700, 300, 6, gen)
+    queries = queries_for(docs, 30, gen)
+    lean = sr.SparseIndex.from_documents(docs[:650], block_max=True, term_lists=LISTS, block_maxima=False,
+                                         keep_postings=keep_postings, progress=False)
+    lean.add(docs[650:], progress=False)
+    lean.save(tmp_path / "x")
+    assert struct.unpack_from("<I", (tmp_path / "x").read_bytes(), 8)[0] == 5
+    loaded = sr.SparseIndex.load(tmp_path / "x")
+    assert not loaded.block_max.maxima and loaded._postings == keep_postings and len(loaded) == 700
+    for mode in ("approximate", "exact"):
+        assert_same(loaded.search(queries, 8, mode=mode), lean.search(queries, 8, mode=mode))
+    loaded.optimize(progress=False)  # everything again
+    assert loaded.block_max.maxima and loaded._postings
+    assert_same(loaded.search(queries, 8, mode="safe"), lean.search(queries, 8, mode="exact"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_term_scales_are_the_kernels(dtype):
+    gen = torch.Generator().manual_seed(23)
+    docs = clustered(500, 300, 5, gen, dtype=dtype)  # some of the 300 terms hold no posting
+    bm = build_block_max(docs, dtype, progress=False)
+    assert torch.equal(term_scales(bm.fwd_terms, bm.fwd_weights, 300), bm.scale)
+    wide = build_block_max(spread(docs, dim=70000, stride=233), dtype, progress=False)  # int32 terms
+    assert torch.equal(term_scales(wide.fwd_terms, wide.fwd_weights, 70000), wide.scale)
+
+
+def test_block_maxima_false_needs_term_lists():
+    docs = clustered(100, 50, 3, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="needs term lists"):
+        sr.SparseIndex.from_documents(docs, block_max=True, block_maxima=False, progress=False)
+    with pytest.raises(ValueError, match="block_maxima: needs the block-max structure"):
+        sr.SparseIndex.from_documents(docs, block_maxima=False)
+    with pytest.raises(TypeError, match="block_maxima"):
+        sr.SparseIndex.from_documents(docs, block_max=True, term_lists=True, block_maxima=0, progress=False)
