@@ -146,8 +146,8 @@ def test_raw_op_checks_its_inputs():
     call = lambda lists, alpha=1.0, positions=None: ops.block_search(
         q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 1, 5, alpha, 0, 1, None, positions, lists)
     call(tl.tensors())
-    with pytest.raises(ValueError, match="lists: expected none or 9 tensors"):
-        call(tl.tensors()[:8])
+    with pytest.raises(ValueError, match="lists: expected none or 13 tensors"):
+        call(tl.tensors()[:9])
     with pytest.raises(ValueError, match="alpha"):
         call(tl.tensors(), alpha=17.0)
     with pytest.raises(ValueError, match="positions: not with lists"):
@@ -159,6 +159,10 @@ def test_raw_op_checks_its_inputs():
         (0, lambda t: t[1:].fill_(0), "list_ptr"),                    # offsets not ending at the group count
         (5, lambda t: t.float(), "dir_at"),                           # wrong dtype
         (7, lambda t: t[:-1], "ent_values|ent_groups"),               # lengths differ
+        (10, lambda t: t.flip(0), "one_terms"),                       # single terms not ascending
+        (9, lambda t: t[1:].fill_(0), "one_ptr"),                     # offsets not ending at the single count
+        (11, lambda t: t[:-1], "one_groups"),                         # lengths differ
+        (10, lambda t: t.int(), "one_terms"),                         # not the forward index's term type
     ]
     for i, damage, match in damaged:
         lists = [t.clone() for t in tl.tensors()]
@@ -195,3 +199,61 @@ def test_opcheck():
     torch.library.opcheck(ops.block_search, (q.indptr, q.indices, q.values, list(bm.tensors().values()), 8, 1, 5,
                                              1.2, 3, 1, None, None, tl.tensors()))
     torch.library.opcheck(ops.term_lists, (bm.fwd_ptr, bm.fwd_terms, bm.fwd_weights, bm.scale, 16, 4, 0.5, 15))
+
+
+def old_layout(tl):
+    """The arrays of ``tl`` as files wrote them before single entries were kept apart: every term of a list in the
+    directory."""
+    out = {name: [] for name in ("dir_ptr", "dir_terms", "dir_at", "ent_ptr", "ent_groups", "ent_values")}
+    dir_ptr, ent_ptr = [0], [0]
+    for t in range(tl.list_ptr.numel() - 1):
+        runs = []
+        d0, d1, e0, e1 = (int(x) for x in (tl.dir_ptr[t], tl.dir_ptr[t + 1], tl.ent_ptr[t], tl.ent_ptr[t + 1]))
+        for j in range(d0, d1):
+            a, b = e0 + int(tl.dir_at[j]), (e0 + int(tl.dir_at[j + 1]) if j + 1 < d1 else e1)
+            runs.append((int(tl.dir_terms[j]), tl.ent_groups[a:b].tolist(), tl.ent_values[a:b].tolist()))
+        for o in range(int(tl.one_ptr[t]), int(tl.one_ptr[t + 1])):
+            runs.append((int(tl.one_terms[o]), [int(tl.one_groups[o])], [int(tl.one_values[o])]))
+        at = 0
+        for term, groups, values in sorted(runs):
+            out["dir_terms"].append(term)
+            out["dir_at"].append(at)
+            out["ent_groups"] += groups
+            out["ent_values"] += values
+            at += len(groups)
+        dir_ptr.append(dir_ptr[-1] + len(runs))
+        ent_ptr.append(ent_ptr[-1] + at)
+    arrays = {"list_ptr": tl.list_ptr, "group_ptr": tl.group_ptr, "group_docs": tl.group_docs,
+              "dir_ptr": torch.tensor(dir_ptr), "dir_terms": torch.tensor(out["dir_terms"], dtype=tl.dir_terms.dtype),
+              "dir_at": torch.tensor(out["dir_at"], dtype=torch.int32), "ent_ptr": torch.tensor(ent_ptr),
+              "ent_groups": torch.tensor(out["ent_groups"], dtype=torch.int16),
+              "ent_values": torch.tensor(out["ent_values"], dtype=torch.uint8)}
+    return arrays
+
+
+def test_files_without_single_entries_load(tmp_path, monkeypatch):
+    """Files written before single entries were kept apart list every term in the directory; they load, with the
+    same results."""
+    import sparse_retrieval.index as index_module
+
+    docs, queries = data(600, 17)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False,
+                                          term_lists={"list_len": 80, "group": 4, "summary_energy": 0.8})
+    lists = index.block_max.lists
+    assert lists.one_terms.numel() > 0 and lists.dir_terms.numel() > 0
+    saved = index_module._extras
+
+    def old_extras(bm):
+        out = {k: v for k, v in saved(bm).items() if not k.startswith("term_lists.") or k == "term_lists.meta"}
+        out.update({f"term_lists.{k}": v for k, v in old_layout(bm.lists).items()})
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(index_module, "_extras", old_extras)
+        index.save(tmp_path / "old")
+    loaded = sr.SparseIndex.load(tmp_path / "old")
+    assert loaded.block_max.lists.one_terms.numel() == 0
+    assert loaded.block_max.lists.dir_terms.numel() == lists.dir_terms.numel() + lists.one_terms.numel()
+    for alpha in (0.9, 1.1, 2.0):
+        assert_same(loaded.search(queries, 10, mode="approximate", alpha=alpha),
+                    index.search(queries, 10, mode="approximate", alpha=alpha))

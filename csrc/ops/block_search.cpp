@@ -82,8 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const std::optional<at::TensorList>& lists_arg) {
   const at::TensorList lists = lists_arg.value_or(at::TensorList());
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(lists.empty() || lists.size() == 9, "lists: expected none or 9 tensors (list_ptr, group_ptr, "
-                    "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values), got ", lists.size());
+  TORCH_CHECK_VALUE(lists.empty() || lists.size() == 13, "lists: expected none or 13 tensors (list_ptr, group_ptr, "
+                    "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values, one_ptr, one_terms, "
+                    "one_groups, one_values), got ", lists.size());
   const bool use_lists = !lists.empty();
   // Candidate lists rank by summaries that may miss terms, so stopping later than at the best summary left (alpha
   // above 1) buys recall there; block bounds are upper bounds, so alpha 1 is already exact.
@@ -143,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   if (use_lists) {
     const auto &list_ptr = lists[0], &group_ptr = lists[1], &group_docs = lists[2], &dir_ptr = lists[3],
                &dir_terms = lists[4], &dir_at = lists[5], &ent_ptr = lists[6], &ent_groups = lists[7],
-               &ent_values = lists[8];
+               &ent_values = lists[8], &one_ptr = lists[9], &one_terms = lists[10], &one_groups = lists[11],
+               &one_values = lists[12];
     TORCH_CHECK_VALUE(group_ptr.dim() == 1 && group_ptr.numel() >= 1, "group_ptr: expected ngroups + 1 >= 1 entries");
     const int64_t ngroups = group_ptr.numel() - 1;
     check_1d(list_ptr, at::kLong, dim + 1, "list_ptr");
@@ -153,6 +155,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     TORCH_CHECK_TYPE(dir_terms.scalar_type() == fwd_terms.scalar_type(), "dir_terms: expected ",
                      fwd_terms.scalar_type(), " (the type of fwd_terms), got ", dir_terms.scalar_type());
     check_1d(dir_terms, dir_terms.scalar_type(), -1, "dir_terms");
+    TORCH_CHECK_TYPE(one_terms.scalar_type() == fwd_terms.scalar_type(), "one_terms: expected ",
+                     fwd_terms.scalar_type(), " (the type of fwd_terms), got ", one_terms.scalar_type());
+    check_1d(one_terms, one_terms.scalar_type(), -1, "one_terms");
+    check_1d(one_ptr, at::kLong, dim + 1, "one_ptr");
+    check_1d(one_groups, at::kShort, one_terms.numel(), "one_groups");
+    check_1d(one_values, at::kByte, one_terms.numel(), "one_values");
     check_1d(dir_at, at::kInt, dir_terms.numel(), "dir_at");
     check_1d(ent_ptr, at::kLong, dim + 1, "ent_ptr");
     check_1d(ent_groups, at::kShort, -1, "ent_groups");
@@ -161,7 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     check_offsets(group_ptr, group_docs.numel(), "group_ptr");
     check_offsets(dir_ptr, dir_terms.numel(), "dir_ptr");
     check_offsets(ent_ptr, ent_groups.numel(), "ent_ptr");
-    check_once("term lists", {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups},
+    check_offsets(one_ptr, one_terms.numel(), "one_ptr");
+    check_once("term lists", {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups,
+                              one_ptr, one_terms},
                {dim, ndocs}, [&] {
       for (const auto* p : {&list_ptr, &ent_ptr}) {
         TORCH_CHECK_VALUE((p->slice(0, 1) >= p->slice(0, 0, -1)).all().item<bool>(),
@@ -171,11 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
                         "list_ptr: a term lists at most 65536 groups");
       check_lists(group_ptr, group_docs, ndocs, "group_ptr", "group_docs");
       check_lists(dir_ptr, dir_terms, dim, "dir_ptr", "dir_terms");
+      check_lists(one_ptr, one_terms, dim, "one_ptr", "one_terms");
     });
     tl = {ngroups, list_ptr.data_ptr<int64_t>(), group_ptr.data_ptr<int64_t>(), group_docs.data_ptr<int32_t>(),
           group_docs.numel(), dir_ptr.data_ptr<int64_t>(), dir_terms.data_ptr(), dir_at.data_ptr<int32_t>(),
           dir_terms.numel(), ent_ptr.data_ptr<int64_t>(), reinterpret_cast<const uint16_t*>(ent_groups.data_ptr()),
-          ent_values.data_ptr<uint8_t>(), ent_groups.numel()};
+          ent_values.data_ptr<uint8_t>(), ent_groups.numel(), one_ptr.data_ptr<int64_t>(), one_terms.data_ptr(),
+          reinterpret_cast<const uint16_t*>(one_groups.data_ptr()), one_values.data_ptr<uint8_t>(), one_terms.numel()};
   }
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
   const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
@@ -317,9 +329,8 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
 
 // Term lists of a forward index (TermLists, built with term_top_documents, cluster_documents and group_summary of
 // the kernel header): (list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups,
-// ent_values). Checks everything it reads: it runs once per build.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-term_lists_cpu(
+// ent_values, one_ptr, one_terms, one_groups, one_values). Checks everything it reads: it runs once per build.
+std::vector<at::Tensor> term_lists_cpu(
     const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale,
     int64_t list_len, int64_t group, double summary_energy, int64_t doc_cut) {
   check_1d(scale, at::kFloat, -1, "scale");
@@ -375,10 +386,11 @@ term_lists_cpu(
       }
     }
   });
-  // Each list's summaries transposed: (term, group in the list, maximum) sorted by term, then group.
-  std::vector<std::vector<int32_t>> dterms(dim), dat(dim);
-  std::vector<std::vector<uint16_t>> egroups(dim);
-  std::vector<std::vector<uint8_t>> evalues(dim);
+  // Each list's summaries transposed: (term, group in the list, maximum) sorted by term, then group; a term of a
+  // single group goes to the single entries instead of the directory.
+  std::vector<std::vector<int32_t>> dterms(dim), dat(dim), oterms(dim);
+  std::vector<std::vector<uint16_t>> egroups(dim), ogroups(dim);
+  std::vector<std::vector<uint8_t>> evalues(dim), ovalues(dim);
   at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
     std::vector<std::tuple<int32_t, uint16_t, uint8_t>> entries;
     for (int64_t t = lo; t < hi; ++t) {
@@ -389,24 +401,35 @@ term_lists_cpu(
       std::vector<int32_t>().swap(sterms[t]);
       std::vector<uint8_t>().swap(svalues[t]);
       std::sort(entries.begin(), entries.end());
-      for (size_t e = 0; e < entries.size(); ++e) {
-        if (e == 0 || std::get<0>(entries[e]) != std::get<0>(entries[e - 1])) {
-          dterms[t].push_back(std::get<0>(entries[e]));
-          dat[t].push_back(int32_t(e));
+      for (size_t e = 0, run; e < entries.size(); e += run) {
+        const int32_t u = std::get<0>(entries[e]);
+        for (run = 1; e + run < entries.size() && std::get<0>(entries[e + run]) == u;) ++run;
+        if (run == 1) {
+          oterms[t].push_back(u);
+          ogroups[t].push_back(std::get<1>(entries[e]));
+          ovalues[t].push_back(std::get<2>(entries[e]));
+          continue;
         }
-        egroups[t].push_back(std::get<1>(entries[e]));
-        evalues[t].push_back(std::get<2>(entries[e]));
+        dterms[t].push_back(u);
+        dat[t].push_back(int32_t(egroups[t].size()));
+        for (size_t i = e; i < e + run; ++i) {
+          egroups[t].push_back(std::get<1>(entries[i]));
+          evalues[t].push_back(std::get<2>(entries[i]));
+        }
       }
     }
   });
   const auto opts = fwd_ptr.options();
   auto list_ptr = at::zeros({dim + 1}, opts), dir_ptr = at::zeros({dim + 1}, opts), ent_ptr = at::zeros({dim + 1}, opts);
+  auto one_ptr = at::zeros({dim + 1}, opts);
   int64_t *lp = list_ptr.data_ptr<int64_t>(), *dp = dir_ptr.data_ptr<int64_t>(), *ep = ent_ptr.data_ptr<int64_t>();
+  int64_t* op = one_ptr.data_ptr<int64_t>();
   std::vector<int64_t> doc_at(dim + 1, 0);
   for (int64_t t = 0; t < dim; ++t) {
     lp[t + 1] = lp[t] + int64_t(sizes[t].size());
     dp[t + 1] = dp[t] + int64_t(dterms[t].size());
     ep[t + 1] = ep[t] + int64_t(egroups[t].size());
+    op[t + 1] = op[t] + int64_t(oterms[t].size());
     doc_at[t + 1] = doc_at[t] + int64_t(docs[t].size());
   }
   const int64_t ngroups = lp[dim];
@@ -420,21 +443,31 @@ term_lists_cpu(
   auto dir_at = at::empty({dp[dim]}, opts.dtype(at::kInt));
   auto ent_groups = at::empty({ep[dim]}, opts.dtype(at::kShort));
   auto ent_values = at::empty({ep[dim]}, opts.dtype(at::kByte));
+  auto one_terms = at::empty({op[dim]}, opts.dtype(fwd_terms.scalar_type()));
+  auto one_groups = at::empty({op[dim]}, opts.dtype(at::kShort));
+  auto one_values = at::empty({op[dim]}, opts.dtype(at::kByte));
   at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       std::copy(docs[t].begin(), docs[t].end(), group_docs.data_ptr<int32_t>() + doc_at[t]);
       std::copy(dat[t].begin(), dat[t].end(), dir_at.data_ptr<int32_t>() + dp[t]);
       std::copy(egroups[t].begin(), egroups[t].end(), reinterpret_cast<uint16_t*>(ent_groups.data_ptr()) + ep[t]);
       std::copy(evalues[t].begin(), evalues[t].end(), ent_values.data_ptr<uint8_t>() + ep[t]);
-      if (t16) {
-        auto* dt = reinterpret_cast<uint16_t*>(dir_terms.data_ptr());
-        for (size_t j = 0; j < dterms[t].size(); ++j) dt[dp[t] + int64_t(j)] = uint16_t(dterms[t][j]);
-      } else {
-        std::copy(dterms[t].begin(), dterms[t].end(), dir_terms.data_ptr<int32_t>() + dp[t]);
-      }
+      std::copy(ogroups[t].begin(), ogroups[t].end(), reinterpret_cast<uint16_t*>(one_groups.data_ptr()) + op[t]);
+      std::copy(ovalues[t].begin(), ovalues[t].end(), one_values.data_ptr<uint8_t>() + op[t]);
+      const auto put_terms = [t16](const std::vector<int32_t>& from, at::Tensor& to, int64_t base) {
+        if (t16) {
+          auto* out = reinterpret_cast<uint16_t*>(to.data_ptr()) + base;
+          for (size_t j = 0; j < from.size(); ++j) out[j] = uint16_t(from[j]);
+        } else {
+          std::copy(from.begin(), from.end(), to.data_ptr<int32_t>() + base);
+        }
+      };
+      put_terms(dterms[t], dir_terms, dp[t]);
+      put_terms(oterms[t], one_terms, op[t]);
     }
   });
-  return {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values};
+  return {list_ptr,   group_ptr, group_docs, dir_ptr,   dir_terms, dir_at,    ent_ptr,
+          ent_groups, ent_values, one_ptr,   one_terms, one_groups, one_values};
 }
 
 }  // namespace
@@ -444,7 +477,7 @@ TORCH_LIBRARY_FRAGMENT(sparse_retrieval, m) {
         "int superblock, int k, float alpha, int query_cut, int num_threads, Tensor? allowed=None, "
         "Tensor? positions=None, Tensor[]? lists=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("term_lists(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, Tensor scale, int list_len, int group, "
-        "float summary_energy, int doc_cut) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float summary_energy, int doc_cut) -> Tensor[]");
   m.def("block_maxima(Tensor fwd_ptr, Tensor fwd_terms, Tensor fwd_weights, int dim, int block_size, int superblock, "
         "float dense_fraction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

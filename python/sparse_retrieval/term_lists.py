@@ -48,7 +48,10 @@ class TermLists:
     distinct summary terms ``dir_terms[dir_ptr[t]:dir_ptr[t + 1]]``; directory entry j's entries
     ``ent_ptr[t] + dir_at[j]`` up to the next one's (the list's last up to ``ent_ptr[t + 1]``), each the group's
     number in the list (``ent_groups``, read as uint16) and the term's 8-bit maximum over it (``ent_values``, in
-    units of the block-max structure's ``scale``)."""
+    units of the block-max structure's ``scale``). A term in the summary of one group of the list only (70% of the
+    directory's terms on real data) has no directory entry: list t's such terms ``one_terms[one_ptr[t]:one_ptr[t +
+    1]]`` (ascending), each with its group's number (``one_groups``) and maximum (``one_values``), 5 bytes instead
+    of 9."""
     list_len: int
     group: int
     summary_energy: float
@@ -62,6 +65,10 @@ class TermLists:
     ent_ptr: torch.Tensor     # int64 (dim + 1,)
     ent_groups: torch.Tensor  # int16 (uint16 bits)
     ent_values: torch.Tensor  # uint8
+    one_ptr: torch.Tensor     # int64 (dim + 1,)
+    one_terms: torch.Tensor   # the forward index's term dtype
+    one_groups: torch.Tensor  # int16 (uint16 bits)
+    one_values: torch.Tensor  # uint8
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors, in the order the op takes them."""
@@ -77,6 +84,7 @@ class TermLists:
 
 
 _PARAMS = ("list_len", "group", "summary_energy", "doc_cut")
+_SINGLES = ("one_ptr", "one_terms", "one_groups", "one_values")
 FIELDS = tuple(f.name for f in fields(TermLists) if f.name not in _PARAMS)
 
 
@@ -121,7 +129,12 @@ def check_spec(spec: dict) -> None:
 
 
 def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) -> TermLists:
-    """TermLists from a file's arrays, parameters checked (the contents are checked by `validate_term_lists`)."""
+    """TermLists from a file's arrays, parameters checked (the contents are checked by `validate_term_lists`).
+    Files written before the single entries were kept apart have every term in the directory: they load with no
+    single entries."""
+    if meta.numel() == 4 and set(arrays) == set(FIELDS) - set(_SINGLES) and "dir_terms" in arrays:
+        arrays = dict(arrays, one_ptr=torch.zeros_like(arrays["list_ptr"]), one_terms=arrays["dir_terms"][:0],
+                      one_groups=arrays["ent_groups"][:0], one_values=arrays["ent_values"][:0])
     if meta.numel() != 4 or set(arrays) != set(FIELDS):
         raise ValueError(f"{where}: term lists: unexpected arrays {sorted(arrays)}")
     list_len, group, energy, doc_cut = meta.tolist()
@@ -134,10 +147,11 @@ def validate_term_lists(tl: TermLists, bm, where: str) -> None:
     dim, ndocs = bm.scale.numel(), bm.ndocs
     ngroups = tl.group_ptr.numel() - 1
     dtypes = (torch.int64, torch.int64, torch.int32, torch.int64, bm.fwd_terms.dtype, torch.int32, torch.int64,
-              torch.int16, torch.uint8)
+              torch.int16, torch.uint8, torch.int64, bm.fwd_terms.dtype, torch.int16, torch.uint8)
     if any(t.dtype != d or t.dim() != 1 for t, d in zip(tl.tensors(), dtypes)) or ngroups < 0 or \
-            any(p.numel() != dim + 1 for p in (tl.list_ptr, tl.dir_ptr, tl.ent_ptr)) or \
-            tl.dir_at.numel() != tl.dir_terms.numel() or tl.ent_values.numel() != tl.ent_groups.numel():
+            any(p.numel() != dim + 1 for p in (tl.list_ptr, tl.dir_ptr, tl.ent_ptr, tl.one_ptr)) or \
+            tl.dir_at.numel() != tl.dir_terms.numel() or tl.ent_values.numel() != tl.ent_groups.numel() or \
+            not tl.one_terms.numel() == tl.one_groups.numel() == tl.one_values.numel():
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
     for ptr, total, name in ((tl.list_ptr, ngroups, "list_ptr"), (tl.ent_ptr, tl.ent_groups.numel(), "ent_ptr")):
         if int(ptr[0]) != 0 or int(ptr[-1]) != total or bool((ptr[1:] < ptr[:-1]).any()):
@@ -145,18 +159,21 @@ def validate_term_lists(tl: TermLists, bm, where: str) -> None:
     if dim and int((tl.list_ptr[1:] - tl.list_ptr[:-1]).max()) > MAX_LIST_LEN:
         raise ValueError(f"{where}: term lists: a term lists more than {MAX_LIST_LEN} groups")
     check_lists(tl.group_ptr, tl.group_docs.long(), ndocs, where, "term lists (documents of each group)")
-    terms = tl.dir_terms.long() & 0xFFFF if tl.dir_terms.dtype == torch.int16 else tl.dir_terms.long()
-    check_lists(tl.dir_ptr, terms, dim, where, "term lists (summary terms of each list)")
+    for ptr, terms, what in ((tl.dir_ptr, tl.dir_terms, "summary terms"), (tl.one_ptr, tl.one_terms, "single terms")):
+        terms = terms.long() & 0xFFFF if terms.dtype == torch.int16 else terms.long()
+        check_lists(ptr, terms, dim, where, f"term lists ({what} of each list)")
 
 
 @fake("term_lists")
 def _(fwd_ptr, fwd_terms, fwd_weights, scale, list_len, group, summary_energy, doc_cut):
     ctx = torch.library.get_ctx()
-    listed, ndir, nent = (ctx.new_dynamic_size() for _ in range(3))
+    listed, ndir, nent, nsingle = (ctx.new_dynamic_size() for _ in range(4))
     group_offsets = ctx.new_dynamic_size(min=1)  # groups + 1 (an unbacked size must appear as itself)
     dim = scale.shape[0]
-    return (fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((group_offsets,)),
+    return [fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((group_offsets,)),
             fwd_ptr.new_empty((listed,), dtype=torch.int32), fwd_ptr.new_empty((dim + 1,)),
             fwd_terms.new_empty((ndir,)), fwd_ptr.new_empty((ndir,), dtype=torch.int32),
             fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((nent,), dtype=torch.int16),
-            fwd_ptr.new_empty((nent,), dtype=torch.uint8))
+            fwd_ptr.new_empty((nent,), dtype=torch.uint8), fwd_ptr.new_empty((dim + 1,)),
+            fwd_terms.new_empty((nsingle,)), fwd_ptr.new_empty((nsingle,), dtype=torch.int16),
+            fwd_ptr.new_empty((nsingle,), dtype=torch.uint8)]

@@ -34,8 +34,9 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
   if (int64_t(cand.size()) < total) cand.resize(total);
   fill_slots(q, s);
   // Summary scores of the groups of each list: for each positive query term (ascending), its entries in the list's
-  // transposed summaries are added to the groups' sums (acc, one float per group of the list).
+  // transposed summaries (or its single entry) are added to the groups' sums (acc, one float per group of the list).
   const auto* dterms = static_cast<const Term*>(L.dir_terms);
+  const auto* oterms = static_cast<const Term*>(L.one_terms);
   float* acc = ls.acc;
   bool ok = true;
   int64_t n = 0;
@@ -43,20 +44,27 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
     const int64_t t = q.terms[cut[i]];
     const int64_t g0 = L.list_ptr[t], ng = L.list_ptr[t + 1] - g0;
     const int64_t d0 = L.dir_ptr[t], d1 = L.dir_ptr[t + 1], e0 = L.ent_ptr[t], e1 = L.ent_ptr[t + 1];
+    const int64_t o0 = L.one_ptr[t], o1 = L.one_ptr[t + 1];
     ok = 0 <= g0 && 0 <= ng && ng <= 65536 && g0 + ng <= L.ngroups && 0 <= d0 && d0 <= d1 && d1 <= L.ndir &&
-         0 <= e0 && e0 <= e1 && e1 <= L.nent;
+         0 <= e0 && e0 <= e1 && e1 <= L.nent && 0 <= o0 && o0 <= o1 && o1 <= L.none;
     if (!ok) break;
-    int64_t j = d0;
-    for (int64_t r = 0; r < q.nterms && j < d1; ++r) {
+    const uint32_t last = uint32_t(std::max<int64_t>(ng, 1) - 1);
+    int64_t j = d0, o = o0;
+    for (int64_t r = 0; r < q.nterms && (j < d1 || o < o1); ++r) {
       if (!(q.weights[r] > 0.0f)) continue;
       const int64_t u = q.terms[r];
-      j = skip_below(dterms, j, d1, Term(u));
-      if (j == d1 || int64_t(dterms[j]) != u) continue;
-      const int64_t a = std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j])), e0, e1);
-      const int64_t b = j + 1 < d1 ? std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j + 1])), a, e1) : e1;
       const float w = q.weights[r] * ix.scale[u];
-      const uint32_t last = uint32_t(std::max<int64_t>(ng, 1) - 1);
-      for (int64_t e = a; e < b; ++e) acc[std::min(uint32_t(L.ent_groups[e]), last)] += w * float(L.ent_values[e]);
+      j = skip_below(dterms, j, d1, Term(u));
+      if (j < d1 && int64_t(dterms[j]) == u) {
+        const int64_t a = std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j])), e0, e1);
+        const int64_t b = j + 1 < d1 ? std::clamp<int64_t>(e0 + int64_t(uint32_t(L.dir_at[j + 1])), a, e1) : e1;
+        for (int64_t e = a; e < b; ++e) acc[std::min(uint32_t(L.ent_groups[e]), last)] += w * float(L.ent_values[e]);
+        continue;  // a term has a directory entry or a single entry, never both
+      }
+      o = skip_below(oterms, o, o1, Term(u));
+      if (o < o1 && int64_t(oterms[o]) == u) {
+        acc[std::min(uint32_t(L.one_groups[o]), last)] += w * float(L.one_values[o]);
+      }
     }
     for (int64_t g = 0; g < ng; ++g) {
       if (acc[g] > 0.0f) cand[n++] = block_key(acc[g], g0 + g);
