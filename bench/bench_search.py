@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import math
 import os
 import re
@@ -441,25 +442,33 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
         facts["safe_blocks_visited_mean"] = float(visited.float().mean())
         facts["blocks"] = index.block_max.nblocks
     # Term lists on the same block-max structure (set directly, to time their build alone: optimize() would
-    # rebuild the documents from the postings); from here on mode="approximate" uses them.
-    spec = dict(list_len=args.list_len, group=args.list_group, summary_energy=args.summary_energy)
-    t0 = time.perf_counter()
-    index.block_max.lists = build_term_lists(index.block_max, **spec)
-    facts["term_lists_build_s"], facts["term_lists_bytes"] = time.perf_counter() - t0, index.block_max.lists.nbytes
-    facts["term_lists"] = dict(spec, list_len=index.block_max.lists.list_len)
-    _log(f"term lists {facts['term_lists_build_s']:.1f} s +{facts['term_lists_bytes'] / 1e9:.3f} GB")
-    for t in sorted({1, all_threads}):
-        for c in args.list_cuts:
-            for a in args.list_alphas:
-                fn = ours("approximate", alpha=a, query_cut=c)
-                with threads(t):
-                    row = _timed(rows, "SparseIndex lists", t, nq, lambda: fn(t), args.repeats, alpha=a,
-                                 query_cut=c, **quality(fn(t)))
-                    if t == 1:
-                        row.update(latency(index, queries, k, args.latency_queries, mode="approximate", alpha=a,
-                                           query_cut=c))
-    print(table(rows, ["method", "threads", "alpha", "query_cut", "qps", "spread_ms", "recall", "mrr10",
-                       "latency_ms_p50", "latency_ms_p99"]), flush=True)
+    # rebuild the documents from the postings), one setting at a time; mode="approximate" uses them.
+    bm = index.block_max
+    maxima = sum(t.numel() * t.element_size() for n, t in bm.tensors().items() if n.startswith(("sb_", "blk_")))
+    facts["term_lists"] = []
+    for list_len, group, energy in itertools.product(args.list_len, args.list_group, args.summary_energy):
+        bm.lists = None  # the previous setting's memory back first
+        t0 = time.perf_counter()
+        bm.lists = build_term_lists(bm, list_len=list_len, group=group, summary_energy=energy)
+        setting = {"list_len": bm.lists.list_len, "group": group, "summary_energy": energy}
+        # What each configuration of optimize() keeps (its searches are the same): everything; keep_postings=False;
+        # and also block_maxima=False (its empty maxima arrays, a few MB, not counted).
+        facts["term_lists"].append(dict(setting, build_s=time.perf_counter() - t0, bytes=bm.lists.nbytes,
+                                        bytes_everything=facts["exact_bytes"] + bm.nbytes,
+                                        bytes_without_postings=bm.nbytes, bytes_term_lists_only=bm.nbytes - maxima))
+        _log(facts["term_lists"][-1])
+        for t in sorted({1, all_threads}):
+            for c in args.list_cuts:
+                for a in args.list_alphas:
+                    fn = ours("approximate", alpha=a, query_cut=c)
+                    with threads(t):
+                        row = _timed(rows, "SparseIndex lists", t, nq, lambda: fn(t), args.repeats, alpha=a,
+                                     query_cut=c, **setting, **quality(fn(t)))
+                        if t == 1:
+                            row.update(latency(index, queries, k, args.latency_queries, mode="approximate",
+                                               alpha=a, query_cut=c))
+    print(table(rows, ["method", "threads", "list_len", "group", "summary_energy", "alpha", "query_cut", "qps",
+                       "spread_ms", "recall", "mrr10", "latency_ms_p50", "latency_ms_p99"]), flush=True)
     del index  # the peers are built next, one at a time: at MS MARCO size two indexes do not fit in 24 GiB
     if not args.no_seismic:
         try:
@@ -567,10 +576,11 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
     ap.add_argument("--query-cuts", type=int, nargs="+", default=[16, 14, 12, 8, 5])
     ap.add_argument("--cut-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8])
-    ap.add_argument("--list-len", type=lambda v: v if v == "auto" else int(v), default="auto",
+    ap.add_argument("--list-len", type=lambda v: v if v == "auto" else int(v), nargs="+", default=["auto"],
                     help="term lists: documents per term")
-    ap.add_argument("--list-group", type=int, default=8, help="term lists: documents per group")
-    ap.add_argument("--summary-energy", type=float, default=0.7, help="term lists: share of a summary kept")
+    ap.add_argument("--list-group", type=int, nargs="+", default=[8], help="term lists: documents per group")
+    ap.add_argument("--summary-energy", type=float, nargs="+", default=[0.7],
+                    help="term lists: share of a summary kept (every combination of the three is built)")
     ap.add_argument("--list-cuts", type=int, nargs="+", default=[6, 8, 10], help="term lists: query_cut values")
     ap.add_argument("--list-alphas", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.4])
     ap.add_argument("--bmp-alphas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6])
