@@ -456,7 +456,8 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
         facts["term_lists"].append(dict(setting, build_s=time.perf_counter() - t0, bytes=bm.lists.nbytes,
                                         bytes_everything=facts["exact_bytes"] + bm.nbytes,
                                         bytes_without_postings=bm.nbytes, bytes_term_lists_only=bm.nbytes - maxima))
-        _log(facts["term_lists"][-1])
+        _log("term lists " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
+                                      for key, v in facts["term_lists"][-1].items()))
         for t in sorted({1, all_threads}):
             for c in args.list_cuts:
                 for a in args.list_alphas:
