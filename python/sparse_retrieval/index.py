@@ -206,11 +206,11 @@ class SparseIndex:
         ``term_lists=True`` (or a dict of ``list_len``, ``group``, ``summary_energy``, ``doc_cut``; see
         ``term_lists.py``) also builds per-term lists of clustered documents with summaries, after Seismic, which
         ``search(mode="approximate")`` then uses instead of the block maxima: the fast approximate search on
-        large collections (2M documents, 1 thread: 3.1x safe search at recall 0.98, 2.25x Seismic's QPS at
+        large collections (2M documents, 1 thread: 3.1x safe search at recall 0.98, 1.8-2.25x Seismic's QPS at
         0.95; 8.8M with 4,000 documents per term: recall 0.95 at 0.5 ms per query). Documents per term default
         to 2,000 up to 2M documents and grow with the square root of the collection beyond
-        (``term_lists.auto_list_len``). Memory: 1.2 GB at 2,000 documents per term (dim 30,522), 2.6 GB at
-        4,000; building: 2 minutes at 2M documents, 5-9 at 8.8M (2 threads).
+        (``term_lists.auto_list_len``). Memory: 1.08 GB at 2M documents (2,000 per term, dim 30,522), 2.49 GB at
+        8.8M (4,205 per term); building: 2 minutes at 2M documents, 5-12 at 8.8M (2 threads).
 
         ``keep_postings=False`` then drops the exhaustive postings (the index's first copy of the documents; 6-8
         bytes a posting): the forward index of the block-max structure becomes the only one. Safe and approximate
@@ -220,8 +220,8 @@ class SparseIndex:
         raises ValueError. Documents added later sit in the exhaustive tail as usual; ``optimize()`` (which keeps
         the postings by default) rebuilds them. ``block_maxima=False`` (with term lists) also leaves out the block
         maxima: an index for approximate search alone (the default mode then), as Seismic's, which refuses
-        ``mode="safe"``; exact search still works as above. Memory at 2M documents with term lists: 2.9 GB with
-        everything, 2.1 GB without postings, 1.7 GB without postings and maxima."""
+        ``mode="safe"``; exact search still works as above. Memory at 2M documents with term lists: 2.75 GB with
+        everything, 1.96 GB without postings, 1.64 GB without postings and maxima (Seismic's: 1.21 GB)."""
         self._optimize(None, block_size, superblock, reorder, order, term_lists, block_maxima, keep_postings,
                        progress)
 
