@@ -286,26 +286,27 @@ class SparseIndex:
             if ids is not None:  # checked before any work: a bad id raises with nothing changed
                 user_ids = (user_ids or ExternalIds(ExternalIds.kind_of(ids))).extended(ids, n)
             segments, tail = list(self._segments), self._tail
-            terms = self._held_terms(segments)
-            if terms is not None and n:  # one list for all segments: a query is mapped once
-                terms = merged_terms(terms, docs.indices)
-                segments = [s.widened(terms) for s in segments]
-            while start < n and self._postings:
-                last = segments[-1] if segments else None
-                room = self.segment_size - last.ndocs if last is not None else 0
-                take = min(n - start, room if room > 0 else self.segment_size)
-                seg = self._build(docs[start:start + take], terms)
-                if room > 0:
-                    segments[-1] = _merge(last, seg)
-                else:
-                    segments.append(seg)
-                start += take
-                bar.update(take)
+            if self._postings:
+                terms = self._held_terms(segments)
+                if terms is not None and n:  # one list for all segments: a query is mapped once
+                    terms = merged_terms(terms, docs.indices)
+                    segments = [s.widened(terms) for s in segments]
+                while start < n:
+                    last = segments[-1] if segments else None
+                    room = self.segment_size - last.ndocs if last is not None else 0
+                    take = min(n - start, room if room > 0 else self.segment_size)
+                    seg = self._build(docs[start:start + take], terms)
+                    if room > 0:
+                        segments[-1] = _merge(last, seg)
+                    else:
+                        segments.append(seg)
+                    start += take
+                    bar.update(take)
             if self._block_max is not None and n:
                 tail = (tail.to(self._device) if tail is not None else  # a copy: readers may hold the old one
                         SparseIndex(self._dim, self._dtype, segment_size=self.segment_size, device=self._device))
                 tail.add(docs, progress=False)
-                bar.update(n - start)
+            bar.update(n - start)  # without postings the tail was all the work
             deleted = self._deleted
             if deleted is not None and n:
                 deleted = torch.cat([deleted, torch.zeros(n, dtype=torch.bool)])
@@ -393,9 +394,7 @@ class SparseIndex:
     # ---- facts -----------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         segments, block_max, tail, _, _, postings = self._state()
-        if postings:
-            return sum(s.ndocs for s in segments)
-        return block_max.ndocs + (len(tail) if tail is not None else 0)
+        return _ndocs(segments, block_max, tail, postings)
 
     @property
     def dim(self) -> int:
@@ -525,7 +524,7 @@ class SparseIndex:
         if queries.nnz and int(queries.indices.max()) >= self._dim:
             raise ValueError(f"queries: dimension {int(queries.indices.max())} is beyond the index's dim "
                              f"{self._dim}")
-        n = sum(s.ndocs for s in segments) if postings else block_max.ndocs + (len(tail) if tail is not None else 0)
+        n = _ndocs(segments, block_max, tail, postings)
         if filter is not None and user_ids is not None:
             if is_mask(filter):
                 raise ValueError("filter: this index has user ids (given to add, or kept by compact()); pass the "
@@ -595,7 +594,7 @@ class SparseIndex:
         same folder, fsync, then rename."""
         path = Path(path)
         segments, block_max, tail, deleted, user_ids, postings = self._state()
-        total = sum(s.ndocs for s in segments) if postings else block_max.ndocs + (len(tail) if tail else 0)
+        total = _ndocs(segments, block_max, tail, postings)
         if not postings:  # the tail's postings are the file's segments
             segments = tail._state()[0] if tail is not None else []
         segs = [s.to("cpu") for s in segments]
@@ -843,6 +842,14 @@ def _term_lists_spec(spec: bool | dict) -> dict | None:
                         f"{type(spec).__name__}")
     check_spec(spec)
     return spec
+
+
+def _ndocs(segments: list[_Segment], block_max: BlockMax | None, tail: SparseIndex | None, postings: bool) -> int:
+    """Documents of an index state (SparseIndex._state): the segments', or without postings the block-max
+    structure's and the tail's."""
+    if postings:
+        return sum(s.ndocs for s in segments)
+    return block_max.ndocs + (len(tail) if tail is not None else 0)
 
 
 def _with_tail(scores: torch.Tensor, ids: torch.Tensor, queries: SparseBatch, k: int, threads: int,

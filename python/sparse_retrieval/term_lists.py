@@ -132,7 +132,7 @@ def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) 
     """TermLists from a file's arrays, parameters checked (the contents are checked by `validate_term_lists`).
     Files written before the single entries were kept apart have every term in the directory: they load with no
     single entries."""
-    if meta.numel() == 4 and set(arrays) == set(FIELDS) - set(_SINGLES) and "dir_terms" in arrays:
+    if meta.numel() == 4 and set(arrays) == set(FIELDS) - set(_SINGLES):
         arrays = dict(arrays, one_ptr=torch.zeros_like(arrays["list_ptr"]), one_terms=arrays["dir_terms"][:0],
                       one_groups=arrays["ent_groups"][:0], one_values=arrays["ent_values"][:0])
     if meta.numel() != 4 or set(arrays) != set(FIELDS):
