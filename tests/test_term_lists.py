@@ -257,3 +257,24 @@ def test_files_without_single_entries_load(tmp_path, monkeypatch):
     for alpha in (0.9, 1.1, 2.0):
         assert_same(loaded.search(queries, 10, mode="approximate", alpha=alpha),
                     index.search(queries, 10, mode="approximate", alpha=alpha))
+
+
+@pytest.mark.parametrize("list_len,group,energy", [(40, 3, 0.6), (200, 1, 0.5), (9, 2, 1.0)])
+def test_kernel_equals_reference(simd, list_len, group, energy):
+    """The kernel takes the groups and stops as reference.list_search does, at any setting: the same groups
+    scored (thousands of candidates a query at group 1: ordered a slice at a time), results and completeness."""
+    from sparse_retrieval import reference
+    docs, queries = data(600, list_len + group, dim=200)
+    index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False,
+                                          term_lists=dict(list_len=list_len, group=group, summary_energy=energy))
+    bm = index.block_max
+    deepest = 0
+    for alpha, cut, k in ((0.5, 3, 10), (1.0, 0, 7), (1.3, 5, 1), (4.0, 0, 50), (16.0, 2, 3)):
+        got = bm.search(queries, k, alpha, 2, cut, lists=True)
+        want = reference.list_search(bm, queries, k, alpha, cut)
+        assert torch.equal(got[3], want[3]), (alpha, cut, k)
+        assert torch.equal(got[2], want[2]), (alpha, cut, k)
+        assert_same((got[0][want[2]], got[1][want[2]]), (want[0][want[2]], want[1][want[2]]))
+        assert bool(want[2].any())
+        deepest = max(deepest, int(want[3].max()))
+    assert deepest > (64 if group == 1 else 8)  # past the first batch; at group 1 past BestFirst's first slice

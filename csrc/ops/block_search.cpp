@@ -240,8 +240,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     thread_local std::vector<float> acc(65536);
     thread_local std::vector<uint64_t> candidates;
     thread_local std::vector<int64_t> scored;
+    thread_local std::vector<sr::cpu::ListSpan> spans;
+    thread_local std::vector<sr::cpu::ListMatch> matches;
     if (use_lists && int64_t(seen.size()) < ndocs) seen.resize(ndocs);
-    const sr::cpu::ListScratch list_scratch{seen.data(), acc.data(), &candidates, &scored};
+    const sr::cpu::ListScratch list_scratch{seen.data(), acc.data(), &candidates, &scored, &spans, &matches};
     for (int64_t i = next++; i < nq; i = next++) {
       const sr::cpu::SearchQuery query{qt.data_ptr<int64_t>() + qptr[i], qw.data_ptr<float>() + qptr[i],
                                        qptr[i + 1] - qptr[i]};

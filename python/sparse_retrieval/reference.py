@@ -11,8 +11,10 @@ Written for clarity, not speed. Conventions shared by all kernels:
 """
 from __future__ import annotations
 
+import heapq
 import math
 
+import numpy as np
 import torch
 
 from .sparse import SparseBatch
@@ -62,6 +64,101 @@ def sparse_search(queries: SparseBatch, docs: SparseBatch, k: int,
         top_scores = torch.cat([top_scores, top_scores.new_full((len(queries), pad), -math.inf)], 1)
         top_ids = torch.cat([top_ids, top_ids.new_full((len(queries), pad), -1)], 1)
     return top_scores, top_ids
+
+
+def list_search(bm, queries: SparseBatch, k: int, alpha: float, query_cut: int):
+    """Term-list search (``term_lists.py``; the raw op ``block_search`` with ``lists``) of each query, step for step
+    as the kernel takes them and in float32 as it rounds, so that tests can require the same results at any
+    setting: (scores (nq, k), ids (nq, k), complete (nq,), groups scored (nq,)). ``bm``: a block-max structure with
+    term lists; queries with sorted, unique terms, finite weights and at most 255 terms (the others are exhaustive
+    search's). Rows not ``complete`` (fewer than k scored or a k-th score <= 0) hold what was found.
+
+    The query's positive terms, cut to the ``query_cut`` (0: all) of largest weight x scale (ties to the lower
+    position), choose lists; each list's groups get summary scores (for each positive query term in order, weight x
+    scale x each 8-bit entry added to its group); groups of positive score are taken largest score first (ties to
+    the lower group number), in batches of up to 8 that pass the stopping test (k scored and the k-th score above
+    alpha x the group's score x a rounding margin) before the batch is scored; each batch's documents are scored
+    exactly, each document once."""
+    f32 = np.float32
+    L = bm.lists
+    scale = bm.scale.numpy()
+    fwd_ptr, fwd_terms, fwd_w = bm.fwd_ptr.numpy(), _long(bm.fwd_terms), bm.fwd_weights.float().numpy()
+    doc_ids = bm.doc_ids.numpy()
+    list_ptr, group_ptr, group_docs = L.list_ptr.numpy(), L.group_ptr.numpy(), L.group_docs.numpy()
+    dir_ptr, dir_terms, dir_at, ent_ptr = L.dir_ptr.numpy(), _long(L.dir_terms), L.dir_at.numpy(), L.ent_ptr.numpy()
+    ent_groups, ent_values = _long(L.ent_groups), L.ent_values.numpy()
+    one_ptr, one_terms, one_groups, one_values = (L.one_ptr.numpy(), _long(L.one_terms), _long(L.one_groups),
+                                                  L.one_values.numpy())
+    nq = len(queries)
+    out_scores = torch.full((nq, k), -math.inf)
+    out_ids = torch.full((nq, k), -1, dtype=torch.int64)
+    complete = torch.zeros(nq, dtype=torch.bool)
+    visited = torch.zeros(nq, dtype=torch.int64)
+    for qi in range(nq):
+        a, b = int(queries.indptr[qi]), int(queries.indptr[qi + 1])
+        terms, weights = queries.indices[a:b].tolist(), queries.values[a:b].float().numpy()
+        qw = dict(zip(terms, weights))
+        positive = [r for r in range(len(terms)) if weights[r] > 0]
+        if 0 < query_cut < len(positive):
+            positive = sorted(sorted(positive, key=lambda r: (-(weights[r] * scale[terms[r]]), r))[:query_cut])
+        cand = []
+        for r in positive:
+            t = terms[r]
+            g0, ng = list_ptr[t], list_ptr[t + 1] - list_ptr[t]
+            acc = np.zeros(ng, dtype=f32)
+            d0, d1, e0, e1 = dir_ptr[t], dir_ptr[t + 1], ent_ptr[t], ent_ptr[t + 1]
+            dterms = {u: j for j, u in enumerate(dir_terms[d0:d1].tolist(), d0)}
+            oterms = {u: o for o, u in enumerate(one_terms[one_ptr[t]:one_ptr[t + 1]].tolist(), one_ptr[t])}
+            for u, wu in zip(terms, weights):
+                if not wu > 0:
+                    continue
+                w = f32(wu) * f32(scale[u])
+                if u in dterms:
+                    j = dterms[u]
+                    lo, hi = e0 + dir_at[j], (e0 + dir_at[j + 1] if j + 1 < d1 else e1)
+                    for e in range(lo, hi):
+                        acc[ent_groups[e]] = acc[ent_groups[e]] + w * f32(ent_values[e])
+                elif u in oterms:
+                    o = oterms[u]
+                    acc[one_groups[o]] = acc[one_groups[o]] + w * f32(one_values[o])
+            cand += [(float(acc[g]), int(g0 + g)) for g in range(ng) if acc[g] > 0]
+        cand.sort(key=lambda c: (-c[0], c[1]))
+        margin = f32(1) + f32(len(terms) + 4) * f32(2.4e-7)
+        scored, seen, pos = [], set(), 0
+        top = []  # the k largest scores so far, a min-heap: top[0] is the k-th
+        more = True
+        while more:
+            batch = []
+            while len(batch) < 8:
+                if pos == len(cand) or (len(top) == k and top[0] > f32(alpha) * f32(cand[pos][0]) * margin):
+                    more = False
+                    break
+                batch.append(cand[pos][1])
+                pos += 1
+            for g in batch:
+                for d in group_docs[group_ptr[g]:group_ptr[g + 1]].tolist():
+                    if d in seen:
+                        continue
+                    seen.add(d)
+                    s = f32(0)
+                    for p in range(fwd_ptr[d], fwd_ptr[d + 1]):
+                        s = s + f32(qw.get(int(fwd_terms[p]), 0)) * f32(fwd_w[p])
+                    scored.append((s, int(doc_ids[d])))
+                    if len(top) < k:
+                        heapq.heappush(top, s)
+                    elif s > top[0]:
+                        heapq.heapreplace(top, s)
+            visited[qi] += len(batch)
+        best = sorted(scored, key=lambda s: (-s[0], s[1]))[:k]
+        out_scores[qi, :len(best)] = torch.tensor([s for s, _ in best], dtype=torch.float32)
+        out_ids[qi, :len(best)] = torch.tensor([i for _, i in best], dtype=torch.int64)
+        complete[qi] = bool(len(best) == k and best[-1][0] > 0)
+    return out_scores, out_ids, complete, visited
+
+
+def _long(x: torch.Tensor) -> np.ndarray:
+    """int16 arrays hold uint16 bits."""
+    return (x.long() & 0xFFFF).numpy() if x.dtype == torch.int16 else x.long().numpy()
 
 
 # ---- top-k -------------------------------------------------------------------------------------------------------

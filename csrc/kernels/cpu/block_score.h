@@ -22,9 +22,11 @@ namespace sr::cpu::SR_SIMD_NS {
 // are added in ascending term order, one rounding per product and per sum (this file and search.cpp are compiled
 // without FMA contraction), which is how exhaustive search adds a sorted query's terms; products of terms outside
 // the query are +0 and leave a sum unchanged. So scores are bit-identical to exhaustive search. Four documents are
-// interleaved to hide the latency of the additions. Returns false when a document's offsets are not within [0, nnz]
-// in order or its user id is not in [0, ndocs): each is read once, checked, then used, so a file changing under a
-// mapped index cannot move a read out of bounds (positions must lie in [0, ndocs)). int32 terms are clamped to dim
+// interleaved to hide the latency of the additions. Without `allowed`, a document's user id is read only when its
+// score reaches the k-th (a miss per document saved where documents are scattered, as in term lists). Returns false
+// when a document's offsets are not within [0, nnz] in order or its user id (where read) is not in [0, ndocs): each
+// is read once, checked, then used, so a file changing under a mapped index cannot move a read out of bounds
+// (positions must lie in [0, ndocs)). int32 terms are clamped to dim
 // (slot[dim] is 0), uint16 ones need no check (the slot map has 65536 entries).
 template <class W, class Term, class Pos>
 bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const float* __restrict qslot, int64_t n,
@@ -43,22 +45,34 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
     for (; p < e; ++p) s += term_product(p);
     return s;
   };
+  bool bad_id = false;
+  // ids[j]: the user id, or ~position where not read yet.
   auto offer = [&](float s, int64_t id) {
-    if (!best.full() || s >= best.floor()) best.offer(s, id);
+    if (best.full() && !(s >= best.floor())) return;
+    if (id < 0) id = ix.doc_ids[~id];
+    if (uint64_t(id) >= uint64_t(ix.ndocs)) {
+      bad_id = true;
+      return;
+    }
+    best.offer(s, id);
   };
   constexpr int64_t kChunk = 64;  // documents listed at a time (blocks may hold up to 2^20)
   int64_t lo[kChunk], hi[kChunk], ids[kChunk];
-  for (int64_t c = 0; c < n; c += kChunk) {
+  for (int64_t c = 0; c < n && !bad_id; c += kChunk) {
     int64_t m = 0;
     for (int64_t i = c; i < std::min(n, c + kChunk); ++i) {
       const int64_t d = pos(i);
-      const int64_t p = ix.fwd_ptr[d], e = ix.fwd_ptr[d + 1], id = ix.doc_ids[d];
-      if (!(0 <= p && p <= e && e <= ix.nnz) || uint64_t(id) >= uint64_t(ix.ndocs)) return false;
-      if (allowed == nullptr || allowed[id] != 0) {
-        lo[m] = p;
-        hi[m] = e;
-        ids[m++] = id;
+      const int64_t p = ix.fwd_ptr[d], e = ix.fwd_ptr[d + 1];
+      if (!(0 <= p && p <= e && e <= ix.nnz)) return false;
+      int64_t id = ~d;
+      if (allowed != nullptr) {
+        id = ix.doc_ids[d];
+        if (uint64_t(id) >= uint64_t(ix.ndocs)) return false;
+        if (allowed[id] == 0) continue;
       }
+      lo[m] = p;
+      hi[m] = e;
+      ids[m++] = id;
     }
     int64_t j = 0;
     for (; j + 4 <= m; j += 4) {
@@ -78,7 +92,7 @@ bool score_docs(const BlockMaxIndex& ix, const uint8_t* __restrict slot, const f
     }
     for (; j < m; ++j) offer(tail(lo[j], hi[j], 0.0f), ids[j]);
   }
-  return true;
+  return !bad_id;
 }
 
 // Whether score_docs can score the query bit-identically to exhaustive search. The others are left to the exhaustive

@@ -47,13 +47,28 @@ struct TermLists {
   int64_t none;
 };
 
+// A query's view of one list (groups from g0, directory [d0, d1), entries [e0, e1), singles [o0, o1)), and a query
+// term found in it: a directory entry's run of entries [at, end) or a single entry at `at`, with the term's weight.
+struct ListSpan {
+  int64_t g0, ng, d0, d1, e0, e1, o0, o1;
+};
+struct ListMatch {
+  int64_t list;
+  float w;
+  int64_t at;
+  bool single;
+  int64_t end = 0;
+};
+
 // Per-thread scratch of list_search_query beside a BlockScratch (whose slot and qslot it uses): `seen`, ndocs
-// zeroed bytes, and `acc`, 65536 zeroed floats (both left zeroed); `candidates` and `scored`, grown as needed.
+// zeroed bytes, and `acc`, 65536 zeroed floats (both left zeroed); the vectors are grown as needed.
 struct ListScratch {
   uint8_t* seen;
   float* acc;
   std::vector<uint64_t>* candidates;
   std::vector<int64_t>* scored;
+  std::vector<ListSpan>* spans;
+  std::vector<ListMatch>* matches;
 };
 
 }  // namespace sr::cpu
