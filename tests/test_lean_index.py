@@ -113,7 +113,7 @@ def test_save_load(tmp_path, mmap, tail):
         index.add(docs[500 - tail:], ids=ids[500 - tail:], progress=False)
     index.delete(["doc-3", "doc-499"])
     index.save(tmp_path / "x.sridx")
-    assert struct.unpack_from("<I", (tmp_path / "x.sridx").read_bytes(), 8)[0] == 5
+    assert struct.unpack_from("<I", (tmp_path / "x.sridx").read_bytes(), 8)[0] == 6  # term lists
     loaded = sr.SparseIndex.load(tmp_path / "x.sridx", mmap=mmap)
     assert not loaded._segments and len(loaded) == 500 and loaded.block_max.ndocs == 500 - tail
     assert loaded.block_max.lists is not None and loaded.ndeleted == 2
@@ -226,7 +226,7 @@ def test_without_block_maxima_save_load(tmp_path, keep_postings):
                                          keep_postings=keep_postings, progress=False)
     lean.add(docs[650:], progress=False)
     lean.save(tmp_path / "x")
-    assert struct.unpack_from("<I", (tmp_path / "x").read_bytes(), 8)[0] == 5
+    assert struct.unpack_from("<I", (tmp_path / "x").read_bytes(), 8)[0] == 6  # term lists
     loaded = sr.SparseIndex.load(tmp_path / "x")
     assert not loaded.block_max.maxima and loaded._postings == keep_postings and len(loaded) == 700
     for mode in ("approximate", "exact"):

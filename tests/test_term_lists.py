@@ -158,7 +158,7 @@ def test_raw_op_checks_its_inputs():
         (4, lambda t: t.flip(0), "dir_terms"),                        # summary terms not ascending
         (0, lambda t: t[1:].fill_(0), "list_ptr"),                    # offsets not ending at the group count
         (5, lambda t: t.float(), "dir_at"),                           # wrong dtype
-        (7, lambda t: t[:-1], "ent_values|ent_groups"),               # lengths differ
+        (7, lambda t: t[:-1], "ent_values|ent_steps"),                # lengths differ
         (10, lambda t: t.flip(0), "one_terms"),                       # single terms not ascending
         (9, lambda t: t[1:].fill_(0), "one_ptr"),                     # offsets not ending at the single count
         (11, lambda t: t[:-1], "one_groups"),                         # lengths differ
@@ -203,7 +203,7 @@ def test_opcheck():
 
 def old_layout(tl):
     """The arrays of ``tl`` as files wrote them before single entries were kept apart: every term of a list in the
-    directory."""
+    directory, entries with 16-bit group numbers (no fillers)."""
     out = {name: [] for name in ("dir_ptr", "dir_terms", "dir_at", "ent_ptr", "ent_groups", "ent_values")}
     dir_ptr, ent_ptr = [0], [0]
     for t in range(tl.list_ptr.numel() - 1):
@@ -211,7 +211,10 @@ def old_layout(tl):
         d0, d1, e0, e1 = (int(x) for x in (tl.dir_ptr[t], tl.dir_ptr[t + 1], tl.ent_ptr[t], tl.ent_ptr[t + 1]))
         for j in range(d0, d1):
             a, b = e0 + int(tl.dir_at[j]), (e0 + int(tl.dir_at[j + 1]) if j + 1 < d1 else e1)
-            runs.append((int(tl.dir_terms[j]), tl.ent_groups[a:b].tolist(), tl.ent_values[a:b].tolist()))
+            steps, values = tl.ent_steps[a:b].tolist(), tl.ent_values[a:b].tolist()
+            groups = torch.tensor(steps).cumsum(0).tolist()
+            kept = [i for i in range(b - a) if (steps[i], values[i]) != (255, 0)]
+            runs.append((int(tl.dir_terms[j]), [groups[i] for i in kept], [values[i] for i in kept]))
         for o in range(int(tl.one_ptr[t]), int(tl.one_ptr[t + 1])):
             runs.append((int(tl.one_terms[o]), [int(tl.one_groups[o])], [int(tl.one_values[o])]))
         at = 0
@@ -231,14 +234,20 @@ def old_layout(tl):
     return arrays
 
 
-def test_files_without_single_entries_load(tmp_path, monkeypatch):
-    """Files written before single entries were kept apart list every term in the directory; they load, with the
-    same results."""
+def fillers(tl):
+    return int(((tl.ent_steps == 255) & (tl.ent_values == 0)).sum())
+
+
+@pytest.mark.parametrize("list_len,group,energy", [(80, 4, 0.8), (2000, 1, 0.5)])
+def test_old_files_load(tmp_path, monkeypatch, list_len, group, energy):
+    """Files written before single entries were kept apart list every term in the directory, and files before
+    version 6 hold 16-bit group numbers; they load (converted to steps, with fillers where a step exceeds 255, as
+    lists of hundreds of groups need), with the same results."""
     import sparse_retrieval.index as index_module
 
-    docs, queries = data(600, 17)
+    docs, queries = data(600, 17) if group > 1 else data(2000, 17, dim=60)  # lists of hundreds of groups
     index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False,
-                                          term_lists={"list_len": 80, "group": 4, "summary_energy": 0.8})
+                                          term_lists={"list_len": list_len, "group": group, "summary_energy": energy})
     lists = index.block_max.lists
     assert lists.one_terms.numel() > 0 and lists.dir_terms.numel() > 0
     saved = index_module._extras
@@ -253,21 +262,23 @@ def test_files_without_single_entries_load(tmp_path, monkeypatch):
         index.save(tmp_path / "old")
     loaded = sr.SparseIndex.load(tmp_path / "old")
     assert loaded.block_max.lists.one_terms.numel() == 0
+    assert (fillers(loaded.block_max.lists) > 0) == (group == 1) and (fillers(lists) > 0) == (group == 1)
     assert loaded.block_max.lists.dir_terms.numel() == lists.dir_terms.numel() + lists.one_terms.numel()
     for alpha in (0.9, 1.1, 2.0):
         assert_same(loaded.search(queries, 10, mode="approximate", alpha=alpha),
                     index.search(queries, 10, mode="approximate", alpha=alpha))
 
 
-@pytest.mark.parametrize("list_len,group,energy", [(40, 3, 0.6), (200, 1, 0.5), (9, 2, 1.0)])
+@pytest.mark.parametrize("list_len,group,energy", [(40, 3, 0.6), (200, 1, 0.5), (9, 2, 1.0), (2000, 1, 0.5)])
 def test_kernel_equals_reference(simd, list_len, group, energy):
     """The kernel takes the groups and stops as reference.list_search does, at any setting: the same groups
     scored (thousands of candidates a query at group 1: ordered a slice at a time), results and completeness."""
     from sparse_retrieval import reference
-    docs, queries = data(600, list_len + group, dim=200)
+    docs, queries = data(600, list_len + group, dim=200) if list_len < 2000 else data(2000, 17, dim=60)
     index = sr.SparseIndex.from_documents(docs, block_max=True, progress=False,
                                           term_lists=dict(list_len=list_len, group=group, summary_energy=energy))
     bm = index.block_max
+    assert (fillers(bm.lists) > 0) == (list_len > 255 * group)  # steps above 255 split
     deepest = 0
     for alpha, cut, k in ((0.5, 3, 10), (1.0, 0, 7), (1.3, 5, 1), (4.0, 0, 50), (16.0, 2, 3)):
         got = bm.search(queries, k, alpha, 2, cut, lists=True)

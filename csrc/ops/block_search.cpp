@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   const at::TensorList lists = lists_arg.value_or(at::TensorList());
   TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
   TORCH_CHECK_VALUE(lists.empty() || lists.size() == 13, "lists: expected none or 13 tensors (list_ptr, group_ptr, "
-                    "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups, ent_values, one_ptr, one_terms, "
+                    "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_steps, ent_values, one_ptr, one_terms, "
                     "one_groups, one_values), got ", lists.size());
   const bool use_lists = !lists.empty();
   // Candidate lists rank by summaries that may miss terms, so stopping later than at the best summary left (alpha
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   sr::cpu::TermLists tl{};
   if (use_lists) {
     const auto &list_ptr = lists[0], &group_ptr = lists[1], &group_docs = lists[2], &dir_ptr = lists[3],
-               &dir_terms = lists[4], &dir_at = lists[5], &ent_ptr = lists[6], &ent_groups = lists[7],
+               &dir_terms = lists[4], &dir_at = lists[5], &ent_ptr = lists[6], &ent_steps = lists[7],
                &ent_values = lists[8], &one_ptr = lists[9], &one_terms = lists[10], &one_groups = lists[11],
                &one_values = lists[12];
     TORCH_CHECK_VALUE(group_ptr.dim() == 1 && group_ptr.numel() >= 1, "group_ptr: expected ngroups + 1 >= 1 entries");
@@ -163,14 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     check_1d(one_values, at::kByte, one_terms.numel(), "one_values");
     check_1d(dir_at, at::kInt, dir_terms.numel(), "dir_at");
     check_1d(ent_ptr, at::kLong, dim + 1, "ent_ptr");
-    check_1d(ent_groups, at::kShort, -1, "ent_groups");
-    check_1d(ent_values, at::kByte, ent_groups.numel(), "ent_values");
+    check_1d(ent_steps, at::kByte, -1, "ent_steps");
+    check_1d(ent_values, at::kByte, ent_steps.numel(), "ent_values");
     check_offsets(list_ptr, ngroups, "list_ptr");
     check_offsets(group_ptr, group_docs.numel(), "group_ptr");
     check_offsets(dir_ptr, dir_terms.numel(), "dir_ptr");
-    check_offsets(ent_ptr, ent_groups.numel(), "ent_ptr");
+    check_offsets(ent_ptr, ent_steps.numel(), "ent_ptr");
     check_offsets(one_ptr, one_terms.numel(), "one_ptr");
-    check_once("term lists", {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups,
+    check_once("term lists", {list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_steps,
                               one_ptr, one_terms},
                {dim, ndocs}, [&] {
       for (const auto* p : {&list_ptr, &ent_ptr}) {
@@ -185,8 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     });
     tl = {ngroups, list_ptr.data_ptr<int64_t>(), group_ptr.data_ptr<int64_t>(), group_docs.data_ptr<int32_t>(),
           group_docs.numel(), dir_ptr.data_ptr<int64_t>(), dir_terms.data_ptr(), dir_at.data_ptr<int32_t>(),
-          dir_terms.numel(), ent_ptr.data_ptr<int64_t>(), reinterpret_cast<const uint16_t*>(ent_groups.data_ptr()),
-          ent_values.data_ptr<uint8_t>(), ent_groups.numel(), one_ptr.data_ptr<int64_t>(), one_terms.data_ptr(),
+          dir_terms.numel(), ent_ptr.data_ptr<int64_t>(), ent_steps.data_ptr<uint8_t>(),
+          ent_values.data_ptr<uint8_t>(), ent_steps.numel(), one_ptr.data_ptr<int64_t>(), one_terms.data_ptr(),
           reinterpret_cast<const uint16_t*>(one_groups.data_ptr()), one_values.data_ptr<uint8_t>(), one_terms.numel()};
   }
   check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
@@ -330,7 +330,7 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
 }
 
 // Term lists of a forward index (TermLists, built with term_top_documents, cluster_documents and group_summary of
-// the kernel header): (list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_groups,
+// the kernel header): (list_ptr, group_ptr, group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_steps,
 // ent_values, one_ptr, one_terms, one_groups, one_values). Checks everything it reads: it runs once per build.
 std::vector<at::Tensor> term_lists_cpu(
     const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale,
@@ -391,8 +391,8 @@ std::vector<at::Tensor> term_lists_cpu(
   // Each list's summaries transposed: (term, group in the list, maximum) sorted by term, then group; a term of a
   // single group goes to the single entries instead of the directory.
   std::vector<std::vector<int32_t>> dterms(dim), dat(dim), oterms(dim);
-  std::vector<std::vector<uint16_t>> egroups(dim), ogroups(dim);
-  std::vector<std::vector<uint8_t>> evalues(dim), ovalues(dim);
+  std::vector<std::vector<uint16_t>> ogroups(dim);
+  std::vector<std::vector<uint8_t>> esteps(dim), evalues(dim), ovalues(dim);
   at::parallel_for(0, dim, 64, [&](int64_t lo, int64_t hi) {
     std::vector<std::tuple<int32_t, uint16_t, uint8_t>> entries;
     for (int64_t t = lo; t < hi; ++t) {
@@ -413,10 +413,16 @@ std::vector<at::Tensor> term_lists_cpu(
           continue;
         }
         dterms[t].push_back(u);
-        dat[t].push_back(int32_t(egroups[t].size()));
-        for (size_t i = e; i < e + run; ++i) {
-          egroups[t].push_back(std::get<1>(entries[i]));
+        dat[t].push_back(int32_t(esteps[t].size()));
+        for (size_t i = e, previous = 0; i < e + run; ++i) {  // steps of at most 255: filler entries of value 0
+          size_t step = std::get<1>(entries[i]) - previous;
+          for (; step > 255; step -= 255) {
+            esteps[t].push_back(255);
+            evalues[t].push_back(0);
+          }
+          esteps[t].push_back(uint8_t(step));
           evalues[t].push_back(std::get<2>(entries[i]));
+          previous = std::get<1>(entries[i]);
         }
       }
     }
@@ -430,7 +436,7 @@ std::vector<at::Tensor> term_lists_cpu(
   for (int64_t t = 0; t < dim; ++t) {
     lp[t + 1] = lp[t] + int64_t(sizes[t].size());
     dp[t + 1] = dp[t] + int64_t(dterms[t].size());
-    ep[t + 1] = ep[t] + int64_t(egroups[t].size());
+    ep[t + 1] = ep[t] + int64_t(esteps[t].size());
     op[t + 1] = op[t] + int64_t(oterms[t].size());
     doc_at[t + 1] = doc_at[t] + int64_t(docs[t].size());
   }
@@ -443,7 +449,7 @@ std::vector<at::Tensor> term_lists_cpu(
   auto group_docs = at::empty({doc_at[dim]}, opts.dtype(at::kInt));
   auto dir_terms = at::empty({dp[dim]}, opts.dtype(fwd_terms.scalar_type()));
   auto dir_at = at::empty({dp[dim]}, opts.dtype(at::kInt));
-  auto ent_groups = at::empty({ep[dim]}, opts.dtype(at::kShort));
+  auto ent_steps = at::empty({ep[dim]}, opts.dtype(at::kByte));
   auto ent_values = at::empty({ep[dim]}, opts.dtype(at::kByte));
   auto one_terms = at::empty({op[dim]}, opts.dtype(fwd_terms.scalar_type()));
   auto one_groups = at::empty({op[dim]}, opts.dtype(at::kShort));
@@ -452,7 +458,7 @@ std::vector<at::Tensor> term_lists_cpu(
     for (int64_t t = lo; t < hi; ++t) {
       std::copy(docs[t].begin(), docs[t].end(), group_docs.data_ptr<int32_t>() + doc_at[t]);
       std::copy(dat[t].begin(), dat[t].end(), dir_at.data_ptr<int32_t>() + dp[t]);
-      std::copy(egroups[t].begin(), egroups[t].end(), reinterpret_cast<uint16_t*>(ent_groups.data_ptr()) + ep[t]);
+      std::copy(esteps[t].begin(), esteps[t].end(), ent_steps.data_ptr<uint8_t>() + ep[t]);
       std::copy(evalues[t].begin(), evalues[t].end(), ent_values.data_ptr<uint8_t>() + ep[t]);
       std::copy(ogroups[t].begin(), ogroups[t].end(), reinterpret_cast<uint16_t*>(one_groups.data_ptr()) + op[t]);
       std::copy(ovalues[t].begin(), ovalues[t].end(), one_values.data_ptr<uint8_t>() + op[t]);
@@ -469,7 +475,7 @@ std::vector<at::Tensor> term_lists_cpu(
     }
   });
   return {list_ptr,   group_ptr, group_docs, dir_ptr,   dir_terms, dir_at,    ent_ptr,
-          ent_groups, ent_values, one_ptr,   one_terms, one_groups, one_values};
+          ent_steps, ent_values, one_ptr,   one_terms, one_groups, one_values};
 }
 
 }  // namespace

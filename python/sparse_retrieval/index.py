@@ -47,13 +47,16 @@ _MAGIC = b"SRSPIDX\x00"
 # versions 1 and 2 still load (a version 2 block-max structure gets superblock maxima rebuilt from its forward
 # index; older files over a dim above COMPACT_DIM get their offsets re-indexed by the terms held). 5: an index
 # without postings (optimize(keep_postings=False)): the segments hold the documents from extra array
-# "postings_from" on (the tail); written only for such indexes.
-_VERSION = 5
+# "postings_from" on (the tail); written only for such indexes. 6: term lists whose entries are steps
+# ("term_lists.ent_steps"; before, 16-bit group numbers "term_lists.ent_groups", converted when read); written only
+# for indexes with term lists.
+_VERSION = 6
 _HEADERS = {1: struct.Struct("<8sIIQQQQ"),  # magic, version, dtype code, dim, ndocs, nsegments, segment_size
             2: struct.Struct("<8sIIQQQQQ"),  # ... and the number of extra arrays
             3: struct.Struct("<8sIIQQQQQ"),
             4: struct.Struct("<8sIIQQQQQ"),
-            5: struct.Struct("<8sIIQQQQQ")}
+            5: struct.Struct("<8sIIQQQQQ"),
+            6: struct.Struct("<8sIIQQQQQ")}
 _HEADER_SIZE = 64  # header fields, table crc32, header crc32, zero padding
 _ENTRY = struct.Struct("<QQQQQIII12x")  # ndocs, nnz, offsets of ptr/docs/weights, crc32 of ptr/docs/weights
 _EXTRA = struct.Struct("<32sIQQI8x")  # name, dtype code, offset, count, crc32
@@ -625,7 +628,8 @@ class SparseIndex:
             a = _as_numpy(t)
             entries.append(_EXTRA.pack(name.encode(), _EXTRA_CODES[t.dtype], place(a), t.numel(), zlib.crc32(a)))
         table = b"".join(entries)
-        version = min(_VERSION, 5 if not postings or (block_max is not None and not block_max.maxima) else
+        version = min(_VERSION, 6 if block_max is not None and block_max.lists is not None else
+                      5 if not postings or (block_max is not None and not block_max.maxima) else
                       4 if terms is not None or "block_max.terms" in extras else 3)
         head = _HEADERS[version].pack(_MAGIC, version, _DTYPE_CODES[self._dtype], self._dim, total, len(segs),
                                        self.segment_size, len(extras))
@@ -643,7 +647,7 @@ class SparseIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SparseIndex":
-        """Reads an index written by ``save`` (format versions 1 to 5); with ``mmap`` its arrays map the file
+        """Reads an index written by ``save`` (format versions 1 to 6); with ``mmap`` its arrays map the file
         instead of being read. Checksums and structure are verified; a truncated or corrupted file raises
         ``ValueError``."""
         path = Path(path)

@@ -86,7 +86,7 @@ def list_search(bm, queries: SparseBatch, k: int, alpha: float, query_cut: int):
     doc_ids = bm.doc_ids.numpy()
     list_ptr, group_ptr, group_docs = L.list_ptr.numpy(), L.group_ptr.numpy(), L.group_docs.numpy()
     dir_ptr, dir_terms, dir_at, ent_ptr = L.dir_ptr.numpy(), _long(L.dir_terms), L.dir_at.numpy(), L.ent_ptr.numpy()
-    ent_groups, ent_values = _long(L.ent_groups), L.ent_values.numpy()
+    ent_steps, ent_values = L.ent_steps.numpy(), L.ent_values.numpy()
     one_ptr, one_terms, one_groups, one_values = (L.one_ptr.numpy(), _long(L.one_terms), _long(L.one_groups),
                                                   L.one_values.numpy())
     nq = len(queries)
@@ -116,8 +116,10 @@ def list_search(bm, queries: SparseBatch, k: int, alpha: float, query_cut: int):
                 if u in dterms:
                     j = dterms[u]
                     lo, hi = e0 + dir_at[j], (e0 + dir_at[j + 1] if j + 1 < d1 else e1)
+                    g = 0
                     for e in range(lo, hi):
-                        acc[ent_groups[e]] = acc[ent_groups[e]] + w * f32(ent_values[e])
+                        g += int(ent_steps[e])
+                        acc[g] = acc[g] + w * f32(ent_values[e])
                 elif u in oterms:
                     o = oterms[u]
                     acc[one_groups[o]] = acc[one_groups[o]] + w * f32(one_values[o])

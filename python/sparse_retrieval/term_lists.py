@@ -46,12 +46,14 @@ class TermLists:
     """Term t's groups: ``list_ptr[t]:list_ptr[t + 1]``; group g's documents (stored positions of the block-max
     structure, ascending): ``group_docs[group_ptr[g]:group_ptr[g + 1]]``. Summaries, transposed per list: list t's
     distinct summary terms ``dir_terms[dir_ptr[t]:dir_ptr[t + 1]]``; directory entry j's entries
-    ``ent_ptr[t] + dir_at[j]`` up to the next one's (the list's last up to ``ent_ptr[t + 1]``), each the group's
-    number in the list (``ent_groups``, read as uint16) and the term's 8-bit maximum over it (``ent_values``, in
-    units of the block-max structure's ``scale``). A term in the summary of one group of the list only (70% of the
-    directory's terms on real data) has no directory entry: list t's such terms ``one_terms[one_ptr[t]:one_ptr[t +
-    1]]`` (ascending), each with its group's number (``one_groups``) and maximum (``one_values``), 5 bytes instead
-    of 9."""
+    ``ent_ptr[t] + dir_at[j]`` up to the next one's (the list's last up to ``ent_ptr[t + 1]``), each a group of the
+    list and the term's 8-bit maximum over it (``ent_values``, in units of the block-max structure's ``scale``).
+    A run's groups ascend and are stored as steps (``ent_steps``: the group's number in the list is the sum of the
+    run's steps up to it); a step above 255 is split by filler entries (step 255, value 0). Two bytes an entry
+    where a 16-bit group number took three (the entries are most of the lists). A term in the summary of one group
+    of the list only (70% of the directory's terms on real data) has no directory entry: list t's such terms
+    ``one_terms[one_ptr[t]:one_ptr[t + 1]]`` (ascending), each with its group's number (``one_groups``, read as
+    uint16) and maximum (``one_values``)."""
     list_len: int
     group: int
     summary_energy: float
@@ -63,7 +65,7 @@ class TermLists:
     dir_terms: torch.Tensor   # the forward index's term dtype
     dir_at: torch.Tensor      # int32, one per directory entry
     ent_ptr: torch.Tensor     # int64 (dim + 1,)
-    ent_groups: torch.Tensor  # int16 (uint16 bits)
+    ent_steps: torch.Tensor   # uint8
     ent_values: torch.Tensor  # uint8
     one_ptr: torch.Tensor     # int64 (dim + 1,)
     one_terms: torch.Tensor   # the forward index's term dtype
@@ -130,11 +132,16 @@ def check_spec(spec: dict) -> None:
 
 def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) -> TermLists:
     """TermLists from a file's arrays, parameters checked (the contents are checked by `validate_term_lists`).
-    Files written before the single entries were kept apart have every term in the directory: they load with no
-    single entries."""
+    Files before version 6 hold 16-bit group numbers (``ent_groups``), converted to steps; files written before the
+    single entries were kept apart have every term in the directory: they load with no single entries."""
+    if "ent_groups" in arrays and "ent_steps" not in arrays:
+        arrays = dict(arrays)
+        arrays["ent_ptr"], arrays["dir_at"], arrays["ent_steps"], arrays["ent_values"] = _stepped(
+            arrays["dir_ptr"], arrays["dir_at"], arrays["ent_ptr"], arrays.pop("ent_groups"), arrays["ent_values"],
+            where)
     if meta.numel() == 4 and set(arrays) == set(FIELDS) - set(_SINGLES):
         arrays = dict(arrays, one_ptr=torch.zeros_like(arrays["list_ptr"]), one_terms=arrays["dir_terms"][:0],
-                      one_groups=arrays["ent_groups"][:0], one_values=arrays["ent_values"][:0])
+                      one_groups=torch.zeros(0, dtype=torch.int16), one_values=arrays["ent_values"][:0])
     if meta.numel() != 4 or set(arrays) != set(FIELDS):
         raise ValueError(f"{where}: term lists: unexpected arrays {sorted(arrays)}")
     list_len, group, energy, doc_cut = meta.tolist()
@@ -142,18 +149,48 @@ def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) 
     return TermLists(list_len, group, energy / 1e6, doc_cut, **arrays)
 
 
+def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
+    """(ent_ptr, dir_at, ent_steps, ent_values) of entries given as 16-bit group numbers (files before version 6):
+    each entry's step from the previous one of its run (from 0 at the run's start), fillers where a step exceeds
+    255. Other damage (offsets out of order or range) is left to `validate_term_lists`."""
+    n = ent_groups.numel()
+    if any(t.dim() != 1 for t in (dir_ptr, dir_at, ent_ptr, ent_groups, ent_values)) or dir_ptr.dtype != torch.int64 \
+            or ent_ptr.dtype != torch.int64 or dir_at.dtype != torch.int32 or ent_groups.dtype != torch.int16 or \
+            ent_values.numel() != n or dir_ptr.numel() != ent_ptr.numel() or dir_ptr.numel() == 0 or \
+            int(dir_ptr[-1]) != dir_at.numel() or bool((dir_ptr[1:] < dir_ptr[:-1]).any()):
+        raise ValueError(f"{where}: term lists: arrays are inconsistent")
+    if n == 0:
+        return ent_ptr, dir_at, torch.zeros(0, dtype=torch.uint8), ent_values
+    groups = ent_groups.long() & 0xFFFF
+    owner = torch.repeat_interleave(torch.arange(dir_ptr.numel() - 1), dir_ptr[1:] - dir_ptr[:-1])
+    starts = (ent_ptr[owner] + dir_at.long()).clamp(0, n - 1)
+    previous = torch.cat([groups.new_zeros(1), groups[:-1]])
+    previous[starts] = 0
+    step = (groups - previous).clamp(min=0)
+    fill = torch.where(step > 255, (step - 1) // 255, 0)
+    end = torch.cumsum(fill + 1, 0)
+    first = end - fill - 1  # where the entry's fillers (or the entry) begin
+    steps = torch.full((int(end[-1]),), 255, dtype=torch.uint8)
+    values = torch.zeros(int(end[-1]), dtype=torch.uint8)
+    steps[end - 1] = (step - 255 * fill).to(torch.uint8)
+    values[end - 1] = ent_values
+    new_ptr = torch.cat([first, end[-1:]])[ent_ptr.clamp(0, n)]
+    new_at = (first[starts] - new_ptr[owner]).to(torch.int32)
+    return new_ptr, new_at, steps, values
+
+
 def validate_term_lists(tl: TermLists, bm, where: str) -> None:
     """The invariants the kernel relies on, checked after loading (it also checks them itself once per tensor)."""
     dim, ndocs = bm.scale.numel(), bm.ndocs
     ngroups = tl.group_ptr.numel() - 1
     dtypes = (torch.int64, torch.int64, torch.int32, torch.int64, bm.fwd_terms.dtype, torch.int32, torch.int64,
-              torch.int16, torch.uint8, torch.int64, bm.fwd_terms.dtype, torch.int16, torch.uint8)
+              torch.uint8, torch.uint8, torch.int64, bm.fwd_terms.dtype, torch.int16, torch.uint8)
     if any(t.dtype != d or t.dim() != 1 for t, d in zip(tl.tensors(), dtypes)) or ngroups < 0 or \
             any(p.numel() != dim + 1 for p in (tl.list_ptr, tl.dir_ptr, tl.ent_ptr, tl.one_ptr)) or \
-            tl.dir_at.numel() != tl.dir_terms.numel() or tl.ent_values.numel() != tl.ent_groups.numel() or \
+            tl.dir_at.numel() != tl.dir_terms.numel() or tl.ent_values.numel() != tl.ent_steps.numel() or \
             not tl.one_terms.numel() == tl.one_groups.numel() == tl.one_values.numel():
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
-    for ptr, total, name in ((tl.list_ptr, ngroups, "list_ptr"), (tl.ent_ptr, tl.ent_groups.numel(), "ent_ptr")):
+    for ptr, total, name in ((tl.list_ptr, ngroups, "list_ptr"), (tl.ent_ptr, tl.ent_steps.numel(), "ent_ptr")):
         if int(ptr[0]) != 0 or int(ptr[-1]) != total or bool((ptr[1:] < ptr[:-1]).any()):
             raise ValueError(f"{where}: term lists: {name} offsets are invalid")
     if dim and int((tl.list_ptr[1:] - tl.list_ptr[:-1]).max()) > MAX_LIST_LEN:
@@ -173,7 +210,7 @@ def _(fwd_ptr, fwd_terms, fwd_weights, scale, list_len, group, summary_energy, d
     return [fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((group_offsets,)),
             fwd_ptr.new_empty((listed,), dtype=torch.int32), fwd_ptr.new_empty((dim + 1,)),
             fwd_terms.new_empty((ndir,)), fwd_ptr.new_empty((ndir,), dtype=torch.int32),
-            fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((nent,), dtype=torch.int16),
+            fwd_ptr.new_empty((dim + 1,)), fwd_ptr.new_empty((nent,), dtype=torch.uint8),
             fwd_ptr.new_empty((nent,), dtype=torch.uint8), fwd_ptr.new_empty((dim + 1,)),
             fwd_terms.new_empty((nsingle,)), fwd_ptr.new_empty((nsingle,), dtype=torch.int16),
             fwd_ptr.new_empty((nsingle,), dtype=torch.uint8)]

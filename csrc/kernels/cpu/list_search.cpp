@@ -128,7 +128,7 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
     const int64_t j = m.at;
     m.at = std::clamp<int64_t>(sp.e0 + int64_t(uint32_t(L.dir_at[j])), sp.e0, sp.e1);
     m.end = j + 1 < sp.d1 ? std::clamp<int64_t>(sp.e0 + int64_t(uint32_t(L.dir_at[j + 1])), m.at, sp.e1) : sp.e1;
-    __builtin_prefetch(L.ent_groups + m.at);
+    __builtin_prefetch(L.ent_steps + m.at);
     __builtin_prefetch(L.ent_values + m.at);
   }
   auto& cand = *ls.candidates;
@@ -146,7 +146,11 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
         acc[std::min(uint32_t(L.one_groups[mt.at]), last)] += w * float(L.one_values[mt.at]);
         continue;
       }
-      for (int64_t e = mt.at; e < mt.end; ++e) acc[std::min(uint32_t(L.ent_groups[e]), last)] += w * float(L.ent_values[e]);
+      uint32_t g = 0;
+      for (int64_t e = mt.at; e < mt.end; ++e) {
+        g += L.ent_steps[e];
+        acc[std::min(g, last)] += w * float(L.ent_values[e]);
+      }
     }
     for (int64_t g = 0; g < sp.ng; ++g) {
       if (acc[g] > 0.0f) cand[n++] = block_key(acc[g], sp.g0 + g);

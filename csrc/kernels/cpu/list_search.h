@@ -21,11 +21,13 @@ namespace sr::cpu {
 // kept transposed, so that a query reads only the entries of its own terms: list t's distinct summary terms
 // (ascending, the type of fwd_terms) are dir_terms[dir_ptr[t], dir_ptr[t + 1]); directory entry j's entries are
 // [ent_ptr[t] + dir_at[j], ent_ptr[t] + dir_at[j + 1]) (the list's last up to ent_ptr[t + 1]), each a group of the list
-// (ent_groups, its index in the list, ascending) and that term's 8-bit maximum over the group (ent_values,
-// dequantized with the index's scale, rounded up as its bounds are). A term in the summary of a single group of the
-// list (most terms: 70% of the directory on real data) is kept apart, without a directory entry: list t's such
-// terms (ascending) are one_terms[one_ptr[t], one_ptr[t + 1]), each with its group (one_groups) and maximum
-// (one_values), 5 bytes where the directory and entry took 9.
+// and that term's 8-bit maximum over the group (ent_values, dequantized with the index's scale, rounded up as its
+// bounds are). The groups ascend and are stored as steps (ent_steps: the group is the sum of the steps of the run
+// so far, from 0): a step of more than 255 is split by filler entries of step 255 and value 0, which add nothing.
+// Two bytes an entry, where a 16-bit group number took three: the entries are most of the lists' memory. A term in
+// the summary of a single group of the list (most terms: 70% of the directory on real data) is kept apart, without
+// a directory entry: list t's such terms (ascending) are one_terms[one_ptr[t], one_ptr[t + 1]), each with its group
+// (one_groups) and maximum (one_values), 5 bytes where the directory and an entry took 8.
 struct TermLists {
   int64_t ngroups;
   const int64_t* list_ptr;
@@ -37,7 +39,7 @@ struct TermLists {
   const int32_t* dir_at;
   int64_t ndir;
   const int64_t* ent_ptr;
-  const uint16_t* ent_groups;
+  const uint8_t* ent_steps;
   const uint8_t* ent_values;
   int64_t nent;
   const int64_t* one_ptr;
