@@ -405,18 +405,21 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     t0 = time.perf_counter()
     index = sr.SparseIndex.from_documents(docs, progress=False)
     facts["exact_build_s"], facts["exact_bytes"] = time.perf_counter() - t0, index.nbytes
-    del index  # built again with the block maxima from `docs`: optimize() would rebuild the documents from the
-    # postings, a third copy that does not fit beside the others at MS MARCO size
-    order, facts["clustering_s"] = cluster_order_cached(name, docs, args.block_size)
-    t0 = time.perf_counter()
-    index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=args.block_size,
-                                          superblock=args.superblock, order=order, progress=True)
-    facts["block_max_build_s"] = time.perf_counter() - t0 - facts["exact_build_s"]
-    facts["superblock"] = index.block_max.superblock
-    facts["block_max_bytes"] = index.block_max.nbytes
-    _log(f"exact index {facts['exact_build_s']:.1f} s {index.nbytes / 1e9:.3f} GB; block-max "
-         f"{facts['block_max_build_s']:.1f} s +{facts['block_max_bytes'] / 1e9:.3f} GB")
-    exact = index.search(queries, k, all_threads, mode="exact")[1].numpy()
+    if args.lean:  # exact results (and exact search timed below) from the exhaustive index, which is then dropped
+        exact = index.search(queries, k, all_threads, mode="exact")[1].numpy()
+    else:
+        del index  # built again with the block maxima from `docs`: optimize() would rebuild the documents from the
+        # postings, a third copy that does not fit beside the others at MS MARCO size
+        order, facts["clustering_s"] = cluster_order_cached(name, docs, args.block_size)
+        t0 = time.perf_counter()
+        index = sr.SparseIndex.from_documents(docs, block_max=True, block_size=args.block_size,
+                                              superblock=args.superblock, order=order, progress=True)
+        facts["block_max_build_s"] = time.perf_counter() - t0 - facts["exact_build_s"]
+        facts["superblock"] = index.block_max.superblock
+        facts["block_max_bytes"] = index.block_max.nbytes
+        _log(f"exact index {facts['exact_build_s']:.1f} s {index.nbytes / 1e9:.3f} GB; block-max "
+             f"{facts['block_max_build_s']:.1f} s +{facts['block_max_bytes'] / 1e9:.3f} GB")
+        exact = index.search(queries, k, all_threads, mode="exact")[1].numpy()
 
     def quality(ids):
         out = {"recall": recall(ids, exact)}
@@ -427,10 +430,12 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     def ours(mode, **kw):
         return lambda t: index.search(queries, k, t, mode=mode, **kw)[1].numpy()
 
-    configs = [("SparseIndex exact", {}, ours("exact")), ("SparseIndex safe", {}, ours("safe"))]
-    configs += [("SparseIndex approx", {"alpha": a}, ours("approximate", alpha=a)) for a in args.alphas]
-    configs += [("SparseIndex approx cut", {"alpha": a, "query_cut": c}, ours("approximate", alpha=a, query_cut=c))
-                for c in args.query_cuts for a in args.cut_alphas]
+    configs = [("SparseIndex exact", {}, ours("exact"))]
+    if not args.lean:
+        configs += [("SparseIndex safe", {}, ours("safe"))]
+        configs += [("SparseIndex approx", {"alpha": a}, ours("approximate", alpha=a)) for a in args.alphas]
+        configs += [("SparseIndex approx cut", {"alpha": a, "query_cut": c},
+                     ours("approximate", alpha=a, query_cut=c)) for c in args.query_cuts for a in args.cut_alphas]
     for t in sorted({1, all_threads}):
         for method, param, fn in configs:
             with threads(t):
@@ -438,22 +443,37 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
                 if t == 1 and not method.startswith("SparseIndex approx"):
                     kw = {"mode": method.split()[1]}
                     row.update(latency(index, queries, k, args.latency_queries, **kw))
-        _, _, _, visited = index.block_max.search(queries, k, 1.0, t)
-        facts["safe_blocks_visited_mean"] = float(visited.float().mean())
-        facts["blocks"] = index.block_max.nblocks
+        if not args.lean:
+            _, _, _, visited = index.block_max.search(queries, k, 1.0, t)
+            facts["safe_blocks_visited_mean"] = float(visited.float().mean())
+            facts["blocks"] = index.block_max.nblocks
+    settings = list(itertools.product(args.list_len, args.list_group, args.summary_energy))
+    if args.lean:
+        # The approximate-only index (optimize(term_lists=..., keep_postings=False, block_maxima=False), documents
+        # in their order), the one that fits beside Seismic at MS MARCO size in 24 GiB, built as a user would.
+        del index
+        (list_len, group, energy), settings = settings[0], settings[:1]
+        t0 = time.perf_counter()
+        index = sr.SparseIndex.from_documents(
+            docs, block_max=True, reorder=False, keep_postings=False, block_maxima=False, progress=True,
+            term_lists={"list_len": list_len, "group": group, "summary_energy": energy})
+        facts["lean_build_s"], facts["lean_bytes"] = time.perf_counter() - t0, index.nbytes
+        _log(f"approximate-only index {facts['lean_build_s']:.1f} s {facts['lean_bytes'] / 1e9:.3f} GB")
     # Term lists on the same block-max structure (set directly, to time their build alone: optimize() would
     # rebuild the documents from the postings), one setting at a time; mode="approximate" uses them.
     bm = index.block_max
     maxima = sum(t.numel() * t.element_size() for n, t in bm.tensors().items() if n.startswith(("sb_", "blk_")))
     facts["term_lists"] = []
-    for list_len, group, energy in itertools.product(args.list_len, args.list_group, args.summary_energy):
-        bm.lists = None  # the previous setting's memory back first
+    for list_len, group, energy in settings:
         t0 = time.perf_counter()
-        bm.lists = build_term_lists(bm, list_len=list_len, group=group, summary_energy=energy)
+        if not args.lean:
+            bm.lists = None  # the previous setting's memory back first
+            bm.lists = build_term_lists(bm, list_len=list_len, group=group, summary_energy=energy)
         setting = {"list_len": bm.lists.list_len, "group": group, "summary_energy": energy}
         # What each configuration of optimize() keeps (its searches are the same): everything; keep_postings=False;
         # and also block_maxima=False (its empty maxima arrays, a few MB, not counted).
-        facts["term_lists"].append(dict(setting, build_s=time.perf_counter() - t0, bytes=bm.lists.nbytes,
+        build_s = facts["lean_build_s"] if args.lean else time.perf_counter() - t0  # lean: the whole index's
+        facts["term_lists"].append(dict(setting, build_s=build_s, bytes=bm.lists.nbytes,
                                         bytes_everything=facts["exact_bytes"] + bm.nbytes,
                                         bytes_without_postings=bm.nbytes, bytes_term_lists_only=bm.nbytes - maxima))
         _log("term lists " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
@@ -594,6 +614,9 @@ def main() -> None:
     ap.add_argument("--seismic-synthetic", action="store_true",
                     help="also build Seismic on the synthetic set (about 10 minutes on 2 busy cores)")
     ap.add_argument("--no-manpages", action="store_true")
+    ap.add_argument("--lean", action="store_true", help="exhaustive index (exact results), then only the "
+                    "approximate-only index (the first term-list setting; documents not reordered) and the peers: "
+                    "what fits in 24 GiB at MS MARCO size")
     args = ap.parse_args()
     all_threads = torch.get_num_threads()
     print(f"threads 1 and {all_threads}; SIMD {sr.get_simd_level()}; load average {os.getloadavg()}", flush=True)
