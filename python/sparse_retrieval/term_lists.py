@@ -11,8 +11,8 @@ terms of largest weight x maximum, scores each group by the dot product of the q
 the groups' documents from the forward index best group first (each document once), and stops once the k-th score
 beats ``alpha`` times the best summary score left. Summaries miss terms, so ``alpha`` above 1 (scoring further)
 buys recall; recall grows with alpha (the groups scored are a prefix of one order). Where block-max search bounds
-every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.25x the QPS of
-Seismic's best setting at recall 0.95 and 1.9x at 0.97, 1 thread; at 8.8M, recall 0.953 at 0.49 ms per query with
+every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.4x the QPS of
+Seismic's best setting at recall 0.95 and 0.97, 1.9x at 0.99, 1 thread; at 8.8M, recall 0.953 at 0.49 ms per query with
 ``list_len=4000`` (docs/benchmarks.md). Lists must grow with the collection (2,000 documents per term stop near
 recall 0.92 at 8.8M; the default, ``list_len="auto"``, grows them from 2M documents on).
 
