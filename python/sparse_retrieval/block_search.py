@@ -40,7 +40,7 @@ import torch
 
 from ._fake import fake
 from .compact_terms import check_terms, compact_rows, uses_compact_terms
-from .sparse import SparseBatch, cast_values, check_lists
+from .sparse import SparseBatch, as_long, cast_values, check_lists
 from .term_lists import TermLists
 
 _ops = torch.ops.sparse_retrieval
@@ -115,7 +115,7 @@ class BlockMax:
     @functools.cached_property
     def term_counts(self) -> torch.Tensor:
         """Documents holding each term (int64, one per entry of ``scale``), counted once from the forward index."""
-        return torch.bincount(_as_long(self.fwd_terms), minlength=self.scale.numel())
+        return torch.bincount(as_long(self.fwd_terms), minlength=self.scale.numel())
 
     def positions_of(self, allowed: torch.Tensor) -> torch.Tensor:
         """The stored positions (ascending) of the documents whose ``allowed`` entry (bool, one per id) is set:
@@ -152,7 +152,7 @@ class BlockMax:
             at, end = int(indptr[a]), int(indptr[b])
             flat = torch.repeat_interleave(self.fwd_ptr[position[a:b]] - indptr[a:b], lengths[a:b],
                                            output_size=end - at) + torch.arange(at, end)
-            terms = _as_long(self.fwd_terms[flat])
+            terms = as_long(self.fwd_terms[flat])
             indices[at:end] = terms if self.terms is None else self.terms[terms]
             values[at:end] = self.fwd_weights[flat]
         return SparseBatch(indptr, indices, values, dim, check=False)
@@ -238,7 +238,7 @@ def with_maxima(dim: int, block_size: int, superblock: int, fwd_ptr: torch.Tenso
 def term_scales(fwd_terms: torch.Tensor, fwd_weights: torch.Tensor, dim: int) -> torch.Tensor:
     """Each term's largest weight / 255 (a hair above: quantized maxima then never round below a weight), or 1 for
     a term without postings: the ``scale`` the block_maxima kernel computes, bit for bit."""
-    top = torch.zeros(dim, dtype=torch.float32).scatter_reduce_(0, _as_long(fwd_terms), fwd_weights.float(), "amax")
+    top = torch.zeros(dim, dtype=torch.float32).scatter_reduce_(0, as_long(fwd_terms), fwd_weights.float(), "amax")
     return torch.where(top > 0, (top.double() / 255.0 * (1.0 + 2.0**-20)).float(), 1.0)
 
 
@@ -254,7 +254,7 @@ def validate_forward(fwd_ptr: torch.Tensor, fwd_terms: torch.Tensor, fwd_weights
     if n < 0 or fwd_weights.numel() != fwd_terms.numel() or fwd_terms.dtype not in (torch.int16, torch.int32) or \
             (fwd_terms.dtype == torch.int16 and dim > 65536):
         raise ValueError(f"{where}: forward index offsets are inconsistent")
-    check_lists(fwd_ptr, _as_long(fwd_terms), dim, where, "forward index (terms of each document)")
+    check_lists(fwd_ptr, as_long(fwd_terms), dim, where, "forward index (terms of each document)")
     if doc_ids.numel() != n or not torch.equal(torch.sort(doc_ids).values, torch.arange(n)):
         raise ValueError(f"{where}: document order is not a permutation of [0, {n})")
     w = fwd_weights.float()
@@ -283,12 +283,7 @@ def validate_block_max(bm: BlockMax, dim: int, where: str) -> None:
     if bm.blk_ptr.numel() != ns + 1 or bm.blk_terms.dtype != bm.fwd_terms.dtype or \
             bm.blk_values.numel() != bm.blk_terms.numel() * bm.superblock:
         raise ValueError(f"{where}: block maxima offsets are inconsistent")
-    check_lists(bm.blk_ptr, _as_long(bm.blk_terms), dim, where, "block maxima (terms of each superblock)")
-
-
-def _as_long(terms: torch.Tensor) -> torch.Tensor:
-    """Terms stored as int16 hold uint16 bits."""
-    return terms.long() & 0xFFFF if terms.dtype == torch.int16 else terms.long()
+    check_lists(bm.blk_ptr, as_long(bm.blk_terms), dim, where, "block maxima (terms of each superblock)")
 
 
 def cluster_order(docs: SparseBatch, leaf: int = 8, fanout: int = 64, iters: int = 6, sample: int = 65536,

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .sparse import SparseBatch
+from .sparse import SparseBatch, as_long
 
 # ---- sparse x sparse ---------------------------------------------------------------------------------------------
 
@@ -82,13 +82,13 @@ def list_search(bm, queries: SparseBatch, k: int, alpha: float, query_cut: int):
     f32 = np.float32
     L = bm.lists
     scale = bm.scale.numpy()
-    fwd_ptr, fwd_terms, fwd_w = bm.fwd_ptr.numpy(), _long(bm.fwd_terms), bm.fwd_weights.float().numpy()
+    fwd_ptr, fwd_terms, fwd_w = bm.fwd_ptr.numpy(), as_long(bm.fwd_terms).numpy(), bm.fwd_weights.float().numpy()
     doc_ids = bm.doc_ids.numpy()
     list_ptr, group_ptr, group_docs = L.list_ptr.numpy(), L.group_ptr.numpy(), L.group_docs.numpy()
-    dir_ptr, dir_terms, dir_at, ent_ptr = L.dir_ptr.numpy(), _long(L.dir_terms), L.dir_at.numpy(), L.ent_ptr.numpy()
-    ent_steps, ent_values = L.ent_steps.numpy(), L.ent_values.numpy()
-    one_ptr, one_terms, one_groups, one_values = (L.one_ptr.numpy(), _long(L.one_terms), _long(L.one_groups),
-                                                  L.one_values.numpy())
+    dir_ptr, dir_terms, dir_at = L.dir_ptr.numpy(), as_long(L.dir_terms).numpy(), L.dir_at.numpy()
+    ent_ptr, ent_steps, ent_values = L.ent_ptr.numpy(), L.ent_steps.numpy(), L.ent_values.numpy()
+    one_ptr, one_terms = L.one_ptr.numpy(), as_long(L.one_terms).numpy()
+    one_groups, one_values = as_long(L.one_groups).numpy(), L.one_values.numpy()
     nq = len(queries)
     out_scores = torch.full((nq, k), -math.inf)
     out_ids = torch.full((nq, k), -1, dtype=torch.int64)
@@ -156,11 +156,6 @@ def list_search(bm, queries: SparseBatch, k: int, alpha: float, query_cut: int):
         out_ids[qi, :len(best)] = torch.tensor([i for _, i in best], dtype=torch.int64)
         complete[qi] = bool(len(best) == k and best[-1][0] > 0)
     return out_scores, out_ids, complete, visited
-
-
-def _long(x: torch.Tensor) -> np.ndarray:
-    """int16 arrays hold uint16 bits."""
-    return (x.long() & 0xFFFF).numpy() if x.dtype == torch.int16 else x.long().numpy()
 
 
 # ---- top-k -------------------------------------------------------------------------------------------------------

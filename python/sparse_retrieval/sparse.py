@@ -412,6 +412,11 @@ def cast_values(values: torch.Tensor, dtype: torch.dtype | None, name: str) -> t
     return out
 
 
+def as_long(x: torch.Tensor) -> torch.Tensor:
+    """int64 values of an index array; int16 arrays (terms, group numbers) hold uint16 bits."""
+    return x.long() & 0xFFFF if x.dtype == torch.int16 else x.long()
+
+
 def check_lists(ptr: torch.Tensor, entries: torch.Tensor, upper: int, where: str, what: str) -> None:
     """Checks lists stored as offsets into ``entries`` (list i is ``entries[ptr[i]:ptr[i + 1]]``), as the index
     kernels need them: ``ptr`` runs from 0 to ``len(entries)`` and never decreases, entries lie in ``[0, upper)``

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._fake import fake
-from .sparse import check_lists
+from .sparse import as_long, check_lists
 
 _ops = torch.ops.sparse_retrieval
 
@@ -161,7 +161,7 @@ def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
     if n == 0:
         return ent_ptr, dir_at, torch.zeros(0, dtype=torch.uint8), ent_values
-    groups = ent_groups.long() & 0xFFFF
+    groups = as_long(ent_groups)
     owner = torch.repeat_interleave(torch.arange(dir_ptr.numel() - 1), dir_ptr[1:] - dir_ptr[:-1])
     starts = (ent_ptr[owner] + dir_at.long()).clamp(0, n - 1)
     previous = torch.cat([groups.new_zeros(1), groups[:-1]])
@@ -197,8 +197,7 @@ def validate_term_lists(tl: TermLists, bm, where: str) -> None:
         raise ValueError(f"{where}: term lists: a term lists more than {MAX_LIST_LEN} groups")
     check_lists(tl.group_ptr, tl.group_docs.long(), ndocs, where, "term lists (documents of each group)")
     for ptr, terms, what in ((tl.dir_ptr, tl.dir_terms, "summary terms"), (tl.one_ptr, tl.one_terms, "single terms")):
-        terms = terms.long() & 0xFFFF if terms.dtype == torch.int16 else terms.long()
-        check_lists(ptr, terms, dim, where, f"term lists ({what} of each list)")
+        check_lists(ptr, as_long(terms), dim, where, f"term lists ({what} of each list)")
 
 
 @fake("term_lists")
