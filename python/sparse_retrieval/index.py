@@ -209,7 +209,7 @@ class SparseIndex:
         ``term_lists=True`` (or a dict of ``list_len``, ``group``, ``summary_energy``, ``doc_cut``; see
         ``term_lists.py``) also builds per-term lists of clustered documents with summaries, after Seismic, which
         ``search(mode="approximate")`` then uses instead of the block maxima: the fast approximate search on
-        large collections (2M documents, 1 thread: 2.4x Seismic's QPS at recall 0.95 and 0.97, 1.9x at 0.99;
+        large collections (2M documents, 1 thread: 2.1-2.4x Seismic's QPS at recall 0.95, 0.97 and 0.99;
         8.8M: recall 0.958 at 0.46 ms p50 per query). Documents per term default
         to 2,000 up to 2M documents and grow with the square root of the collection beyond
         (``term_lists.auto_list_len``). Memory: 0.87 GB at 2M documents (2,000 per term, dim 30,522), 2.0 GB

@@ -11,10 +11,11 @@ terms of largest weight x maximum, scores each group by the dot product of the q
 the groups' documents from the forward index best group first (each document once), and stops once the k-th score
 beats ``alpha`` times the best summary score left. Summaries miss terms, so ``alpha`` above 1 (scoring further)
 buys recall; recall grows with alpha (the groups scored are a prefix of one order). Where block-max search bounds
-every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.4x the QPS of
-Seismic's best setting at recall 0.95 and 0.97, 1.9x at 0.99, 1 thread; at 8.8M, recall 0.958 at 0.46 ms p50 per
-query with the default ``list_len`` (4,205; docs/benchmarks.md). Lists must grow with the collection (2,000 documents per term stop near
-recall 0.92 at 8.8M; the default, ``list_len="auto"``, grows them from 2M documents on).
+every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.1-2.4x the QPS
+of Seismic's best setting at recall 0.95, 0.97 and 0.99 (1.9x in one run), 1 thread; at 8.8M, recall 0.958 at
+0.46 ms p50 per query with the default ``list_len`` (4,205; docs/benchmarks.md). Lists must grow with the
+collection (2,000 documents per term stop near recall 0.92 at 8.8M; the default, ``list_len="auto"``, grows them
+from 2M documents on).
 
 With ``list_len`` covering every posting, ``summary_energy = 1``, every query term and ``alpha = 1`` the results
 are exact (summaries are then upper bounds of their documents' scores); the tests use this.
