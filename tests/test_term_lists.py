@@ -128,7 +128,7 @@ def test_bad_parameters_raise():
 def test_auto_list_len():
     from sparse_retrieval.term_lists import auto_list_len
     assert auto_list_len(1) == auto_list_len(2_000_000) == 2000
-    assert 4000 < auto_list_len(8_841_823) < 4400 and auto_list_len(10**12) == 65536
+    assert 6400 < auto_list_len(8_841_823) < 6700 and auto_list_len(10**12) == 65536
     docs, _ = data(100, 17)
     index = sr.SparseIndex.from_documents(docs, block_max=True, term_lists=True, progress=False)
     assert index.block_max.lists.list_len == 2000

@@ -12,10 +12,10 @@ the groups' documents from the forward index best group first (each document onc
 beats ``alpha`` times the best summary score left. Summaries miss terms, so ``alpha`` above 1 (scoring further)
 buys recall; recall grows with alpha (the groups scored are a prefix of one order). Where block-max search bounds
 every block, a cost that grows with the collection, this reads a few short lists: on 2M documents 2.1-2.4x the QPS
-of Seismic's best setting at recall 0.95, 0.97 and 0.99 (1.9x in one run), 1 thread; at 8.8M, recall 0.958 at
-0.46 ms p50 per query with the default ``list_len`` (4,205; docs/benchmarks.md). Lists must grow with the
-collection (2,000 documents per term stop near recall 0.92 at 8.8M; the default, ``list_len="auto"``, grows them
-from 2M documents on).
+of Seismic's best setting at recall 0.95, 0.97 and 0.99 (1.9x in one run), 1 thread; at 8.8M, recall 0.979 at
+0.32 ms p50 per query with lists of 6,500 documents (docs/benchmarks.md). Lists must grow with the collection
+(2,000 documents per term stop near recall 0.92 at 8.8M, 4,205 near 0.97; the default, ``list_len="auto"``, grows
+them from 2M documents on).
 
 With ``list_len`` covering every posting, ``summary_energy = 1``, every query term and ``alpha = 1`` the results
 are exact (summaries are then upper bounds of their documents' scores); the tests use this.
@@ -105,9 +105,10 @@ def check_params(list_len: int | str, group: int, summary_energy: float, doc_cut
 
 def auto_list_len(ndocs: int) -> int:
     """Documents per term list for a collection of ``ndocs``: 2,000 up to 2M documents (recall 0.98 at the default
-    search settings on 2M), growing with the square root beyond (4,195 at 8.8M, where 4,000 gave 0.95-0.97 and 2,000
-    stopped near 0.92)."""
-    return min(MAX_LIST_LEN, max(2000, round(2000 * math.sqrt(ndocs / 2e6))))
+    search settings on 2M), growing with ``ndocs ** 0.8`` beyond: 6,567 at 8.8M, where 6,500 gave recall 0.979 at the
+    default search settings and 0.99 within reach (query_cut 12, alpha 1.2), at a little more QPS than 4,205 (the
+    square-root rule's) did at 0.958; 2,000 stopped near 0.92 (docs/benchmarks.md)."""
+    return min(MAX_LIST_LEN, max(2000, round(2000 * (ndocs / 2e6) ** 0.8)))
 
 
 def build_term_lists(bm, *, list_len: int | str = "auto", group: int = 8, summary_energy: float = 0.7,
