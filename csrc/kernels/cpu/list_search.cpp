@@ -171,6 +171,16 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
   // score no higher than one group at a time would, so recall still only grows with alpha.
   constexpr int64_t kBatch = 8;
   int64_t batch[kBatch];
+  // The forward offsets and `seen` bytes (and ids, where a filter reads them) of the documents of group entries
+  // [a, e).
+  const auto prefetch_documents = [&](int64_t a, int64_t e) {
+    for (int64_t j = a; j < e; ++j) {
+      const uint32_t d = std::min(uint32_t(L.group_docs[j]), uint32_t(ix.ndocs - 1));
+      __builtin_prefetch(ix.fwd_ptr + d);
+      __builtin_prefetch(ls.seen + d);
+      if (allowed != nullptr) __builtin_prefetch(ix.doc_ids + d);
+    }
+  };
   int64_t visited = 0;
   bool more = true;
   while (ok && more) {
@@ -203,21 +213,12 @@ bool list_query(const BlockMaxIndex& ix, const TermLists& L, const SearchQuery& 
         __builtin_prefetch(L.group_docs + e - 1);
         continue;
       }
-      for (int64_t j = a; j < e; ++j) {
-        const uint32_t d = std::min(uint32_t(L.group_docs[j]), uint32_t(ix.ndocs - 1));
-        __builtin_prefetch(ix.fwd_ptr + d);
-        __builtin_prefetch(ls.seen + d);
-      }
+      prefetch_documents(a, e);
     }
     for (int64_t i = 0; i < nb && ok; ++i) {
       const int64_t a = L.group_ptr[batch[i]], e = L.group_ptr[batch[i] + 1];
       ok = 0 <= a && a <= e && e <= L.group_entries;
-      for (int64_t j = a; j < e && ok; ++j) {
-        const uint32_t d = std::min(uint32_t(L.group_docs[j]), uint32_t(ix.ndocs - 1));
-        __builtin_prefetch(ix.fwd_ptr + d);
-        __builtin_prefetch(ls.seen + d);
-        if (allowed != nullptr) __builtin_prefetch(ix.doc_ids + d);
-      }
+      if (ok) prefetch_documents(a, e);
     }
     const int64_t first = int64_t(scored.size());
     for (int64_t i = 0; i < nb && ok; ++i) {
