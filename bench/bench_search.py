@@ -34,7 +34,7 @@ import sparse_retrieval as sr
 from sparse_retrieval.block_search import cluster_order
 from sparse_retrieval.term_lists import build_term_lists
 from sparse_retrieval.datasets.text import man_page
-from common import add_ratios, measure, table, threads, write_results
+from common import add_ratios, measure, table, threads, with_env, write_results
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench_search"
 CHUNK = 1 << 20  # documents handed to a peer's builder at a time
@@ -343,7 +343,11 @@ def run_cuda(index, docs, queries, k, repeats, facts) -> list[dict]:
     for batch in (1, 64, 1024):
         b = min(batch, len(queries))
         qb, qd = gq[:b], dense_q[:b]
-        for method, fn in (("SparseIndex cuda", lambda: gpu.search(qb, k)), (CUSPARSE, lambda: cusparse(qd))):
+        # The one-launch search is opt-in until it has passed on a GPU (SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH=1).
+        one_launch = with_env(lambda: gpu.search(qb, k), "SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH", "1")
+        assert torch.equal(one_launch()[1], gpu.search(qb, k)[1]), "the one-launch search disagrees"
+        for method, fn in (("SparseIndex cuda", lambda: gpu.search(qb, k)), ("SparseIndex cuda one launch", one_launch),
+                           (CUSPARSE, lambda: cusparse(qd))):
             m = measure(fn, warmup=2, repeats=repeats, cuda=True)
             rows.append({"method": method, "threads": 0, "queries": b, "median_s": m["median"] / b,
                          "qps": b / m["median"], "ms_per_query": m["median"] / b * 1e3})

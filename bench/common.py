@@ -67,6 +67,21 @@ def threads(n: int):
         torch.set_num_threads(previous)
 
 
+def with_env(fn: Callable[[], object], name: str, value: str) -> Callable[[], object]:
+    """fn run with the environment variable set (the opt-in CUDA kernels read theirs at every call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, min_time: float = 0.0,
             cuda: bool = False) -> dict:
     """Times fn: ``warmup`` untimed calls, then at least ``repeats`` timed calls (more until ``min_time`` seconds

@@ -5,8 +5,10 @@
 # (each runs its GPU part when CUDA is available), writing everything under OUTDIR and a summary last.
 #   [GPU_TESTS=..] [GPU_SANITIZE=..] [GPU_RACECHECK=..] bash scripts/gpu_run.sh OUTDIR [bench names]  (pytest args)
 # GPU_TESTS narrows the suite (default: all of it, at most GPU_TESTS_TIMEOUT=240 s), GPU_SANITIZE the sanitized
-# tests (default: -k cuda); the benches default to every bench/bench_*.py. Next CQ check (about 4 minutes):
-#   GPU_TESTS="test_cq.py test_topk.py" GPU_SANITIZE="test_cq.py -k cuda" bash scripts/gpu_run.sh OUT bench_cq
+# tests (default: -k cuda); the benches default to every bench/bench_*.py. Next check, of the three opt-in kernels
+# that have never run on a GPU (fused CQ attention, one-read top-k, one-launch search; about 6 minutes):
+#   GPU_TESTS="test_cq.py test_topk.py test_index.py" GPU_SANITIZE="test_cq.py test_topk.py test_index.py -k cuda" \
+#     bash scripts/gpu_run.sh OUT bench_cq bench_topk bench_search
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
 shift

@@ -1,5 +1,6 @@
 import concurrent.futures
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import sparse_retrieval as sr
 from sparse_retrieval import reference
 from sparse_retrieval.sparse import SparseBatch
 
+from conftest import build_emulation
 from test_sparse_dot import random_batch
 
 ops = torch.ops.sparse_retrieval
@@ -539,6 +541,78 @@ def test_cuda_search(dtype):
         scores, ids = gpu.search(queries.cuda(), k)
         want_scores, want_ids = reference.sparse_search(queries, docs, k)
         assert torch.equal(ids.cpu(), want_ids) and torch.equal(scores.cpu(), want_scores)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_search_one_launch(monkeypatch, dtype):
+    """SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH=1: the query's last block merges the candidates (one launch); more than
+    kMaxSegments segments or k > kMaxMergeK fall back to the merge by torch."""
+    monkeypatch.setenv("SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH", "1")
+    gen = torch.Generator().manual_seed(23)
+    docs = random_batch(20_000, 500, 30, gen, dtype, integer=True)
+    queries = random_batch(40, 500, 20, gen, dtype, integer=True)
+    for segment_size in (7000, 500):  # 3 segments; 40 (two launches)
+        index = sr.SparseIndex(500, dtype, segment_size=segment_size)
+        index.add(docs)
+        gpu = index.to("cuda")
+        for k in (1, 10, 1000, 3000):
+            scores, ids = gpu.search(queries.cuda(), k)
+            want_scores, want_ids = reference.sparse_search(queries, docs, k)
+            assert torch.equal(ids.cpu(), want_ids) and torch.equal(scores.cpu(), want_scores)
+
+
+# ---- host emulation of the CUDA search -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def search_emulation(tmp_path_factory):
+    """tests/search_emulation.cpp: the CUDA search's block code (search_chunk.h), every block and every phase in
+    a random order."""
+    return build_emulation(tmp_path_factory, "search_emulation.cpp", "kernels/cuda/search_chunk.h")
+
+
+def emulate_search(exe, queries, segments, k, one_launch, seed=0):
+    """Scores and ids of the emulated CUDA search of `queries` over `segments` (SparseBatch each, in id order),
+    and whether the kernel merged them (one launch)."""
+    data = []
+    for seg in segments:
+        ptr, ids, w = ops.build_postings(seg.indptr, seg.indices, seg.values, seg.dim)
+        data += [np.array([len(seg), ptr.numel() - 1], np.int64), ptr.numpy(), ids.numpy().astype(np.int32),
+                 w.float().numpy()]
+    data += [queries.indptr.numpy().astype(np.int64), queries.indices.numpy().astype(np.int64),
+             queries.values.float().numpy()]
+    nq = len(queries)
+    run = subprocess.run([str(exe), *map(str, (len(segments), nq, k, int(one_launch), seed))],
+                         input=b"".join(a.tobytes() for a in data), capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    out = bytearray(run.stdout)
+    scores = torch.frombuffer(out[:4 * nq * k], dtype=torch.float32).reshape(nq, k)
+    ids = torch.frombuffer(out[4 * nq * k:], dtype=torch.int64).reshape(nq, k)
+    return scores, ids, run.stderr.strip() == b"merged"
+
+
+def test_search_emulation(search_emulation):
+    """Chunks of 4,096 documents (segments shorter and longer than one, empty ones, and 40 segments: two launches),
+    k from 1 past the number of documents (padding), a query longer than a block (two tiles of terms), ties among
+    integer scores (lower id first), empty queries; in one launch (the last block merges, in tiles when k and the
+    candidates exceed one chunk's buffer) and with the candidates merged outside."""
+    gen = torch.Generator().manual_seed(29)
+    dim = 700
+    docs = random_batch(9_000, dim, 12, gen, integer=True)
+    queries = random_batch(6, dim, 40, gen, integer=True)
+    long_query = SparseBatch.from_lists([(torch.arange(0, dim, 1), torch.ones(dim))], dim)
+    cases = [([4096, 5000 - 4096, 0, 4000], (1, 10, 600, 9_001)), ([9_000], (1, 2048, 2049)),
+             ([225] * 40, (5, 300))]
+    for i, (cut, ks) in enumerate(cases):
+        bounds = np.cumsum([0] + cut)
+        segments = [docs[int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
+        for qs in (queries, long_query):
+            for k in ks:
+                want_scores, want_ids = reference.sparse_search(qs, docs, k)
+                for one_launch in (False, True):
+                    scores, ids, merged = emulate_search(search_emulation, qs, segments, k, one_launch, seed=k + i)
+                    assert merged == (one_launch and len(cut) - cut.count(0) <= 32 and k <= 2048)
+                    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores), (cut, k, one_launch)
 
 
 def test_concurrent_saves_leave_a_whole_index_and_stale_temporaries_go(tmp_path):

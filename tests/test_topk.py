@@ -95,6 +95,24 @@ def test_cuda_rows_and_k(dtype, kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_one_read(monkeypatch, dtype, kind):
+    """SPARSE_RETRIEVAL_TOPK_RESIDENT=1: the one-read radix select (topk_resident.h) for every k where rows fit
+    the resident blocks' shared memory; rows of 10^7 do not and take the other kernels."""
+    monkeypatch.setenv("SPARSE_RETRIEVAL_TOPK_RESIDENT", "1")
+    rows_and_k(dtype, kind, "cuda")
+    gen = torch.Generator().manual_seed(43)
+    for shape, k in [((3, 70_001), 2000), ((1, 1_000_003), 100), ((2, 100_003), 1), ((300, 2049), 64),
+                     ((40, 262_144), 256), ((3, 30_522), 30_522), ((1, 10_000_000), 100)]:
+        x = make(shape, dtype, kind, gen, "cuda")
+        check(x, k)
+        check(x, k, largest=False, sorted=False)
+    for x in (torch.arange(200_000.0), torch.full((200_000,), -0.0), torch.full((200_000,), math.nan)):
+        check(x.cuda(), 1000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_small_k_adversarial_orders():
     """Ascending rows make every element beat the block selection's running threshold (a merge every tile or
     two); constant and NaN rows tie everywhere."""
@@ -172,6 +190,66 @@ def test_select_emulation_adversarial_orders(select_emulation):
             for largest in (True, False):
                 check_emulated(select_emulation, x[None], k, largest)
                 check_emulated(select_emulation, x[None], k, largest, blocks_wanted=3, min_part=1000)
+
+
+# ---- host emulation of the CUDA one-read radix select ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resident_emulation(tmp_path_factory):
+    """tests/topk_resident_emulation.cpp: the one-read radix select's own code (topk_resident.h), every block
+    phase in a random thread order and every row stage in a random block order."""
+    return build_emulation(tmp_path_factory, "topk_resident_emulation.cpp", "kernels/cuda/topk_resident.h")
+
+
+def check_resident(exe, x, k, largest, capacity, resident, min_part=4096, seed=0, plan=None):
+    """The emulated kernel's indices against the reference, and its plan (parts per row, blocks launched)."""
+    rows, n = x.shape
+    run = subprocess.run([str(exe), *map(str, (rows, n, k, int(largest), capacity, resident, min_part, seed))],
+                         input=x.contiguous().numpy().tobytes(), capture_output=True)
+    if plan == "nofit":
+        assert run.returncode == 6 and run.stderr.strip() == b"nofit"
+        return
+    assert run.returncode == 0, (run.returncode, run.stderr.decode())
+    indices = torch.frombuffer(bytearray(run.stdout), dtype=torch.int64).reshape(rows, k)
+    assert torch.equal(indices, reference.topk(x, k, largest=largest)[1])
+    if plan is not None:
+        assert tuple(map(int, run.stderr.split())) == plan
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resident_emulation_plans(resident_emulation, kind):
+    """Rows in one part and in several (cut to fill the resident blocks, or because a row exceeds one block's
+    codes), waves of rows, parts shorter than a thread's share, k from 1 to n, float16/bfloat16-rounded data."""
+    gen = torch.Generator().manual_seed(47)
+    cases = [  # rows, n, k, capacity, resident blocks, min part, expected (parts, grid)
+        (1, 1, 1, 1024, 8, 4096, (1, 1)), (5, 700, 350, 1024, 4, 4096, (1, 4)),
+        (3, 5000, 37, 1024, 16, 256, (5, 15)), (2, 5003, 5003, 1024, 64, 256, (19, 38)),
+        (7, 3000, 100, 512, 14, 4096, (6, 12)), (1, 100_000, 1000, 2048, 64, 512, (64, 64)),
+        (4, 2049, 2, 4096, 64, 100, (16, 64)), (2, 600, 599, 10, 200, 1, (60, 120)),
+        (9, 1000, 1, 100, 20, 1000, (10, 20)),
+    ]
+    for i, (rows, n, k, capacity, resident, min_part, plan) in enumerate(cases):
+        x = make((rows, n), DTYPES[i % len(DTYPES)], kind, gen).float()
+        check_resident(resident_emulation, x, k, i % 2 == 0, capacity, resident, min_part, seed=i, plan=plan)
+
+
+def test_resident_emulation_ties_and_early_stop(resident_emulation):
+    """The k-th value's ties ranked across parts (constant, NaN, +/-0 rows; few distinct values), every k on a
+    short row, rows whose bucket empties after one digit (early stop), and rows that do not fit."""
+    gen = torch.Generator().manual_seed(53)
+    n = 6000
+    for x in (torch.arange(n, dtype=torch.float32), torch.arange(n, 0, -1, dtype=torch.float32),
+              torch.full((n,), -0.0), torch.full((n,), math.nan), torch.full((n,), -math.inf),
+              torch.randint(-2, 3, (n,), generator=gen).float(), torch.ldexp(torch.ones(n), torch.arange(n) % 200)):
+        for k in (1, 100, 2999, n):
+            for largest in (True, False):
+                check_resident(resident_emulation, x[None], k, largest, 1024, 32, 500, seed=k)
+    x = make((2, 300), torch.float32, "special", gen)
+    x[:, ::3] = x[:, 1::3].round()
+    for k in range(1, 301, 7):
+        check_resident(resident_emulation, x, k, k % 2 == 0, 64, 20, 16, seed=k)
+    check_resident(resident_emulation, torch.zeros(1, 65 * 100), 5, True, 100, 1000, 100, plan="nofit")
+    check_resident(resident_emulation, torch.zeros(1, 1000), 5, True, 100, 9, 100, plan="nofit")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,12 +15,13 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& x, int64_t k, int
   const c10::cuda::CUDAGuard guard(x.device());
   sr::ops::TopkProblem p = sr::ops::topk_prepare(x, k, dim);
   if (p.k == 0 || p.rows == 0) return sr::ops::topk_result(p);
-  // Small k: one read of the row by a block-level selection; large k: the radix select.
-  const bool small = p.k <= sr::cuda::kSmallTopk;
+  const auto dtype = sr::ops::topk_dtype(p.src.scalar_type());
+  // Small k: one read of the row by a block-level selection; large k: the radix select (or the opt-in one-read
+  // radix select wherever it fits).
+  const bool small = p.k <= sr::cuda::kSmallTopk && !sr::cuda::topk_one_read(dtype, p.rows, p.n, p.k);
   const size_t bytes = small ? sr::cuda::topk_small_workspace_bytes(p.rows, p.n, p.k)
                              : sr::cuda::topk_workspace_bytes(p.rows, p.n, p.k, sorted);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  const auto dtype = sr::ops::topk_dtype(p.src.scalar_type());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err =
       small ? sr::cuda::topk_small(p.src.data_ptr(), dtype, p.rows, p.n, p.k, largest, p.values.data_ptr(),

@@ -205,7 +205,7 @@ void multipass_attention(const CqAttentionArgs& a, float* workspace, cudaStream_
 constexpr int kFusedThreads = 512;
 constexpr int64_t kMinSplit = 512;
 
-struct DeviceBlock {
+struct FusedBlock {
   cqfused::Regs* regs_;
   template <class F>
   __device__ __forceinline__ void each(F&& f) {
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     fused_split_kernel(CqAttentionArgs a, cqfused::Plan p, float* part_o, float* part_ml) {
   extern __shared__ __align__(16) unsigned char smem[];
   cqfused::Regs regs;
-  DeviceBlock blk{&regs};
+  FusedBlock blk{&regs};
   cqfused::coded_split<C, VEC, CW>(blk, a, p, blockIdx.x, smem, part_o, part_ml);
 }
 
@@ -240,7 +240,7 @@ auto split_kernel_for(int code_words) {
 __global__ void __launch_bounds__(kFusedThreads)
     fused_merge_kernel(CqAttentionArgs a, cqfused::Plan p, const float* part_o, const float* part_ml) {
   extern __shared__ __align__(16) unsigned char smem[];
-  DeviceBlock blk{nullptr};
+  FusedBlock blk{nullptr};
   cqfused::merge_row(blk, a, p, blockIdx.x, reinterpret_cast<float*>(smem), part_o, part_ml);
 }
 

@@ -1,6 +1,5 @@
-// CUDA exact top-k search (torch-free launcher). Each thread block accumulates one query's scores for a chunk of
-// kSearchChunk documents in shared memory, term at a time, then sorts the chunk and keeps its best kk; the glue
-// merges the chunks' candidates. Chunks never cross segments.
+// CUDA exact top-k search (torch-free launcher): one block per (chunk of searchchunk::kChunk documents, query)
+// scores its chunk and keeps its best kk as candidates (search_chunk.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,22 +7,14 @@
 #include <cstdint>
 
 #include "kernels/cpu/sparse_dot.h"
+#include "kernels/cuda/search_chunk.h"
 
 namespace sr::cuda {
 
-constexpr int64_t kSearchChunk = 4096;
-
-struct DevSegment {
-  const int64_t* ptr;
-  const int32_t* docs;
-  const void* weights;
-};
-
-// chunks: nchunks rows of (segment, local lo, local hi, global id of lo). Queries: rows [0, nq) of qptr (absolute
-// offsets into qterms / qweights). Writes, for query i and chunk c, kk (<= kSearchChunk) candidates best first at
-// cand_scores / cand_ids[(i * nchunks + c) * kk ...], padded with (-inf, -1) past the chunk's size.
-void search_chunks(const DevSegment* segs, const int64_t* chunks, int64_t nchunks, int64_t nq, const int64_t* qptr,
-                   const int64_t* qterms, const float* qweights, int64_t kk, sr::cpu::ValueType wtype,
-                   float* cand_scores, int64_t* cand_ids, cudaStream_t stream);
+// Queries [0, nq) of qs (qs.ptr offset to the first). Without out.done, writes the candidates of every chunk of
+// `segs` (see Segments for where); with out.done (nq counters, zeroed), the query's last block also merges them
+// into out.scores / out.ids (nq x k, k <= kMaxMergeK, best first, (-inf, -1) past the documents): one launch.
+cudaError_t search_chunks(const searchchunk::Segments& segs, int64_t nq, const searchchunk::Queries& qs,
+                          sr::cpu::ValueType wtype, const searchchunk::Output& out, cudaStream_t stream);
 
 }  // namespace sr::cuda

@@ -13,9 +13,12 @@
 // every remaining key whose masked bits are >= the prefix: exactly k per row in all.
 #include "kernels/cuda/topk.h"
 
-#include "kernels/cuda/topk_select.h"  // make_key, to_float
+#include "kernels/cuda/topk_resident.h"
+#include "kernels/cuda/topk_select.h"  // make_key, to_float, DeviceBlock
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
@@ -44,6 +47,8 @@ struct Workspace {
   unsigned int* counters;  // rows: keys written to the output so far
   unsigned int* cand_count;  // rows: candidates written by the filter
   int64_t* offsets;        // rows + 1: segment bounds r * k
+  unsigned int* arrive;    // rows: the one-read select's row barriers
+  unsigned int* ties;      // rows x resident::kMaxParts: its tie counts per part
   unsigned long long* cand;  // rows x cap candidate keys
   int64_t cap;
   unsigned long long* keys;
@@ -70,6 +75,8 @@ Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted) {
   w.counters = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
   w.cand_count = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
   w.offsets = static_cast<int64_t*>(take((rows + 1) * sizeof(int64_t)));
+  w.arrive = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
+  w.ties = static_cast<unsigned int*>(take(rows * resident::kMaxParts * sizeof(unsigned int)));
   w.cap = candidate_cap(n, k);
   w.cand = static_cast<unsigned long long*>(take(rows * w.cap * sizeof(unsigned long long)));
   w.keys = static_cast<unsigned long long*>(take(rows * k * sizeof(unsigned long long)));
@@ -87,14 +94,15 @@ Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted) {
   return w;
 }
 
-__global__ void init_kernel(RowState* state, unsigned int* counters, unsigned int* cand_count, int64_t* offsets,
-                            int64_t rows, int64_t k) {
+__global__ void init_kernel(RowState* state, unsigned int* counters, unsigned int* cand_count, unsigned int* arrive,
+                            int64_t* offsets, int64_t rows, int64_t k) {
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r <= rows; r += int64_t{gridDim.x} * blockDim.x) {
     offsets[r] = r * k;
     if (r < rows) {
       state[r] = RowState{0ull, 0ull, static_cast<unsigned int>(k), 0u, 0u, 0u};
       counters[r] = 0;
       cand_count[r] = 0;
+      arrive[r] = 0;
     }
   }
 }
@@ -241,6 +249,84 @@ __global__ void emit_kernel(const T* __restrict__ x, int64_t n, const unsigned l
   }
 }
 
+// ---- the one-read radix select (topk_resident.h) ----
+
+// Every block of the row arrives at the barrier, then waits for all of them (they are resident together).
+template <class P>
+struct DeviceRow {
+  P& b;
+  unsigned int* arrive;
+  unsigned int epoch;
+  template <class F>
+  __device__ __forceinline__ void stage(F&& f, bool last = false) {
+    f(b);  // ends with __syncthreads
+    if (last || b.parts == 1) return;
+    if (threadIdx.x == 0) {
+      const unsigned int target = ++epoch * static_cast<unsigned int>(b.parts);
+      __threadfence();
+      atomicAdd(arrive, 1u);
+      while (atomicAdd(arrive, 0u) < target) __nanosleep(32);
+      __threadfence();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ const resident::State& state(int p) const { return b.sh.st[p]; }
+};
+
+template <class T>
+__global__ void __launch_bounds__(resident::kThreads)
+    resident_kernel(resident::ValueCodes<T> src, resident::Plan p, unsigned int* hist, unsigned int* ties,
+                    unsigned int* counters, unsigned int* arrive, unsigned long long* keys) {
+  extern __shared__ unsigned int codes[];
+  __shared__ resident::Shared sh;
+  DeviceBlock blk;
+  for (int64_t u = blockIdx.x; u < p.rows * p.parts; u += p.grid) {
+    const int64_t r = u / p.parts, lo = (u % p.parts) * p.seg;
+    using P = resident::Part<DeviceBlock, resident::ValueCodes<T>>;
+    P b{blk, sh, codes, src,
+        resident::RowGlobal{hist + r * kBins, ties + r * resident::kMaxParts, counters + r, keys + r * p.k},
+        r, lo, min(p.seg, p.n - lo), static_cast<int>(u % p.parts), p.parts, p.k};
+    DeviceRow<P> row{b, arrive + r, 0u};
+    resident::select_row(row);
+  }
+}
+static_assert(resident::kPasses * resident::kBins <= kBins, "the row's histograms live in its kBins counters");
+
+// Read at every call, as SPARSE_RETRIEVAL_CQ_FUSED, so that tests can switch it.
+bool resident_enabled() {
+  const char* env = std::getenv("SPARSE_RETRIEVAL_TOPK_RESIDENT");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+template <class T>
+bool resident_plan(int64_t rows, int64_t n, int64_t k, resident::Plan* plan) {
+  if (!resident_enabled()) return false;
+  constexpr size_t smem = resident::kCapacity * sizeof(unsigned int);
+  if (cudaFuncSetAttribute(resident_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  int device = 0, sms = 1, per_sm = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resident_kernel<T>, resident::kThreads, smem);
+  return make_plan(rows, n, k, resident::kCapacity, int64_t{sms} * per_sm, resident::kMinPart, plan);
+}
+
+// A cooperative launch: it fails rather than start more blocks than can be resident.
+template <class T>
+cudaError_t launch_resident(const T* x, const resident::Plan& plan, bool largest, const Workspace& w,
+                            cudaStream_t stream) {
+  resident::ValueCodes<T> src{x, plan.n, largest};
+  resident::Plan p = plan;
+  unsigned int *hist = w.hist, *ties = w.ties, *counters = w.counters, *arrive = w.arrive;
+  unsigned long long* keys = w.keys;
+  void* args[] = {&src, &p, &hist, &ties, &counters, &arrive, &keys};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(resident_kernel<T>), dim3(static_cast<unsigned>(p.grid)),
+                                     dim3(resident::kThreads), args, resident::kCapacity * sizeof(unsigned int),
+                                     stream);
+}
+
 int grid_for(int64_t work, int threads) {
   return static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 65535 * 8));
 }
@@ -260,18 +346,24 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
 
   const KeySource<T> src{x, n, seg, w.cand, w.cap, (w.cap + bpr - 1) / bpr, bpr, largest};
 
-  init_kernel<<<grid_for(rows + 1, kThreads), kThreads, 0, stream>>>(w.state, w.counters, w.cand_count, w.offsets,
-                                                                     rows, k);
+  init_kernel<<<grid_for(rows + 1, kThreads), kThreads, 0, stream>>>(w.state, w.counters, w.cand_count, w.arrive,
+                                                                     w.offsets, rows, k);
   cudaMemsetAsync(w.hist, 0, rows * kBins * sizeof(unsigned int), stream);
-  for (int p = 0; p < kPasses; ++p) {
-    hist_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.hist, kShift[p], kWidth[p]);
-    choose_kernel<<<rows, kThreads, 0, stream>>>(w.state, w.hist, kShift[p], kWidth[p], p == 0, w.cap);
-    if (p == 0) {
-      filter_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.cand, w.cand_count, w.counters, w.keys,
-                                                        k);
+  resident::Plan one_read;
+  if (resident_plan<T>(rows, n, k, &one_read)) {
+    const cudaError_t err = launch_resident(x, one_read, largest, w, stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    for (int p = 0; p < kPasses; ++p) {
+      hist_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.hist, kShift[p], kWidth[p]);
+      choose_kernel<<<rows, kThreads, 0, stream>>>(w.state, w.hist, kShift[p], kWidth[p], p == 0, w.cap);
+      if (p == 0) {
+        filter_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.cand, w.cand_count, w.counters, w.keys,
+                                                          k);
+      }
     }
+    gather_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.counters, w.keys, k);
   }
-  gather_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.counters, w.keys, k);
   if (sorted) {
     size_t temp_bytes = w.sort_temp_bytes;
     const cudaError_t err = cub::DeviceSegmentedSort::SortKeysDescending(
@@ -284,6 +376,18 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
 }
 
 }  // namespace
+
+bool topk_one_read(TopkDtype dtype, int64_t rows, int64_t n, int64_t k) {
+  resident::Plan plan;
+  switch (dtype) {
+    case TopkDtype::Float16:
+      return resident_plan<__half>(rows, n, k, &plan);
+    case TopkDtype::BFloat16:
+      return resident_plan<__nv_bfloat16>(rows, n, k, &plan);
+    default:
+      return resident_plan<float>(rows, n, k, &plan);
+  }
+}
 
 size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted) {
   return layout(nullptr, rows, n, k, sorted).total;

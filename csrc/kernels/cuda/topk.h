@@ -22,6 +22,11 @@ size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted);
 // Radix select over the 64-bit keys (11/11/10 bits of value code, then of index only where ties need it), the
 // row read twice and the later passes on the first bucket's candidates, rows split over several blocks when rows
 // are few; then a segmented sort of the k keys per row. No host sync.
+// With SPARSE_RETRIEVAL_TOPK_RESIDENT=1 in the environment (opt-in until it has passed on a GPU), topk instead
+// loads each row once into the shared memory of the blocks that share it and runs 8-bit radix passes there
+// (topk_resident.h), wherever the rows fit the resident blocks; topk_one_read says whether it will.
+bool topk_one_read(TopkDtype dtype, int64_t rows, int64_t n, int64_t k);
+
 cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
                  void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -11,24 +11,13 @@
 
 #include "kernels/cuda/host_device.h"
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
-
 namespace sr::cuda {
 
 using Key = unsigned long long;
 
-SR_HD float to_float(float v) { return v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-#endif
-
-// Same codes as kernels/cpu/topk.cpp: NaN above +inf, -0 equal to +0, inverted for smallest-first. Never 0, so 0
-// is an empty slot below every key.
-SR_HD Key make_key(float v, unsigned int i, bool largest) {
+// Same codes as kernels/cpu/topk.cpp: NaN above +inf, -0 equal to +0, inverted for smallest-first. Never 0 in a
+// key, so 0 is an empty slot below every key.
+SR_HD unsigned int order_code(float v, bool largest) {
   unsigned int c = 0xFFFFFFFFu;
   if (v == v) {
     unsigned int b;
@@ -40,8 +29,11 @@ SR_HD Key make_key(float v, unsigned int i, bool largest) {
     if (b == 0x80000000u) b = 0;
     c = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
-  if (!largest) c = ~c;
-  return (static_cast<Key>(c) << 32) | (0xFFFFFFFFu - i);
+  return largest ? c : ~c;
+}
+
+SR_HD Key make_key(float v, unsigned int i, bool largest) {
+  return (static_cast<Key>(order_code(v, largest)) << 32) | (0xFFFFFFFFu - i);
 }
 
 SR_HD int64_t key_index(Key key) { return 0xFFFFFFFFu - static_cast<unsigned int>(key); }

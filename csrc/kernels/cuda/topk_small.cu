@@ -11,19 +11,6 @@ namespace {
 
 using namespace blockselect;
 
-struct DeviceBlock {
-  template <class F>
-  __device__ __forceinline__ void each(F&& f) {
-    f(static_cast<int>(threadIdx.x));
-    __syncthreads();
-  }
-  template <class F>
-  __device__ __forceinline__ bool each_or(F&& f) {
-    return __syncthreads_or(f(static_cast<int>(threadIdx.x)));
-  }
-  __device__ __forceinline__ unsigned int atomic_add(unsigned int* p, unsigned int v) { return atomicAdd(p, v); }
-};
-
 template <class Src, class Out>
 __global__ void __launch_bounds__(kThreads) select_kernel(Src src, Out out, Plan plan) {
   __shared__ Key smem[kSmemKeys];

@@ -1,18 +1,12 @@
-// float32 / float16 / bfloat16 values read as float32 on the GPU, and dispatch over (value, index) types.
+// Dispatch over the value types of the CUDA kernels (read as float32 by to_float, host_device.h).
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
 #include "kernels/cpu/sparse_dot.h"
+#include "kernels/cuda/host_device.h"  // to_float
 
 namespace sr::cuda {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Calls f(V{}) with the CUDA value type of `vtype`.
 template <class F>
