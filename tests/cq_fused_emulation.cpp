@@ -15,35 +15,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "emulation.h"
 #include "kernels/cuda/cq_fused.h"
 
 using namespace sr::cuda;
 
-struct HostBlock {
-  std::mt19937* rng;
-  int threads;
-  template <class F>
-  void each(F&& f) {
-    std::vector<int> order(threads);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), *rng);
-    for (int t : order) f(t);
-  }
-  void atomic_add(float* p, float v) { *p += v; }
+// The fused kernel's Block policy adds a block-wide max and each thread's registers.
+struct CqHostBlock : HostBlock {
   void block_max(uint32_t* p, uint32_t v) { *p = std::max(*p, v); }
   std::vector<cqfused::Regs> thread_regs = std::vector<cqfused::Regs>(threads);
   cqfused::Regs& regs(int t) { return thread_regs[t]; }
 };
-
-template <class T>
-std::vector<T> read(size_t n) {
-  std::vector<T> v(n);
-  if (n > 0 && std::fread(v.data(), sizeof(T), n, stdin) != n) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(2);
-  }
-  return v;
-}
 
 int main(int argc, char** argv) {
   if (argc != 18) {
@@ -62,15 +44,15 @@ int main(int argc, char** argv) {
   std::mt19937 rng(static_cast<unsigned>(arg(17)));
   const int64_t G = D / g;
 
-  auto q = read<float>(B * Hq * Tq * D);
-  auto kc = read<unsigned char>(B * Hkv * T * G * code_bytes);
-  auto vc = read<unsigned char>(B * Hkv * T * G * code_bytes);
-  auto kb = read<float>(Hkv * G * K * g);
-  auto vb = read<float>(Hkv * G * K * g);
-  auto kr = read<float>(B * Hkv * W * D);
-  auto vr = read<float>(B * Hkv * W * D);
-  auto lengths = read<int64_t>(B);
-  auto starts = read<int64_t>(has_starts ? B * Tq : 0);
+  auto q = read_input<float>(B * Hq * Tq * D);
+  auto kc = read_input<unsigned char>(B * Hkv * T * G * code_bytes);
+  auto vc = read_input<unsigned char>(B * Hkv * T * G * code_bytes);
+  auto kb = read_input<float>(Hkv * G * K * g);
+  auto vb = read_input<float>(Hkv * G * K * g);
+  auto kr = read_input<float>(B * Hkv * W * D);
+  auto vr = read_input<float>(B * Hkv * W * D);
+  auto lengths = read_input<int64_t>(B);
+  auto starts = read_input<int64_t>(has_starts ? B * Tq : 0);
   std::vector<float> out(B * Hq * Tq * D, -1.f);
 
   CqAttentionArgs a{};
@@ -106,7 +88,7 @@ int main(int argc, char** argv) {
   // NaN-filled, so that anything a block should write and does not shows up in the result.
   std::vector<float> part_ml(rows * p.splits * 2, NAN), part_o(rows * p.splits * D, NAN);
   std::vector<unsigned char> shared(p.shared_bytes);
-  HostBlock blk{&rng, threads};
+  CqHostBlock blk{{&rng, threads}};
   for (int64_t block = 0; block < B * Hkv * p.chunks * p.splits; ++block) {
     std::fill(shared.begin(), shared.end(), 0xFF);
     auto run = [&](auto code, auto vec, auto words) {

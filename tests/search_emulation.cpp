@@ -17,41 +17,11 @@
 #include <random>
 #include <vector>
 
+#include "emulation.h"
 #include "kernels/cuda/search_chunk.h"
 
 using namespace sr::cuda;
 using namespace sr::cuda::searchchunk;
-
-struct HostBlock {
-  std::mt19937* rng;
-  std::vector<int> order = std::vector<int>(kThreads);
-  template <class F>
-  void each(F&& f) {
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), *rng);
-    for (int t : order) f(t);
-  }
-  float atomic_add(float* p, float v) {
-    const float old = *p;
-    *p += v;
-    return old;
-  }
-  template <class T>
-  T load(const T* p) {
-    return *p;
-  }
-  unsigned int arrive(unsigned int* p) { return (*p)++; }
-};
-
-template <class T>
-std::vector<T> read(size_t n) {
-  std::vector<T> v(n);
-  if (n > 0 && std::fread(v.data(), sizeof(T), n, stdin) != n) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(3);
-  }
-  return v;
-}
 
 int main(int argc, char** argv) {
   if (argc != 6) {
@@ -66,15 +36,15 @@ int main(int argc, char** argv) {
   std::vector<std::vector<float>> weights;
   std::vector<int64_t> sizes;
   for (int64_t s = 0; s < nseg; ++s) {
-    const auto head = read<int64_t>(2);
+    const auto head = read_input<int64_t>(2);
     sizes.push_back(head[0]);
-    ptrs.push_back(read<int64_t>(head[1] + 1));
-    docs.push_back(read<int32_t>(ptrs.back().back()));
-    weights.push_back(read<float>(ptrs.back().back()));
+    ptrs.push_back(read_input<int64_t>(head[1] + 1));
+    docs.push_back(read_input<int32_t>(ptrs.back().back()));
+    weights.push_back(read_input<float>(ptrs.back().back()));
   }
-  const auto qptr = read<int64_t>(nq + 1);
-  const auto qterms = read<int64_t>(qptr.back());
-  const auto qweights = read<float>(qptr.back());
+  const auto qptr = read_input<int64_t>(nq + 1);
+  const auto qterms = read_input<int64_t>(qptr.back());
+  const auto qweights = read_input<float>(qptr.back());
 
   // As the glue: launches of at most kMaxSegments non-empty segments.
   std::vector<Segments> launches;
@@ -107,7 +77,7 @@ int main(int argc, char** argv) {
       out.scores = scores.data();
       out.ids = ids.data();
     }
-    HostBlock blk{&rng};
+    HostBlock blk{&rng, kThreads};
     auto sh = std::make_unique<Shared>();
     for (const Segments& l : launches) {
       std::vector<std::pair<int64_t, int64_t>> blocks;

@@ -15,27 +15,11 @@
 #include <random>
 #include <vector>
 
+#include "emulation.h"
 #include "kernels/cuda/topk_resident.h"
 
 using namespace sr::cuda;
 using namespace sr::cuda::resident;
-
-struct HostBlock {
-  std::mt19937* rng;
-  std::vector<int> order = std::vector<int>(kThreads);
-  template <class F>
-  void each(F&& f) {
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), *rng);
-    for (int t : order) f(t);
-  }
-  unsigned int atomic_add(unsigned int* p, unsigned int v) {
-    const unsigned int old = *p;
-    *p += v;
-    return old;
-  }
-  unsigned int load(const unsigned int* p) { return *p; }
-};
 
 using HostPart = Part<HostBlock, ValueCodes<float>>;
 
@@ -70,14 +54,13 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "%d %lld\n", plan.parts, static_cast<long long>(plan.grid));
   if (plan.grid % plan.parts != 0 || plan.grid > resident || plan.seg > capacity) return 7;
-  std::vector<float> x(rows * n);
-  if (std::fread(x.data(), sizeof(float), x.size(), stdin) != x.size()) return 3;
+  const std::vector<float> x = read_input<float>(rows * n);
   const ValueCodes<float> src{x.data(), n, largest};
 
   constexpr unsigned int kGarbage = 0x5A5A5A5Au;
   std::vector<unsigned int> hist(kPasses * kBins), ties(kMaxParts, kGarbage), count(1);
   std::vector<Key> keys(k);
-  std::vector<HostBlock> blocks(plan.parts, HostBlock{&rng});
+  std::vector<HostBlock> blocks(plan.parts, HostBlock{&rng, kThreads});
   std::vector<Shared> shared(plan.parts);
   std::vector<std::vector<unsigned int>> codes(plan.parts, std::vector<unsigned int>(capacity, kGarbage));
   std::vector<int64_t> indices(rows * k);

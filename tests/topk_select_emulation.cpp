@@ -13,34 +13,11 @@
 #include <random>
 #include <vector>
 
+#include "emulation.h"
 #include "kernels/cuda/topk_select.h"
 
 using namespace sr::cuda;
 using namespace sr::cuda::blockselect;
-
-struct HostBlock {
-  std::mt19937* rng;
-  std::vector<int> order = std::vector<int>(kThreads);
-  template <class F>
-  void each(F&& f) {
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), *rng);
-    for (int t : order) f(t);
-  }
-  template <class F>
-  bool each_or(F&& f) {
-    bool any = false;
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), *rng);
-    for (int t : order) any = f(t) || any;  // every thread runs its phase
-    return any;
-  }
-  unsigned int atomic_add(unsigned int* p, unsigned int v) {
-    const unsigned int old = *p;
-    *p += v;
-    return old;
-  }
-};
 
 template <class Src, class Out>
 void launch(HostBlock& blk, const Src& src, const Out& out, const Plan& plan) {
@@ -61,12 +38,11 @@ int main(int argc, char** argv) {
   const int64_t blocks_wanted = std::atoll(argv[5]), min_part = std::atoll(argv[6]);
   std::mt19937 rng(static_cast<unsigned>(std::atoll(argv[7])));
   if (k < 1 || k > kMaxK || k > n) return 2;
-  std::vector<float> x(rows * n);
-  if (std::fread(x.data(), sizeof(float), x.size(), stdin) != x.size()) return 3;
+  const std::vector<float> x = read_input<float>(rows * n);
   std::vector<float> values(rows * k);
   std::vector<int64_t> indices(rows * k, -1);
 
-  HostBlock blk{&rng};
+  HostBlock blk{&rng, kThreads};
   const Plan plan = make_plan(rows, n, k, blocks_wanted, min_part);
   std::fprintf(stderr, "%d %d\n", plan.groups, plan.parts);
   const ResultOut<float> result{x.data(), n, k, values.data(), indices.data()};
