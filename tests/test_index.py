@@ -613,6 +613,15 @@ def test_search_emulation(search_emulation):
                     scores, ids, merged = emulate_search(search_emulation, qs, segments, k, one_launch, seed=k + i)
                     assert merged == (one_launch and len(cut) - cut.count(0) <= 32 and k <= 2048)
                     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores), (cut, k, one_launch)
+    # Only the first chunk scores above 0: once the merge holds k, later windows add nothing (no sort).
+    rows = [(torch.tensor([i % 7, 7]), torch.tensor([1.0, 5.0])) if i < 50 else (torch.tensor([i % 7]), torch.ones(1))
+            for i in range(9_000)]
+    docs = SparseBatch.from_lists(rows, 8)
+    query = SparseBatch.from_lists([(torch.tensor([7]), torch.ones(1))], 8)
+    want_scores, want_ids = reference.sparse_search(query, docs, 300)
+    scores, ids, merged = emulate_search(search_emulation, query, [docs[i:i + 300] for i in range(0, 9_000, 300)],
+                                         300, True)
+    assert merged and torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
 
 
 def test_concurrent_saves_leave_a_whole_index_and_stale_temporaries_go(tmp_path):

@@ -18,16 +18,18 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& x, int64_t k, int
   const auto dtype = sr::ops::topk_dtype(p.src.scalar_type());
   // Small k: one read of the row by a block-level selection; large k: the radix select (or the opt-in one-read
   // radix select wherever it fits).
-  const bool small = p.k <= sr::cuda::kSmallTopk && !sr::cuda::topk_one_read(dtype, p.rows, p.n, p.k);
+  const bool one_read = sr::cuda::topk_one_read(dtype, p.rows, p.n, p.k);
+  const bool small = p.k <= sr::cuda::kSmallTopk && !one_read;
   const size_t bytes = small ? sr::cuda::topk_small_workspace_bytes(p.rows, p.n, p.k)
-                             : sr::cuda::topk_workspace_bytes(p.rows, p.n, p.k, sorted);
+                             : sr::cuda::topk_workspace_bytes(p.rows, p.n, p.k, sorted, one_read);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err =
       small ? sr::cuda::topk_small(p.src.data_ptr(), dtype, p.rows, p.n, p.k, largest, p.values.data_ptr(),
                                    p.indices.data_ptr<int64_t>(), workspace.data_ptr(), bytes, stream)
-            : sr::cuda::topk(p.src.data_ptr(), dtype, p.rows, p.n, p.k, largest, sorted, p.values.data_ptr(),
-                             p.indices.data_ptr<int64_t>(), workspace.data_ptr(), bytes, stream);
+            : sr::cuda::topk(p.src.data_ptr(), dtype, p.rows, p.n, p.k, largest, sorted, one_read,
+                             p.values.data_ptr(), p.indices.data_ptr<int64_t>(), workspace.data_ptr(), bytes,
+                             stream);
   TORCH_CHECK(err == cudaSuccess, "topk: CUDA kernel failed: ", cudaGetErrorString(err));
   return sr::ops::topk_result(p);
 }

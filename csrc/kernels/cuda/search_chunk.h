@@ -50,7 +50,7 @@ struct Shared {
   float score[kChunk];
   int pos[kChunk];
   int64_t range_lo[kThreads], range_hi[kThreads];
-  unsigned int last;
+  unsigned int last, fill;
 };
 
 SR_HD float neg_inf() {
@@ -119,27 +119,46 @@ struct Output {
   int64_t k;
 };
 
-// The query's last block: its top k of all its candidates (stride * kk of them, in chunk order, each chunk's best
-// first), merged tile by tile into the best k so far; ties keep document order. (-inf, -1) past the candidates.
+// The query's last block: its top k of all its candidates (m of them, in chunk order, each chunk's best first),
+// merged window by window into the best k so far: once k are held, only candidates above the k-th enter (an equal
+// score comes later in document order, so it loses the tie), and a window with none costs no sort. Ties keep
+// document order. (-inf, -1) past the candidates.
 template <class Block>
 SR_HD void merge(Block& blk, Shared& sh, const float* cand_s, const int64_t* cand_i, int64_t m, const Output& o,
                  float* out_s, int64_t* out_i) {
   const int64_t keep = o.k < m ? o.k : m;
   int64_t have = 0;
+  blk.each([&](int t) {
+    if (t == 0) sh.fill = 0;
+  });
   for (int64_t next = 0; next < m;) {
     const int64_t take = kChunk - have < m - next ? kChunk - have : m - next;
-    int P = 1;
-    while (P < have + take) P *= 2;
     blk.each([&](int t) {
-      for (int64_t i = have + t; i < P; i += kThreads) {
-        const bool real = i < have + take;
-        sh.score[i] = real ? blk.load(&cand_s[next + i - have]) : neg_inf();
-        sh.pos[i] = real ? static_cast<int>(next + i - have) : INT_MAX;
+      const float kth = have == keep ? sh.score[keep - 1] : neg_inf();
+      for (int64_t i = t; i < take; i += kThreads) {
+        const float s = blk.load(&cand_s[next + i]);
+        if (have < keep || s > kth) {
+          const int64_t slot = have + blk.atomic_add(&sh.fill, 1u);
+          sh.score[slot] = s;
+          sh.pos[slot] = static_cast<int>(next + i);
+        }
       }
     });
-    sort_best_first(blk, sh, P);
     next += take;
-    have = keep < have + take ? keep : have + take;
+    int64_t fresh = 0;
+    blk.each([&](int) { fresh = sh.fill; });  // a barrier before thread 0 resets it
+    if (fresh == 0) continue;
+    int P = 1;
+    while (P < have + fresh) P *= 2;
+    blk.each([&](int t) {
+      for (int64_t i = have + fresh + t; i < P; i += kThreads) {
+        sh.score[i] = neg_inf();
+        sh.pos[i] = INT_MAX;
+      }
+      if (t == 0) sh.fill = 0;
+    });
+    sort_best_first(blk, sh, P);
+    have = keep < have + fresh ? keep : have + fresh;
   }
   blk.each([&](int t) {
     for (int64_t j = t; j < o.k; j += kThreads) {

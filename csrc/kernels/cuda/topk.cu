@@ -17,6 +17,7 @@
 #include "kernels/cuda/topk_select.h"  // make_key, to_float, DeviceBlock
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <cub/block/block_scan.cuh>
@@ -51,6 +52,7 @@ struct Workspace {
   unsigned int* ties;      // rows x resident::kMaxParts: its tie counts per part
   unsigned long long* cand;  // rows x cap candidate keys
   int64_t cap;
+  bool one_read;
   unsigned long long* keys;
   unsigned long long* sorted_keys;
   void* sort_temp;
@@ -62,7 +64,8 @@ struct Workspace {
 // that is most of the row anyway.
 int64_t candidate_cap(int64_t n, int64_t k) { return 16 * k >= n ? 0 : std::max(16 * k, n / 16); }
 
-Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted) {
+// one_read: no candidate buffer (the one-read select does not use one, nor its fallback below).
+Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted, bool one_read) {
   Workspace w{};
   size_t off = 0;
   const auto take = [&](size_t bytes) {
@@ -77,7 +80,8 @@ Workspace layout(void* base, int64_t rows, int64_t n, int64_t k, bool sorted) {
   w.offsets = static_cast<int64_t*>(take((rows + 1) * sizeof(int64_t)));
   w.arrive = static_cast<unsigned int*>(take(rows * sizeof(unsigned int)));
   w.ties = static_cast<unsigned int*>(take(rows * resident::kMaxParts * sizeof(unsigned int)));
-  w.cap = candidate_cap(n, k);
+  w.one_read = one_read;
+  w.cap = one_read ? 0 : candidate_cap(n, k);
   w.cand = static_cast<unsigned long long*>(take(rows * w.cap * sizeof(unsigned long long)));
   w.keys = static_cast<unsigned long long*>(take(rows * k * sizeof(unsigned long long)));
   w.sorted_keys = w.keys;
@@ -298,19 +302,36 @@ bool resident_enabled() {
   return env != nullptr && std::strcmp(env, "1") == 0;
 }
 
+// Blocks of resident_kernel<T> the device holds at once (a cooperative launch may not start more), 0 where it
+// cannot run; asked once per device.
+template <class T>
+int64_t resident_blocks() {
+  static std::atomic<int64_t> known[64];  // blocks + 1, 0 until asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  if (const int64_t b = known[device].load()) return b - 1;
+  constexpr size_t smem = resident::kCapacity * sizeof(unsigned int);
+  int cooperative = 0, sms = 0, per_sm = 0;
+  const bool ok =
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && cooperative &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+      cudaFuncSetAttribute(resident_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+      cudaFuncSetAttribute(resident_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) == cudaSuccess &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resident_kernel<T>, resident::kThreads, smem) ==
+          cudaSuccess;
+  if (!ok) cudaGetLastError();  // clear the failed call's error
+  const int64_t blocks = ok ? int64_t{sms} * per_sm : 0;
+  known[device].store(blocks + 1);
+  return blocks;
+}
+
+// Rows of up to blockselect::kMinPart elements stay with the block selection for k <= kSmallTopk: it already reads
+// them once, several rows per block.
 template <class T>
 bool resident_plan(int64_t rows, int64_t n, int64_t k, resident::Plan* plan) {
-  if (!resident_enabled()) return false;
-  constexpr size_t smem = resident::kCapacity * sizeof(unsigned int);
-  if (cudaFuncSetAttribute(resident_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  int device = 0, sms = 1, per_sm = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resident_kernel<T>, resident::kThreads, smem);
-  return make_plan(rows, n, k, resident::kCapacity, int64_t{sms} * per_sm, resident::kMinPart, plan);
+  if (k <= kSmallTopk && n <= blockselect::kMinPart) return false;
+  return make_plan(rows, n, k, resident::kCapacity, resident_blocks<T>(), resident::kMinPart, plan);
 }
 
 // A cooperative launch: it fails rather than start more blocks than can be resident.
@@ -349,11 +370,12 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
   init_kernel<<<grid_for(rows + 1, kThreads), kThreads, 0, stream>>>(w.state, w.counters, w.cand_count, w.arrive,
                                                                      w.offsets, rows, k);
   cudaMemsetAsync(w.hist, 0, rows * kBins * sizeof(unsigned int), stream);
-  resident::Plan one_read;
-  if (resident_plan<T>(rows, n, k, &one_read)) {
-    const cudaError_t err = launch_resident(x, one_read, largest, w, stream);
-    if (err != cudaSuccess) return err;
-  } else {
+  // The one-read select where asked for; should its cooperative launch fail after all (e.g. a smaller shared
+  // memory carveout than the occupancy assumed), the multi-pass select, reading the row in every pass.
+  resident::Plan plan;
+  const bool one_read = w.one_read && resident_plan<T>(rows, n, k, &plan) &&
+                        (launch_resident(x, plan, largest, w, stream) == cudaSuccess || (cudaGetLastError(), false));
+  if (!one_read) {
     for (int p = 0; p < kPasses; ++p) {
       hist_kernel<T><<<blocks, kThreads, 0, stream>>>(src, w.state, w.hist, kShift[p], kWidth[p]);
       choose_kernel<<<rows, kThreads, 0, stream>>>(w.state, w.hist, kShift[p], kWidth[p], p == 0, w.cap);
@@ -377,38 +399,39 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
 
 }  // namespace
 
-bool topk_one_read(TopkDtype dtype, int64_t rows, int64_t n, int64_t k) {
-  resident::Plan plan;
+// Calls f(T{}) with the CUDA type of `dtype`.
+template <class F>
+auto visit_dtype(TopkDtype dtype, F&& f) {
   switch (dtype) {
     case TopkDtype::Float16:
-      return resident_plan<__half>(rows, n, k, &plan);
+      return f(__half{});
     case TopkDtype::BFloat16:
-      return resident_plan<__nv_bfloat16>(rows, n, k, &plan);
+      return f(__nv_bfloat16{});
     default:
-      return resident_plan<float>(rows, n, k, &plan);
+      return f(float{});
   }
 }
 
-size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted) {
-  return layout(nullptr, rows, n, k, sorted).total;
+bool topk_one_read(TopkDtype dtype, int64_t rows, int64_t n, int64_t k) {
+  if (!resident_enabled()) return false;
+  resident::Plan plan;
+  return visit_dtype(dtype, [&](auto v) { return resident_plan<decltype(v)>(rows, n, k, &plan); });
+}
+
+size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted, bool one_read) {
+  return layout(nullptr, rows, n, k, sorted, one_read).total;
 }
 
 cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
-                 void* values, int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                 bool one_read, void* values, int64_t* indices, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
   if (rows <= 0 || k <= 0) return cudaSuccess;
-  const Workspace w = layout(workspace, rows, n, k, sorted);
+  const Workspace w = layout(workspace, rows, n, k, sorted, one_read);
   if (w.total > workspace_bytes) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case TopkDtype::Float16:
-      return run(static_cast<const __half*>(x), rows, n, k, largest, sorted, static_cast<__half*>(values), indices,
-                 w, stream);
-    case TopkDtype::BFloat16:
-      return run(static_cast<const __nv_bfloat16*>(x), rows, n, k, largest, sorted,
-                 static_cast<__nv_bfloat16*>(values), indices, w, stream);
-    default:
-      return run(static_cast<const float*>(x), rows, n, k, largest, sorted, static_cast<float*>(values), indices, w,
-                 stream);
-  }
+  return visit_dtype(dtype, [&](auto v) {
+    using T = decltype(v);
+    return run(static_cast<const T*>(x), rows, n, k, largest, sorted, static_cast<T*>(values), indices, w, stream);
+  });
 }
 
 }  // namespace sr::cuda
