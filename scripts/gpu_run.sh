@@ -31,9 +31,11 @@ grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
 (cd tests && timeout 120 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x ${GPU_SANITIZE:--k cuda} \
    > "$out/sanitizer.log" 2>&1)
 echo "compute-sanitizer memcheck: $(grep -E "ERROR SUMMARY" "$out/sanitizer.log" | tail -1); $(tail -1 "$out/sanitizer.log")"
-# Shared-memory races of the block-phase kernels (the fused CQ attention's merge had one, found this way).
+# Shared-memory races of the block-phase kernels (the fused CQ attention's merge had one, found this way): the
+# opt-in kernels' tests on small inputs.
 (cd tests && timeout 120 compute-sanitizer --tool racecheck --print-limit 10 python3 -m pytest -q -x \
-   ${GPU_RACECHECK:-test_cq.py -k "cuda-fused and (matches_reference or starts)"} > "$out/racecheck.log" 2>&1)
+   ${GPU_RACECHECK:-test_cq.py test_topk.py test_index.py -k "(cuda-fused and (matches_reference or starts)) or (cuda_one_read_small and randn-dtype0) or cuda_search_one_launch"} \
+   > "$out/racecheck.log" 2>&1)
 echo "compute-sanitizer racecheck: $(grep -E "RACECHECK SUMMARY" "$out/racecheck.log" | tail -1); $(tail -1 "$out/racecheck.log")"
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=($(cd bench && ls bench_*.py | sed 's/\.py$//'))
