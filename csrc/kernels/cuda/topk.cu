@@ -11,6 +11,9 @@
 // later passes and the final gather read instead of the row. Rows whose bucket overflows the buffer (few
 // distinct leading bits, e.g. many ties) skip the filter and read the row in every pass. The gather then takes
 // every remaining key whose masked bits are >= the prefix: exactly k per row in all.
+//
+// Opt-in (SPARSE_RETRIEVAL_TOPK_RESIDENT=1), the one-read select of topk_resident.h takes the place of these
+// passes wherever the rows fit the shared memory of the resident blocks (resident_kernel below).
 #include "kernels/cuda/topk.h"
 
 #include "kernels/cuda/topk_resident.h"
