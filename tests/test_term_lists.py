@@ -261,6 +261,13 @@ def test_old_files_load(tmp_path, monkeypatch, list_len, group, energy):
         m.setattr(index_module, "_extras", old_extras)
         index.save(tmp_path / "old")
     loaded = sr.SparseIndex.load(tmp_path / "old")
+    # Converted a run of terms at a time: runs of a few dozen entries give the same arrays.
+    import sparse_retrieval.term_lists as term_lists_module
+    with monkeypatch.context() as m:
+        m.setattr(term_lists_module, "_CONVERT_ENTRIES", 37)
+        piecewise = sr.SparseIndex.load(tmp_path / "old").block_max.lists
+    for a, b in zip(piecewise.tensors(), loaded.block_max.lists.tensors()):
+        assert torch.equal(a, b)
     assert loaded.block_max.lists.one_terms.numel() == 0
     assert (fillers(loaded.block_max.lists) > 0) == (group == 1) and (fillers(lists) > 0) == (group == 1)
     assert loaded.block_max.lists.dir_terms.numel() == lists.dir_terms.numel() + lists.one_terms.numel()

@@ -151,16 +151,45 @@ def from_saved(meta: torch.Tensor, arrays: dict[str, torch.Tensor], where: str) 
     return TermLists(list_len, group, energy / 1e6, doc_cut, **arrays)
 
 
+# Entries converted at once from a file before version 6: the int64 temporaries (about 100 bytes an entry) stay
+# near 400 MB whatever the file's size (an 8.8M-document index has over a billion entries).
+_CONVERT_ENTRIES = 1 << 22
+
+
 def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
     """(ent_ptr, dir_at, ent_steps, ent_values) of entries given as 16-bit group numbers (files before version 6):
     each entry's step from the previous one of its run (from 0 at the run's start), fillers where a step exceeds
-    255. Other damage (offsets out of order or range) is left to `validate_term_lists`."""
+    255; converted a run of terms at a time. Other damage (directory offsets out of range) is left to
+    `validate_term_lists`."""
     n = ent_groups.numel()
     if any(t.dim() != 1 for t in (dir_ptr, dir_at, ent_ptr, ent_groups, ent_values)) or dir_ptr.dtype != torch.int64 \
             or ent_ptr.dtype != torch.int64 or dir_at.dtype != torch.int32 or ent_groups.dtype != torch.int16 or \
             ent_values.numel() != n or dir_ptr.numel() != ent_ptr.numel() or dir_ptr.numel() == 0 or \
-            int(dir_ptr[-1]) != dir_at.numel() or bool((dir_ptr[1:] < dir_ptr[:-1]).any()):
+            int(dir_ptr[-1]) != dir_at.numel() or bool((dir_ptr[1:] < dir_ptr[:-1]).any()) or \
+            int(ent_ptr[0]) != 0 or int(ent_ptr[-1]) != n or bool((ent_ptr[1:] < ent_ptr[:-1]).any()) or \
+            int(dir_ptr[0]) != 0:
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
+    dim = dir_ptr.numel() - 1
+    ptrs, ats, steps, values = [ent_ptr.new_zeros(1)], [], [], []
+    t0 = 0
+    while t0 < dim:
+        t1 = int(torch.searchsorted(ent_ptr, ent_ptr[t0] + _CONVERT_ENTRIES))
+        t1 = min(max(t1, t0 + 1), dim)
+        e0, e1, d0, d1 = int(ent_ptr[t0]), int(ent_ptr[t1]), int(dir_ptr[t0]), int(dir_ptr[t1])
+        ptr, at, st, va = _stepped_run(dir_ptr[t0:t1 + 1] - d0, dir_at[d0:d1], ent_ptr[t0:t1 + 1] - e0,
+                                       ent_groups[e0:e1], ent_values[e0:e1])
+        ptrs.append(ptr[1:] + ptrs[-1][-1])
+        ats.append(at)
+        steps.append(st)
+        values.append(va)
+        t0 = t1
+    cat = lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)  # noqa: E731
+    return torch.cat(ptrs), cat(ats, torch.int32), cat(steps, torch.uint8), cat(values, torch.uint8)
+
+
+def _stepped_run(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values):
+    """_stepped on a run of terms (offsets from 0)."""
+    n = ent_groups.numel()
     if n == 0:
         return ent_ptr, dir_at, torch.zeros(0, dtype=torch.uint8), ent_values
     groups = as_long(ent_groups)
@@ -176,7 +205,7 @@ def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
     values = torch.zeros(int(end[-1]), dtype=torch.uint8)
     steps[end - 1] = (step - 255 * fill).to(torch.uint8)
     values[end - 1] = ent_values
-    new_ptr = torch.cat([first, end[-1:]])[ent_ptr.clamp(0, n)]
+    new_ptr = torch.cat([first, end[-1:]])[ent_ptr]
     new_at = (first[starts] - new_ptr[owner]).to(torch.int32)
     return new_ptr, new_at, steps, values
 
