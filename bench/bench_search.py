@@ -4,6 +4,7 @@ Seismic, BMP, sparse_dot_topn and scipy, same inputs, same process; plus exact-s
     python bench/bench_search.py                      # real splade-tiny collection (~203k passages), all methods
     python bench/bench_search.py --scale 8841823      # the same grown to MS MARCO size (derive_documents)
     python bench/bench_search.py --synthetic          # exact search: 1M synthetic docs + BM25 man pages
+    python bench/bench_search.py --gpu-scale 8841823  # GPU search only, synthetic documents drawn on the GPU
 
 Data: ``sparse_retrieval.datasets.splade_collection`` (WordNet glosses + man-page passages encoded with splade-tiny,
 4,000 held-out known-item queries; the first build encodes for about an hour and is cached under .cache/), or
@@ -355,6 +356,26 @@ def run_cuda(index, docs, queries, k, repeats, facts) -> list[dict]:
     return rows
 
 
+def run_gpu_scale(args) -> dict:
+    """Exact search on the GPU against cuSPARSE at a size the CPU methods cannot afford in a device session:
+    documents drawn on the GPU (seconds, where the CPU takes minutes), the index built on the CPU's threads."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-scale needs a GPU")
+    facts = {"docs": args.gpu_scale, "queries": args.queries, "device": torch.cuda.get_device_name()}
+    t0 = time.perf_counter()
+    docs, queries = sr.datasets.synthetic_splade(args.gpu_scale, args.queries, device="cuda")
+    facts["draw_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    facts["build_s"] = time.perf_counter() - t0
+    _log(f"{args.gpu_scale} documents drawn in {facts['draw_s']:.1f} s, indexed in {facts['build_s']:.1f} s")
+    rows = run_cuda(index, docs, queries, args.k, args.repeats, facts)
+    print(table(rows, ["method", "queries", "qps", "ms_per_query", "vs_cusparse"]))
+    print("  ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items()),
+          flush=True)
+    return {"rows": rows, "facts": facts}
+
+
 def mrr(ids: np.ndarray, relevant: list[list[int]], k: int = 10) -> float:
     return sr.metrics.mrr_at_k(torch.as_tensor(ids), [{d: 1 for d in rel} for rel in relevant], k)
 
@@ -618,6 +639,8 @@ def main() -> None:
     ap.add_argument("--seismic-synthetic", action="store_true",
                     help="also build Seismic on the synthetic set (about 10 minutes on 2 busy cores)")
     ap.add_argument("--no-manpages", action="store_true")
+    ap.add_argument("--gpu-scale", type=int, help="only the GPU methods, on this many synthetic documents drawn on "
+                    "the GPU (MS MARCO size: 8841823) and --queries queries")
     ap.add_argument("--lean", action="store_true", help="exhaustive index (exact results), then only the "
                     "approximate-only index (built with the first term-list setting, the others rebuilt on its "
                     "forward index; documents not reordered) and the peers: what fits in 24 GiB at MS MARCO size")
@@ -625,6 +648,10 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     print(f"threads 1 and {all_threads}; SIMD {sr.get_simd_level()}; load average {os.getloadavg()}", flush=True)
     payload = {"args": vars(args), "load_average_start": os.getloadavg()}
+    if args.gpu_scale:
+        payload["gpu_scale"] = run_gpu_scale(args)
+        print(f"wrote {write_results('search_gpu_scale', payload)}")
+        return
     if not args.synthetic:
         coll = sr.datasets.splade_collection(CACHE.parent / "splade_collection", n_queries=args.queries)
         payload["collection"] = coll.info

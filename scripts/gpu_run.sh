@@ -8,7 +8,8 @@
 # tests (default: -k cuda); the benches default to every bench/bench_*.py. Next check, of the three opt-in kernels
 # that have never run on a GPU (fused CQ attention, one-read top-k, one-launch search; about 6 minutes):
 #   GPU_TESTS="test_cq.py test_topk.py test_index.py" GPU_SANITIZE="test_cq.py test_topk.py test_index.py -k cuda" \
-#     bash scripts/gpu_run.sh OUT bench_cq bench_topk bench_search
+#     GPU_SCALE=8841823 bash scripts/gpu_run.sh OUT bench_cq bench_topk bench_search
+# (GPU_SCALE: also batched search over that many synthetic documents, GPU methods only.)
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUTDIR [bench ...]}
 shift
@@ -45,5 +46,11 @@ declare -A bench_args=([bench_topk]="--quick" [bench_cq]="--cuda"
 for b in "${benches[@]}"; do
   (cd bench && timeout 300 python3 "$b.py" ${bench_args[$b]:-} > "$out/$b.log" 2>&1) || echo "$b failed or timed out"
 done
+# Batched search at MS MARCO size (GPU methods only; documents drawn on the GPU) when GPU_SCALE is set.
+if [ -n "${GPU_SCALE:-}" ]; then
+  (cd bench && timeout 300 python3 bench_search.py --gpu-scale "$GPU_SCALE" --queries 1024 > "$out/bench_search_scale.log" 2>&1) \
+    || echo "bench_search --gpu-scale failed or timed out"
+  benches+=(bench_search_scale)
+fi
 cp -r bench/results "$out/results" 2>/dev/null
 for b in "${benches[@]}"; do echo "== $b"; tail -25 "$out/$b.log"; done
