@@ -1,5 +1,5 @@
 // Host emulation of the CUDA search (csrc/kernels/cuda/search_chunk.h, launched by csrc/ops/search_cuda.cpp), built
-// by tests/test_index.py with the system C++ compiler: the glue's launches of at most kMaxSegments segments, every
+// by tests/test_index.py with the system C++ compiler: the glue's launches (plan_launches), every
 // (chunk, query) block of a launch in a fresh random order, each block phase for every thread id in a random order
 // (so no result may depend on the order of the atomics), shared memory filled with garbage. ONE_LAUNCH=1 merges
 // in the query's last block wherever the glue would (one launch, k <= kMaxMergeK); otherwise the candidates are
@@ -46,22 +46,10 @@ int main(int argc, char** argv) {
   const auto qterms = read_input<int64_t>(qptr.back());
   const auto qweights = read_input<float>(qptr.back());
 
-  // As the glue: launches of at most kMaxSegments non-empty segments.
-  std::vector<Segments> launches;
-  int64_t base = 0, nchunks = 0;
-  for (int64_t s = 0; s < nseg; ++s) {
-    if (sizes[s] > 0) {
-      if (launches.empty() || launches.back().n == kMaxSegments) {
-        launches.push_back(Segments{});
-        launches.back().offset = nchunks;
-      }
-      const int64_t before = launches.back().chunks;
-      add_segment(&launches.back(), ptrs[s].data(), docs[s].data(), weights[s].data(), sizes[s], base);
-      nchunks += launches.back().chunks - before;
-    }
-    base += sizes[s];
-  }
-  for (Segments& l : launches) l.stride = nchunks;
+  std::vector<SegmentData> segs;
+  for (int64_t s = 0; s < nseg; ++s) segs.push_back({ptrs[s].data(), docs[s].data(), weights[s].data(), sizes[s]});
+  const std::vector<Segments> launches = plan_launches(segs);
+  const int64_t nchunks = launches.empty() ? 0 : launches[0].stride;
   std::vector<float> scores(nq * k, neg_inf());
   std::vector<int64_t> ids(nq * k, -1);
   const bool one_launch = one_launch_wanted && launches.size() == 1 && k <= kMaxMergeK;

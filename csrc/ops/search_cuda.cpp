@@ -9,8 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -24,11 +22,6 @@ namespace {
 // Candidate entries held at once (scores + ids); query batches are sized to stay below it.
 constexpr int64_t kMaxCandidates = int64_t(1) << 25;
 
-bool one_launch_enabled() {
-  const char* env = std::getenv("SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
 std::tuple<at::Tensor, at::Tensor> sparse_search_cuda(const at::Tensor& q_indptr, const at::Tensor& q_indices,
                                                       const at::Tensor& q_values, at::TensorList ptrs,
                                                       at::TensorList docs, at::TensorList weights,
@@ -40,23 +33,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cuda(const at::Tensor& q_indptr
   const c10::cuda::CUDAGuard guard(q_values.device());
   const int64_t nq = q_indptr.numel() - 1;
   // Launches of at most kMaxSegments segments, their tables passed by value.
-  std::vector<Segments> launches;
-  int64_t base = 0, nchunks = 0;
+  std::vector<SegmentData> segs;
   for (size_t s = 0; s < ptrs.size(); ++s) {
-    if (sizes[s] > 0) {
-      if (launches.empty() || launches.back().n == kMaxSegments) {
-        launches.push_back(Segments{});
-        launches.back().offset = nchunks;
-      }
-      Segments& l = launches.back();
-      const int64_t before = l.chunks;
-      add_segment(&l, ptrs[s].data_ptr<int64_t>(), docs[s].data_ptr<int32_t>(), weights[s].data_ptr(), sizes[s],
-                  base);
-      nchunks += l.chunks - before;
-    }
-    base += sizes[s];
+    segs.push_back({ptrs[s].data_ptr<int64_t>(), docs[s].data_ptr<int32_t>(), weights[s].data_ptr(), sizes[s]});
   }
-  for (Segments& l : launches) l.stride = nchunks;
+  const std::vector<Segments> launches = plan_launches(segs);
+  const int64_t nchunks = launches.empty() ? 0 : launches[0].stride;
   const auto score_options = q_values.options().dtype(at::kFloat);
   if (nq == 0 || k == 0 || nchunks == 0) {
     return {at::full({nq, k}, -std::numeric_limits<float>::infinity(), score_options), at::full({nq, k}, -1,
@@ -67,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cuda(const at::Tensor& q_indptr
   auto qw = q_values.to(at::kFloat).contiguous();
   const auto wtype = value_type(weights[0], "weights");
   const int64_t kk = std::min(k, kChunk);
-  const bool one_launch = launches.size() == 1 && k <= kMaxMergeK && one_launch_enabled();
+  const bool one_launch =
+      launches.size() == 1 && k <= kMaxMergeK && sr::cuda::opted_in("SPARSE_RETRIEVAL_SEARCH_ONE_LAUNCH");
   auto out_scores = one_launch ? at::empty({nq, k}, score_options)
                                : at::full({nq, k}, -std::numeric_limits<float>::infinity(), score_options);
   auto out_ids = one_launch ? at::empty({nq, k}, q_indptr.options()) : at::full({nq, k}, -1, q_indptr.options());

@@ -2,8 +2,6 @@
 
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <utility>
 
@@ -321,8 +319,7 @@ void cq_decode(const void* codes, int code_bytes, int64_t rows, int64_t groups, 
 CqAttentionLaunch cq_attention_plan(const CqAttentionArgs& a) {
   CqAttentionLaunch launch{};
   const int64_t rows = a.B * a.Hq * a.Tq;
-  const char* env = std::getenv("SPARSE_RETRIEVAL_CQ_FUSED");
-  if (env != nullptr && std::strcmp(env, "1") == 0) {
+  if (opted_in("SPARSE_RETRIEVAL_CQ_FUSED")) {
     const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     // A block takes most of an SM's shared memory: splits for one wave of blocks.
     launch.fused = cqfused::make_plan(a, kFusedThreads, static_cast<size_t>(shared_limit),

@@ -1,8 +1,11 @@
 // SR_HD marks the per-thread code of a CUDA kernel that a host emulation test also compiles (with any C++17
 // compiler, no CUDA): __host__ __device__ under nvcc, plain inline elsewhere. to_float reads float32 values
 // everywhere and float16 / bfloat16 ones on the device. DeviceBlock is the Block policy of such code on the GPU;
-// each emulation test has its host twin.
+// each emulation test has its host twin. opted_in reads the switch of a kernel that is opt-in.
 #pragma once
+
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SR_HD __host__ __device__ __forceinline__
@@ -13,6 +16,12 @@
 #endif
 
 namespace sr::cuda {
+
+// An opt-in kernel's switch: the environment variable `name` is "1". Read at every call, so that tests can flip it.
+inline bool opted_in(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
 
 SR_HD float to_float(float v) { return v; }
 #if defined(__CUDACC__)

@@ -8,6 +8,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels/cuda/host_device.h"
 
@@ -37,13 +38,35 @@ struct Segments {
   int64_t chunks, offset, stride;
 };
 
-// Adds a segment of `size` documents after the launch's others; false when the launch is full.
-inline bool add_segment(Segments* s, const int64_t* ptr, const int32_t* docs, const void* weights, int64_t size,
-                        int64_t base) {
-  if (s->n == kMaxSegments) return false;
-  s->seg[s->n++] = Segment{ptr, docs, weights, size, base, s->chunks};
-  s->chunks += (size + kChunk - 1) / kChunk;
-  return true;
+// A segment of the index: its postings and its number of documents.
+struct SegmentData {
+  const int64_t* ptr;
+  const int32_t* docs;
+  const void* weights;
+  int64_t size;
+};
+
+// The launches of a search over `segs` in id order: the non-empty ones, at most kMaxSegments a launch, all writing
+// one candidate buffer of `stride` (every launch's chunks) chunks per query.
+inline std::vector<Segments> plan_launches(const std::vector<SegmentData>& segs) {
+  std::vector<Segments> launches;
+  int64_t base = 0, chunks = 0;
+  for (const SegmentData& d : segs) {
+    if (d.size > 0) {
+      if (launches.empty() || launches.back().n == kMaxSegments) {
+        launches.push_back(Segments{});
+        launches.back().offset = chunks;
+      }
+      Segments& l = launches.back();
+      const int64_t c = (d.size + kChunk - 1) / kChunk;
+      l.seg[l.n++] = Segment{d.ptr, d.docs, d.weights, d.size, base, l.chunks};
+      l.chunks += c;
+      chunks += c;
+    }
+    base += d.size;
+  }
+  for (Segments& l : launches) l.stride = chunks;
+  return launches;
 }
 
 struct Shared {

@@ -18,11 +18,10 @@
 
 #include "kernels/cuda/topk_resident.h"
 #include "kernels/cuda/topk_select.h"  // make_key, to_float, DeviceBlock
+#include "kernels/cuda/value_load.cuh"  // visit_topk_dtype
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
@@ -270,8 +269,7 @@ struct DeviceRow {
     if (last || b.parts == 1) return;
     if (threadIdx.x == 0) {
       const unsigned int target = ++epoch * static_cast<unsigned int>(b.parts);
-      __threadfence();
-      atomicAdd(arrive, 1u);
+      b.blk.arrive(arrive);
       while (atomicAdd(arrive, 0u) < target) __nanosleep(32);
       __threadfence();
     }
@@ -298,12 +296,6 @@ __global__ void __launch_bounds__(resident::kThreads)
   }
 }
 static_assert(resident::kPasses * resident::kBins <= kBins, "the row's histograms live in its kBins counters");
-
-// Read at every call, as SPARSE_RETRIEVAL_CQ_FUSED, so that tests can switch it.
-bool resident_enabled() {
-  const char* env = std::getenv("SPARSE_RETRIEVAL_TOPK_RESIDENT");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
 
 // Blocks of resident_kernel<T> the device holds at once (a cooperative launch may not start more), 0 where it
 // cannot run; asked once per device.
@@ -402,23 +394,10 @@ cudaError_t run(const T* x, int64_t rows, int64_t n, int64_t k, bool largest, bo
 
 }  // namespace
 
-// Calls f(T{}) with the CUDA type of `dtype`.
-template <class F>
-auto visit_dtype(TopkDtype dtype, F&& f) {
-  switch (dtype) {
-    case TopkDtype::Float16:
-      return f(__half{});
-    case TopkDtype::BFloat16:
-      return f(__nv_bfloat16{});
-    default:
-      return f(float{});
-  }
-}
-
 bool topk_one_read(TopkDtype dtype, int64_t rows, int64_t n, int64_t k) {
-  if (!resident_enabled()) return false;
+  if (!opted_in("SPARSE_RETRIEVAL_TOPK_RESIDENT")) return false;
   resident::Plan plan;
-  return visit_dtype(dtype, [&](auto v) { return resident_plan<decltype(v)>(rows, n, k, &plan); });
+  return visit_topk_dtype(dtype, [&](auto v) { return resident_plan<decltype(v)>(rows, n, k, &plan); });
 }
 
 size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, bool sorted, bool one_read) {
@@ -431,7 +410,7 @@ cudaError_t topk(const void* x, TopkDtype dtype, int64_t rows, int64_t n, int64_
   if (rows <= 0 || k <= 0) return cudaSuccess;
   const Workspace w = layout(workspace, rows, n, k, sorted, one_read);
   if (w.total > workspace_bytes) return cudaErrorInvalidValue;
-  return visit_dtype(dtype, [&](auto v) {
+  return visit_topk_dtype(dtype, [&](auto v) {
     using T = decltype(v);
     return run(static_cast<const T*>(x), rows, n, k, largest, sorted, static_cast<T*>(values), indices, w, stream);
   });

@@ -5,6 +5,7 @@
 // elements), each part's k best keys go to the workspace, and a second launch selects the row's k best among its
 // parts' keys. Both launches write results sorted best first, so `sorted` costs nothing. No host sync.
 #include "kernels/cuda/topk.h"
+#include "kernels/cuda/value_load.cuh"  // visit_topk_dtype
 
 namespace sr::cuda {
 namespace {
@@ -63,17 +64,10 @@ cudaError_t topk_small(const void* x, TopkDtype dtype, int64_t rows, int64_t n, 
     return cudaErrorInvalidValue;
   }
   Key* part_keys = static_cast<Key*>(workspace);
-  switch (dtype) {
-    case TopkDtype::Float16:
-      return run(static_cast<const __half*>(x), plan, largest, static_cast<__half*>(values), indices, part_keys,
-                 stream);
-    case TopkDtype::BFloat16:
-      return run(static_cast<const __nv_bfloat16*>(x), plan, largest, static_cast<__nv_bfloat16*>(values),
-                 indices, part_keys, stream);
-    default:
-      return run(static_cast<const float*>(x), plan, largest, static_cast<float*>(values), indices, part_keys,
-                 stream);
-  }
+  return visit_topk_dtype(dtype, [&](auto v) {
+    using T = decltype(v);
+    return run(static_cast<const T*>(x), plan, largest, static_cast<T*>(values), indices, part_keys, stream);
+  });
 }
 
 }  // namespace sr::cuda
