@@ -417,11 +417,16 @@ def as_long(x: torch.Tensor) -> torch.Tensor:
     return x.long() & 0xFFFF if x.dtype == torch.int16 else x.long()
 
 
+def offsets_valid(ptr: torch.Tensor, total: int) -> bool:
+    """Whether ``ptr`` is offsets of lists into ``total`` entries: it runs from 0 to ``total``, never decreasing."""
+    return ptr.numel() >= 1 and int(ptr[0]) == 0 and int(ptr[-1]) == total and not bool((ptr.diff() < 0).any())
+
+
 def check_lists(ptr: torch.Tensor, entries: torch.Tensor, upper: int, where: str, what: str) -> None:
     """Checks lists stored as offsets into ``entries`` (list i is ``entries[ptr[i]:ptr[i + 1]]``), as the index
     kernels need them: ``ptr`` runs from 0 to ``len(entries)`` and never decreases, entries lie in ``[0, upper)``
     and strictly increase within each list. Raises ValueError naming ``where`` and ``what``."""
-    if ptr.numel() < 1 or int(ptr[0]) != 0 or int(ptr[-1]) != entries.numel() or bool((ptr.diff() < 0).any()):
+    if not offsets_valid(ptr, entries.numel()):
         raise ValueError(f"{where}: {what}: offsets are inconsistent")
     if entries.numel():
         if int(entries.min()) < 0 or int(entries.max()) >= upper:

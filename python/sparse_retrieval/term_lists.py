@@ -26,13 +26,12 @@ builder op ``term_lists``).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
 from ._fake import fake
-from .sparse import as_long, check_lists
+from .sparse import as_long, check_lists, offsets_valid
 
 _ops = torch.ops.sparse_retrieval
 
@@ -164,13 +163,12 @@ def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
     n = ent_groups.numel()
     if any(t.dim() != 1 for t in (dir_ptr, dir_at, ent_ptr, ent_groups, ent_values)) or dir_ptr.dtype != torch.int64 \
             or ent_ptr.dtype != torch.int64 or dir_at.dtype != torch.int32 or ent_groups.dtype != torch.int16 or \
-            ent_values.numel() != n or dir_ptr.numel() != ent_ptr.numel() or dir_ptr.numel() == 0 or \
-            int(dir_ptr[-1]) != dir_at.numel() or bool((dir_ptr[1:] < dir_ptr[:-1]).any()) or \
-            int(ent_ptr[0]) != 0 or int(ent_ptr[-1]) != n or bool((ent_ptr[1:] < ent_ptr[:-1]).any()) or \
-            int(dir_ptr[0]) != 0:
+            ent_values.numel() != n or dir_ptr.numel() != ent_ptr.numel() or \
+            not offsets_valid(dir_ptr, dir_at.numel()) or not offsets_valid(ent_ptr, n):
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
     dim = dir_ptr.numel() - 1
-    ptrs, ats, steps, values = [ent_ptr.new_zeros(1)], [], [], []
+    none = torch.zeros(0, dtype=torch.uint8)
+    ptrs, ats, steps, values = [ent_ptr.new_zeros(1)], [dir_at[:0]], [none], [none]
     t0 = 0
     while t0 < dim:
         t1 = int(torch.searchsorted(ent_ptr, ent_ptr[t0] + _CONVERT_ENTRIES))
@@ -183,8 +181,7 @@ def _stepped(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values, where):
         steps.append(st)
         values.append(va)
         t0 = t1
-    cat = lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)  # noqa: E731
-    return torch.cat(ptrs), cat(ats, torch.int32), cat(steps, torch.uint8), cat(values, torch.uint8)
+    return torch.cat(ptrs), torch.cat(ats), torch.cat(steps), torch.cat(values)
 
 
 def _stepped_run(dir_ptr, dir_at, ent_ptr, ent_groups, ent_values):
@@ -222,7 +219,7 @@ def validate_term_lists(tl: TermLists, bm, where: str) -> None:
             not tl.one_terms.numel() == tl.one_groups.numel() == tl.one_values.numel():
         raise ValueError(f"{where}: term lists: arrays are inconsistent")
     for ptr, total, name in ((tl.list_ptr, ngroups, "list_ptr"), (tl.ent_ptr, tl.ent_steps.numel(), "ent_ptr")):
-        if int(ptr[0]) != 0 or int(ptr[-1]) != total or bool((ptr[1:] < ptr[:-1]).any()):
+        if not offsets_valid(ptr, total):
             raise ValueError(f"{where}: term lists: {name} offsets are invalid")
     if dim and int((tl.list_ptr[1:] - tl.list_ptr[:-1]).max()) > MAX_LIST_LEN:
         raise ValueError(f"{where}: term lists: a term lists more than {MAX_LIST_LEN} groups")
