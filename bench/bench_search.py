@@ -221,6 +221,11 @@ def recall(ids: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits))
 
 
+def _facts(facts: dict, sep: str) -> str:
+    """key=value pairs, floats to 4 significant digits."""
+    return sep.join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items())
+
+
 def _log(rows_or_msg) -> None:
     if isinstance(rows_or_msg, dict):
         r = rows_or_msg
@@ -317,8 +322,7 @@ def run_dataset(name, docs, queries, args, all_threads, bw, seismic=True):
         rows += run_cuda(index, docs, queries, k, args.repeats, facts)
     print(table(rows, ["method", "threads", "queries", "qps", "ms_per_query", "latency_ms_p50", "latency_ms_p99",
                        "vs_scipy", "vs_sparse_dot_topn", "vs_cusparse"]))
-    print("  ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items()),
-          flush=True)
+    print(_facts(facts, "  "), flush=True)
     return {"rows": rows, "facts": facts}
 
 
@@ -371,8 +375,7 @@ def run_gpu_scale(args) -> dict:
     _log(f"{args.gpu_scale} documents drawn in {facts['draw_s']:.1f} s, indexed in {facts['build_s']:.1f} s")
     rows = run_cuda(index, docs, queries, args.k, args.repeats, facts)
     print(table(rows, ["method", "queries", "qps", "ms_per_query", "vs_cusparse"]))
-    print("  ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items()),
-          flush=True)
+    print(_facts(facts, "  "), flush=True)
     return {"rows": rows, "facts": facts}
 
 
@@ -501,8 +504,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
         facts["term_lists"].append(dict(setting, build_s=build_s, bytes=bm.lists.nbytes,
                                         bytes_everything=facts["exact_bytes"] + bm.nbytes,
                                         bytes_without_postings=bm.nbytes, bytes_term_lists_only=bm.nbytes - maxima))
-        _log("term lists " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
-                                      for key, v in facts["term_lists"][-1].items()))
+        _log("term lists " + _facts(facts["term_lists"][-1], " "))
         for t in sorted({1, all_threads}):
             for c in args.list_cuts:
                 for a in args.list_alphas:
@@ -561,8 +563,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     add_ratios(rows, key=lambda r: r["threads"], baseline="SparseIndex exact", out_col="vs_exact")
     print(table(rows, ["method", "threads", "alpha", "n_postings", "query_cut", "heap_factor", "qps", "spread_ms",
                        "recall", "mrr10", "latency_ms_p50", "latency_ms_p99", "vs_exact"]))
-    print("  ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in facts.items()),
-          flush=True)
+    print(_facts(facts, "  "), flush=True)
     plot(rows, RESULTS_PLOT.with_name(f"search_{name}.png"), f"{name}: {len(docs):,} docs, k={k}")
     return {"rows": rows, "facts": facts}
 

@@ -146,21 +146,25 @@ def select_emulation(tmp_path_factory):
     return build_emulation(tmp_path_factory, "topk_select_emulation.cpp", "kernels/cuda/topk_select.h")
 
 
-def emulate(exe, x, k, largest, blocks_wanted=0, min_part=16384, seed=0):
-    """Indices from the emulated kernel for (rows, n) float32 x, and its plan (groups per block, parts per row)."""
+def run_emulation(exe, x, k, largest, plan_args, seed):
+    """Runs an emulated top-k kernel on (rows, n) float32 x: ROWS N K LARGEST *plan_args SEED, the rows on stdin."""
     rows, n = x.shape
-    run = subprocess.run([str(exe), str(rows), str(n), str(k), str(int(largest)), str(blocks_wanted),
-                          str(min_part), str(seed)], input=x.contiguous().numpy().tobytes(), capture_output=True)
-    assert run.returncode == 0, run.stderr.decode()
-    groups, parts = map(int, run.stderr.split())
-    return torch.frombuffer(bytearray(run.stdout), dtype=torch.int64).reshape(rows, k), (groups, parts)
+    return subprocess.run([str(exe), *map(str, (rows, n, k, int(largest), *plan_args, seed))],
+                          input=x.contiguous().numpy().tobytes(), capture_output=True)
 
 
-def check_emulated(exe, x, k, largest, plan=None, **kwargs):
-    indices, got_plan = emulate(exe, x, k, largest, **kwargs)
+def verify_emulated(run, x, k, largest, plan=None):
+    """The emulated kernel's indices against the reference, and its plan (the numbers it printed on stderr)."""
+    assert run.returncode == 0, (run.returncode, run.stderr.decode())
+    indices = torch.frombuffer(bytearray(run.stdout), dtype=torch.int64).reshape(x.shape[0], k)
     assert torch.equal(indices, reference.topk(x, k, largest=largest)[1])
     if plan is not None:
-        assert got_plan == plan
+        assert tuple(map(int, run.stderr.split())) == plan
+
+
+def check_emulated(exe, x, k, largest, plan=None, blocks_wanted=0, min_part=16384, seed=0):
+    """The block selection's emulation; plan: (groups per block, parts per row)."""
+    verify_emulated(run_emulation(exe, x, k, largest, (blocks_wanted, min_part), seed), x, k, largest, plan)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -215,18 +219,12 @@ def resident_emulation(tmp_path_factory):
 
 
 def check_resident(exe, x, k, largest, capacity, resident, min_part=4096, seed=0, plan=None):
-    """The emulated kernel's indices against the reference, and its plan (parts per row, blocks launched)."""
-    rows, n = x.shape
-    run = subprocess.run([str(exe), *map(str, (rows, n, k, int(largest), capacity, resident, min_part, seed))],
-                         input=x.contiguous().numpy().tobytes(), capture_output=True)
+    """The one-read select's emulation; plan: (parts per row, blocks launched), or "nofit" (the rows do not fit)."""
+    run = run_emulation(exe, x, k, largest, (capacity, resident, min_part), seed)
     if plan == "nofit":
         assert run.returncode == 6 and run.stderr.strip() == b"nofit"
-        return
-    assert run.returncode == 0, (run.returncode, run.stderr.decode())
-    indices = torch.frombuffer(bytearray(run.stdout), dtype=torch.int64).reshape(rows, k)
-    assert torch.equal(indices, reference.topk(x, k, largest=largest)[1])
-    if plan is not None:
-        assert tuple(map(int, run.stderr.split())) == plan
+    else:
+        verify_emulated(run, x, k, largest, plan)
 
 
 @pytest.mark.parametrize("kind", KINDS)
