@@ -50,6 +50,16 @@ def test_drawn_on_a_device(device):
         assert abs(b.row_nnz().double().mean().item() / target - 1) < 0.05
 
 
+def test_bad_device():
+    with pytest.raises(ValueError, match="device: cannot draw on 'bogus'"):
+        datasets.synthetic_splade(10, 2, device="bogus")
+    with pytest.raises(TypeError, match="device must be"):
+        datasets.synthetic_splade(10, 2, device=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: cannot draw on 'cuda'"):
+            datasets.synthetic_splade(10, 2, device="cuda")
+
+
 def test_row_lengths_near_targets(default_data):
     docs, queries = default_data
     for b, target in ((docs, 120), (queries, 50)):

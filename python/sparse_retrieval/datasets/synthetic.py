@@ -67,7 +67,12 @@ def synthetic_splade(n_docs: int, n_queries: int, dim: int = 30522, doc_nnz: int
         raise ValueError(f"dim must be >= 1, got {dim}")
     if not (isinstance(zipf_exponent, (int, float)) and 0 <= zipf_exponent < math.inf):
         raise ValueError(f"zipf_exponent must be a finite number >= 0, got {zipf_exponent!r}")
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    except RuntimeError as exc:  # an unknown device, or one this torch has no generator for
+        raise ValueError(f"device: cannot draw on {str(device)!r}: {str(exc).splitlines()[0]}") from None
     cdf = torch.cumsum(_popularity(dim, zipf_exponent, gen), 0)
     cdf[-1] = 1.0
 
