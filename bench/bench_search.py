@@ -436,7 +436,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     if args.lean:  # exact results (and exact search timed below) from the exhaustive index, which is then dropped
         exact = index.search(queries, k, all_threads, mode="exact")[1].numpy()
     else:
-        del index  # built again with the block maxima from `docs`: optimize() would rebuild the documents from the
+        index = None  # built again with the block maxima from `docs`: optimize() would rebuild the documents from the
         # postings, a third copy that does not fit beside the others at MS MARCO size
         order, facts["clustering_s"] = cluster_order_cached(name, docs, args.block_size)
         t0 = time.perf_counter()
@@ -479,7 +479,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
     if args.lean:
         # The approximate-only index (optimize(term_lists=..., keep_postings=False, block_maxima=False), documents
         # in their order), the one that fits beside Seismic at MS MARCO size in 24 GiB, built as a user would.
-        del index
+        index = None  # `ours` reads `index` when called: from here on, the lean index
         list_len, group, energy = settings[0]
         t0 = time.perf_counter()
         index = sr.SparseIndex.from_documents(
@@ -517,7 +517,7 @@ def run_real(docs, queries, relevant, args, all_threads, name="real"):
                                                alpha=a, query_cut=c))
     print(table(rows, ["method", "threads", "list_len", "group", "summary_energy", "alpha", "query_cut", "qps",
                        "spread_ms", "recall", "mrr10", "latency_ms_p50", "latency_ms_p99"]), flush=True)
-    del index  # the peers are built next, one at a time: at MS MARCO size two indexes do not fit in 24 GiB
+    index = None  # the peers are built next, one at a time: at MS MARCO size two indexes do not fit in 24 GiB
     if not args.no_seismic:
         try:
             for n_postings in args.seismic_postings:
