@@ -399,17 +399,24 @@ def test_raw_op_rejects_inconsistent_structures():
             call(**{name: value})
     a = list(args.values())
     for pos, value, name in [(7, 1.5, "alpha"), (8, -1, "query_cut"), (4, 0, "block_size"), (5, 0, "superblock"),
-                             (5, 2000, "superblock"), (6, -1, "k"), (4, 4, "sb_dense")]:  # sizes that do not fit
+                             (5, 2000, "superblock"), (6, -1, "k"), (6, 2**31, "k"),
+                             (4, 4, "sb_dense")]:  # sizes that do not fit
         params = [8, 2, 3, 1.0, 0, 1]
         params[pos - 4] = value
         with pytest.raises(ValueError, match=name):
             ops.block_search(q.indptr, q.indices, q.values, a, *params)
     with pytest.raises(ValueError, match="13 tensors"):
         ops.block_search(q.indptr, q.indices, q.values, a[:12], 8, 2, 3, 1.0, 0, 1)
+    with pytest.raises(TypeError, match="q_values: expected a tensor, got None"):
+        ops.block_search(q.indptr, q.indices, None, a, 8, 2, 3, 1.0, 0, 1)
+    with pytest.raises(ValueError, match="k: must lie in"):  # the fake checks it too
+        ops.block_search(*(t.to("meta") for t in (q.indptr, q.indices, q.values)), [t.to("meta") for t in a],
+                         8, 2, -3, 1.0, 0, 1)
 
 
 def damage_cases(bm):
-    """(field, in-place damage, message) for the offset and id arrays block_search indexes with."""
+    """(field, in-place damage, message) for the offset and id arrays block_search indexes with, and the weights and
+    scales its pruning relies on."""
     last_sparse = int((bm.sb_ptr.diff() > 0).nonzero().max())
     return [
         ("fwd_ptr", lambda t: t.__setitem__(3, t[2] - 1), "fwd_ptr: offsets"),
@@ -424,6 +431,11 @@ def damage_cases(bm):
         ("blk_ptr", lambda t: t.__setitem__(1, 10**9), "blk_ptr: offsets"),
         ("blk_terms", lambda t: t.__setitem__(1, t[0]), "blk_terms: list"),
         ("blk_terms", lambda t: t.__setitem__(0, 10**4), "blk_terms: list"),
+        ("fwd_weights", lambda t: t.__setitem__(2, -0.5), "fwd_weights: must be finite and non-negative"),
+        ("fwd_weights", lambda t: t.__setitem__(2, float("nan")), "fwd_weights: must be finite and non-negative"),
+        ("fwd_weights", lambda t: t.__setitem__(-1, float("inf")), "fwd_weights: must be finite and non-negative"),
+        ("scale", lambda t: t.__setitem__(0, 0.0), "scale: must be finite and > 0"),
+        ("scale", lambda t: t.__setitem__(-1, float("nan")), "scale: must be finite and > 0"),
     ]
 
 

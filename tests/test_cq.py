@@ -401,6 +401,43 @@ def test_bad_input_raises_clear_errors():
         OPS.cq_attention(q, codes + 16, codes, qz.codebooks, qz.codebooks)
 
 
+
+def test_raw_ops_refuse_none_non_finite_codebooks_and_bad_fake_shapes():
+    books = torch.randn(4, 16, 2)
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="x: expected a tensor, got None"):
+        OPS.cq_encode(None, books)
+    with pytest.raises(TypeError, match="codebooks: expected a tensor, got None"):
+        OPS.cq_encode(x, None)
+    with pytest.raises(TypeError, match="codes: expected a tensor, got None"):
+        OPS.cq_decode(None, books)
+    codes = torch.zeros(1, 1, 2, 4, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="k_codes: expected a tensor, got None"):
+        OPS.cq_attention(torch.randn(1, 1, 1, 8), None, codes, books, books)
+    for bad in (float("nan"), float("inf")):  # distances to such a centroid make the nearest one arbitrary
+        damaged = books.clone()
+        damaged[1, 3, 0] = bad
+        with pytest.raises(ValueError, match="codebooks: centroids must be finite"):
+            OPS.cq_encode(x, damaged)
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="8 channels"):
+        OPS.cq_encode(torch.zeros(3, 7, device=meta), books.to(meta))
+    with pytest.raises(ValueError, match="4 groups"):
+        OPS.cq_decode(torch.zeros(3, 5, dtype=torch.uint8, device=meta), books.to(meta))
+
+
+def test_encode_after_a_reshape_behind_the_version_counter():
+    """`t.data = ...` changes a tensor's shape without a new version: the codebook layout cached for the old shape
+    must not serve the new one (it read past its buffer)."""
+    gen = torch.Generator().manual_seed(5)
+    books = torch.randn(1, 16, 2, generator=gen)
+    OPS.cq_encode(torch.randn(3, 2, generator=gen), books)
+    books.data = books.data.view(16, 1, 2)  # 16 groups of one centroid: every code is 0
+    x = torch.randn(2, 32, generator=gen)
+    assert OPS.cq_encode(x, books).eq(0).all()
+    torch.testing.assert_close(OPS.cq_encode(x, books), reference.cq_encode(x, books))
+
+
 def test_attention_refuses_what_it_cannot_define():
     """An infinite centroid (even an unused one), a scale that is not a finite number, inputs on two devices
     (a meta tensor once sent the call to the fake and returned uninitialised memory)."""

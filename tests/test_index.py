@@ -134,6 +134,34 @@ def test_bad_inputs():
                           [s.weights for s in index._segments], [1], 1, 1)
 
 
+def test_raw_ops_refuse_what_the_kernels_cannot_define():
+    """None for a tensor, a k that no output could hold, an empty offsets table, a document with a repeated term
+    (its posting list would name it twice), and the same range checks in the fakes (meta tensors)."""
+    docs = SparseBatch.from_lists([([1], [1.0]), ([2, 4], [1.0, 2.0])], 6)
+    index = sr.SparseIndex.from_documents(docs, progress=False)
+    segs = index._segments
+    with pytest.raises(ValueError, match=r"k: must lie in \[0, 2\^31\)"):
+        raw_search(docs, segs, k=2**31)
+    with pytest.raises(ValueError, match=r"k: must lie in \[0, 2\^31\)"):
+        raw_search(docs, segs, k=-1)
+    with pytest.raises(TypeError, match="q_values: expected a tensor, got None"):
+        ops.sparse_search(docs.indptr, docs.indices, None, [segs[0].ptr], [segs[0].docs], [segs[0].weights], [2], 3,
+                          1)
+    with pytest.raises(ValueError, match="ptrs\\[0\\]: expected dim \\+ 1 >= 1 entries"):
+        ops.sparse_search(docs.indptr, docs.indices, docs.values, [torch.zeros(0, dtype=torch.int64)],
+                          [segs[0].docs], [segs[0].weights], [2], 3, 1)
+    with pytest.raises(ValueError, match="docs_indices: column indices repeated within row 1"):
+        ops.build_postings(docs.indptr, torch.tensor([1, 2, 2]), docs.values, 6)
+    with pytest.raises(TypeError, match="docs_values: expected a tensor, got None"):
+        ops.build_postings(docs.indptr, docs.indices, None, 6)
+    meta = [t.to("meta") for t in (docs.indptr, docs.indices, docs.values)]
+    with pytest.raises(ValueError, match="k: must lie in"):
+        ops.sparse_search(*meta, [segs[0].ptr.to("meta")], [segs[0].docs.to("meta")], [segs[0].weights.to("meta")],
+                          [2], -3, 1)
+    with pytest.raises(ValueError, match="dim: must lie in"):
+        ops.build_postings(*meta, -5)
+
+
 def raw_search(queries, segs, k=3, sizes=None):
     return ops.sparse_search(queries.indptr, queries.indices, queries.values, [s.ptr for s in segs],
                              [s.docs for s in segs], [s.weights for s in segs],

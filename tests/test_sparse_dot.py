@@ -147,6 +147,50 @@ def test_bad_inputs():
         ops.sparse_dot(a.indptr, a.indices, a.values, a.indptr, a.indices, a.values.half(), 10)
 
 
+@pytest.mark.parametrize("dim", [10, 2**23])  # scattered into a dense scratch row, and merged (past 2^22)
+def test_raw_ops_refuse_unsorted_or_repeated_indices(dim):
+    """Every row's indices must be strictly ascending: the kernels merge rows or scatter them, and either would give
+    a different wrong answer for other orders. Rows may start below where the previous one ended."""
+    p = torch.tensor([0, 2, 4])
+    good, v = torch.tensor([5, 7, 1, 3]), torch.ones(4)
+    forward = (ops.sparse_dot, ops.pairwise_sparse_dot)
+    backward = ((ops.sparse_dot_backward, torch.ones(2, 2)), (ops.pairwise_sparse_dot_backward, torch.ones(2)))
+    for op in forward:
+        op(p, good, v, p, good, v, dim)
+    for bad, what in ((torch.tensor([5, 7, 3, 1]), "not ascending within row 1 \\(at non-zero 3\\)"),
+                      (torch.tensor([5, 5, 1, 3]), "repeated within row 0 \\(at non-zero 1\\)")):
+        for op in forward:
+            with pytest.raises(ValueError, match="a_indices: column indices " + what):
+                op(p, bad, v, p, good, v, dim)
+            with pytest.raises(ValueError, match="b_indices: column indices " + what):
+                op(p, good, v, p, bad, v, dim)
+        for op, grad in backward:
+            with pytest.raises(ValueError, match="a_indices: column indices " + what):
+                op(grad, p, bad, p, good, v, dim)
+            with pytest.raises(ValueError, match="b_indices: column indices " + what):
+                op(grad, p, good, p, bad, v, dim)
+
+
+def test_raw_ops_refuse_none_and_non_float_gradients():
+    """torch.ops passes None for a tensor as an undefined tensor (a null pointer in the kernels before)."""
+    p, i, v = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([1.0, 2.0])
+    for op in (ops.sparse_dot, ops.pairwise_sparse_dot):
+        with pytest.raises(TypeError, match="a_values: expected a tensor, got None"):
+            op(p, i, None, p, i, v, 8)
+        with pytest.raises(TypeError, match="b_values: expected a tensor, got None"):
+            op(p, i, v, p, i, None, 8)
+        with pytest.raises(TypeError, match="a_indptr: expected a tensor, got None"):
+            op(None, i, v, p, i, v, 8)
+    for op, grad in ((ops.sparse_dot_backward, torch.ones(1, 1)), (ops.pairwise_sparse_dot_backward, torch.ones(1))):
+        with pytest.raises(TypeError, match="b_values: expected a tensor, got None"):
+            op(grad, p, i, p, i, None, 8)
+        with pytest.raises(TypeError, match="grad: expected a tensor, got None"):
+            op(None, p, i, p, i, v, 8)
+        for dtype in (torch.complex64, torch.int64, torch.bool):
+            with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
+                op(grad.to(dtype), p, i, p, i, v, 8)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_reference(dtype):

@@ -361,6 +361,8 @@ def test_bad_input():
         torch.ops.sparse_retrieval.topk(x.int(), 1)
     with pytest.raises(IndexError, match="dim"):
         torch.ops.sparse_retrieval.topk(x, 1, -3)
+    with pytest.raises(TypeError, match="x: expected a tensor, got None"):
+        torch.ops.sparse_retrieval.topk(None, 1)
 
 
 def test_opcheck(device):

@@ -36,6 +36,7 @@ void check_offsets(const at::Tensor& ptr, int64_t total, const char* name) {
 // Checks a forward index (offsets, term and weight arrays of ndocs documents over dim terms); returns its value type.
 sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights,
                                  int64_t dim, int64_t block_size) {
+  require_defined(fwd_ptr, "fwd_ptr", fwd_terms, "fwd_terms", fwd_weights, "fwd_weights");
   TORCH_CHECK_VALUE(fwd_ptr.dim() == 1 && fwd_ptr.numel() >= 1, "fwd_ptr: expected ndocs + 1 >= 1 entries");
   const int64_t ndocs = fwd_ptr.numel() - 1;
   TORCH_CHECK_VALUE(ndocs <= std::numeric_limits<int32_t>::max() - block_size, "fwd_ptr: too many documents");
@@ -81,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
     const std::optional<at::Tensor>& allowed, const std::optional<at::Tensor>& positions,
     const std::optional<at::TensorList>& lists_arg) {
   const at::TensorList lists = lists_arg.value_or(at::TensorList());
-  TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k >= 0 && k <= std::numeric_limits<int32_t>::max(), "k: must lie in [0, 2^31), got ", k);
   TORCH_CHECK_VALUE(lists.empty() || lists.size() == 13, "lists: expected none or 13 tensors (list_ptr, group_ptr, "
                     "group_docs, dir_ptr, dir_terms, dir_at, ent_ptr, ent_steps, ent_values, one_ptr, one_terms, "
                     "one_groups, one_values), got ", lists.size());
@@ -124,8 +125,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   check_1d(blk_terms, blk_terms.scalar_type(), -1, "blk_terms");
   check_offsets(blk_ptr, blk_terms.numel(), "blk_ptr");
   check_1d(blk_values, at::kByte, blk_terms.numel() * superblock, "blk_values");
-  check_once("block-max index", {fwd_ptr, fwd_terms, doc_ids, dense_row, sb_ptr, sb_ids, blk_ptr, blk_terms},
+  check_once("block-max index", {fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, dense_row, sb_ptr, sb_ids, blk_ptr,
+                                 blk_terms},
              {dim, block_size, superblock, rows}, [&] {
+    // Pruning takes the weights for non-negative and the scales for finite and positive (block_maxima and
+    // term_lists check the same); min and max tell without a copy: NaN propagates into both.
+    if (fwd_weights.numel() > 0) {
+      auto [lo, hi] = at::aminmax(fwd_weights);
+      const double l = lo.item<double>(), h = hi.item<double>();
+      TORCH_CHECK_VALUE(l >= 0 && std::isfinite(h), "fwd_weights: must be finite and non-negative, got values in [",
+                        l, ", ", h, "]");
+    }
+    if (dim > 0) {
+      auto [lo, hi] = at::aminmax(scale);
+      const double l = lo.item<double>(), h = hi.item<double>();
+      TORCH_CHECK_VALUE(l > 0 && std::isfinite(h), "scale: must be finite and > 0, got values in [", l, ", ", h, "]");
+    }
     check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
     check_lists(sb_ptr, sb_ids, nsuper, "sb_ptr", "sb_ids");
     check_lists(blk_ptr, blk_terms, dim, "blk_ptr", "blk_terms");
@@ -189,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
           ent_values.data_ptr<uint8_t>(), ent_steps.numel(), one_ptr.data_ptr<int64_t>(), one_terms.data_ptr(),
           reinterpret_cast<const uint16_t*>(one_groups.data_ptr()), one_values.data_ptr<uint8_t>(), one_terms.numel()};
   }
-  check_csr(q_indptr, q_indices, q_values, dim, "q", c10::kCPU);
+  check_csr(q_indptr, q_indices, &q_values, dim, "q", c10::kCPU);
   const uint8_t* mask = allowed_mask(allowed, ndocs, c10::kCPU);
   const int64_t* pos = nullptr;
   int64_t npos = 0;
@@ -335,6 +350,7 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
 std::vector<at::Tensor> term_lists_cpu(
     const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale,
     int64_t list_len, int64_t group, double summary_energy, int64_t doc_cut) {
+  require_defined(scale, "scale");
   check_1d(scale, at::kFloat, -1, "scale");
   const int64_t dim = scale.numel();
   TORCH_CHECK_VALUE(dim >= 1, "scale: expected one entry per term (dim >= 1)");

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <optional>
 
+#include "ops/arg_check.h"
 #include "ops/list_check.h"
 
 namespace sr::ops::cq {
@@ -26,6 +27,16 @@ inline void check_codebooks(const at::Tensor& books, const char* name) {
   TORCH_CHECK_VALUE(books.size(1) <= 32768, name, " has ", books.size(1), " centroids, at most 32768 supported");
 }
 
+// Encoding compares distances and attention multiplies every centroid by its bucket's weight (unused ones by 0):
+// a NaN or infinite centroid would make codes arbitrary and outputs NaN. Once per codebooks tensor version.
+inline void check_finite_books(std::initializer_list<at::Tensor> books, const char* names) {
+  check_once("cq codebooks finite", books, {}, [&] {
+    for (const auto& b : books) {
+      TORCH_CHECK_VALUE(at::isfinite(b).all().item<bool>(), names, ": centroids must be finite");
+    }
+  });
+}
+
 // Codes index centroids: their dtype must match the codebook size and, where the dtype can hold larger values,
 // every code must be below k.
 inline void check_codes(const at::Tensor& codes, int64_t k, const char* name) {
@@ -41,7 +52,9 @@ inline void check_codes(const at::Tensor& codes, int64_t k, const char* name) {
 
 // Checks an encode call and allocates its codes (..., groups).
 inline at::Tensor checked_encode_output(const at::Tensor& x, const at::Tensor& codebooks) {
+  require_defined(x, "x", codebooks, "codebooks");
   check_codebooks(codebooks, "codebooks");
+  check_finite_books({codebooks}, "codebooks");
   TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == codebooks.device(), "x is on ", x.device(), ", codebooks on ", codebooks.device());
   const int64_t groups = codebooks.size(0), g = codebooks.size(2);
@@ -54,6 +67,7 @@ inline at::Tensor checked_encode_output(const at::Tensor& x, const at::Tensor& c
 
 // Checks a decode call (code dtype and range included) and allocates its output (..., groups * g).
 inline at::Tensor checked_decode_output(const at::Tensor& codes, const at::Tensor& codebooks) {
+  require_defined(codes, "codes", codebooks, "codebooks");
   check_codebooks(codebooks, "codebooks");
   TORCH_CHECK_VALUE(codes.device() == codebooks.device(), "codes are on ", codes.device(), ", codebooks on ",
                     codebooks.device());
@@ -78,15 +92,12 @@ inline AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& v_recent,
                                       const std::optional<at::Tensor>& lengths, std::optional<double> scale,
                                       const std::optional<at::Tensor>& starts) {
+  require_defined(q, "q", k_codes, "k_codes", v_codes, "v_codes", k_books, "k_codebooks", v_books, "v_codebooks");
   TORCH_CHECK_VALUE(q.dim() == 4, "q must have shape (batch, query_heads, query_tokens, head_dim), got ", q.sizes());
   TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float32, float16 or bfloat16");
   check_codebooks(k_books, "k_codebooks");
   check_codebooks(v_books, "v_codebooks");
-  // Every centroid is multiplied by its bucket's weight, unused ones by 0: an infinite one would make NaN.
-  check_once("cq attention codebooks", {k_books, v_books}, {}, [&] {
-    TORCH_CHECK_VALUE(at::isfinite(k_books).all().item<bool>() && at::isfinite(v_books).all().item<bool>(),
-                      "k_codebooks and v_codebooks: centroids must be finite");
-  });
+  check_finite_books({k_books, v_books}, "k_codebooks and v_codebooks");
   TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ", scale.value_or(0.0));
   TORCH_CHECK_VALUE(k_books.sizes() == v_books.sizes(), "k_codebooks ", k_books.sizes(), " and v_codebooks ",
                     v_books.sizes(), " must have the same shape");

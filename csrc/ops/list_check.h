@@ -86,7 +86,11 @@ class TensorKey {
     for (const auto& t : tensors) {
       if (t.is_inference()) return std::nullopt;
       key.stamp_.insert(key.stamp_.end(), {int64_t(t._version()), int64_t(reinterpret_cast<uintptr_t>(t.data_ptr())),
-                                           t.numel(), int64_t(t.scalar_type())});
+                                           t.numel(), int64_t(t.scalar_type()), t.dim()});
+      // `t.data = other` swaps sizes and strides without a new version: what was checked or derived for one
+      // shape must not serve another
+      key.stamp_.insert(key.stamp_.end(), t.sizes().begin(), t.sizes().end());
+      key.stamp_.insert(key.stamp_.end(), t.strides().begin(), t.strides().end());
       key.refs_.emplace_back(t.getIntrusivePtr());
     }
     return key;

@@ -19,7 +19,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> build_postings_cpu(const at::Tensor& indptr, const at::Tensor& indices,
                                                                   const at::Tensor& values, int64_t dim) {
-  check_csr(indptr, indices, values, dim, "docs", c10::kCPU);
+  check_csr(indptr, indices, &values, dim, "docs", c10::kCPU, /*sorted=*/true);
   TORCH_CHECK_VALUE(indptr.numel() - 1 <= std::numeric_limits<int32_t>::max(),
                     "docs: at most 2^31 - 1 documents per posting segment, got ", indptr.numel() - 1);
   auto p = indptr.contiguous(), i = indices.contiguous(), v = values.contiguous();

@@ -28,10 +28,11 @@ inline const uint8_t* allowed_mask(const std::optional<at::Tensor>& allowed, int
 inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor& q_indices,
                                    const at::Tensor& q_values, at::TensorList ptrs, at::TensorList docs,
                                    at::TensorList weights, at::IntArrayRef sizes, int64_t k, c10::DeviceType device) {
-  TORCH_CHECK_VALUE(k >= 0, "k: must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k >= 0 && k <= std::numeric_limits<int32_t>::max(), "k: must lie in [0, 2^31), got ", k);
   TORCH_CHECK_VALUE(ptrs.size() == docs.size() && ptrs.size() == weights.size() && ptrs.size() == sizes.size(),
                     "ptrs, docs, weights and sizes: one entry per segment expected, got ", ptrs.size(), ", ",
                     docs.size(), ", ", weights.size(), ", ", sizes.size());
+  TORCH_CHECK_VALUE(ptrs.empty() || ptrs[0].numel() >= 1, "ptrs[0]: expected dim + 1 >= 1 entries, got none");
   const int64_t dim = ptrs.empty() ? 0 : ptrs[0].numel() - 1;
   for (size_t s = 0; s < ptrs.size(); ++s) {
     const auto& p = ptrs[s];
@@ -55,7 +56,7 @@ inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor&
       check_lists(p, docs[s], sizes[s], "ptrs[" + std::to_string(s) + "]", "docs[" + std::to_string(s) + "]");
     });
   }
-  check_csr(q_indptr, q_indices, q_values, std::max<int64_t>(dim, 0), "q", device);
+  check_csr(q_indptr, q_indices, &q_values, dim, "q", device);
   return dim;
 }
 

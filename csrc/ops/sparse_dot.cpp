@@ -16,7 +16,7 @@ namespace {
 at::Tensor sparse_dot_cpu(const at::Tensor& a_indptr, const at::Tensor& a_indices, const at::Tensor& a_values,
                           const at::Tensor& b_indptr, const at::Tensor& b_indices, const at::Tensor& b_values,
                           int64_t dim) {
-  check_pair(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim, c10::kCPU);
+  check_pair(a_indptr, a_indices, &a_values, b_indptr, b_indices, b_values, dim, c10::kCPU);
   auto ap = a_indptr.contiguous(), ai = a_indices.contiguous(), av = a_values.contiguous();
   auto bp = b_indptr.contiguous(), bi = b_indices.contiguous(), bv = b_values.contiguous();
   const auto a = csr_view(ap, ai, av), b = csr_view(bp, bi, bv);
@@ -33,7 +33,7 @@ at::Tensor sparse_dot_cpu(const at::Tensor& a_indptr, const at::Tensor& a_indice
 at::Tensor sparse_dot_backward_cpu(const at::Tensor& grad, const at::Tensor& a_indptr, const at::Tensor& a_indices,
                                    const at::Tensor& b_indptr, const at::Tensor& b_indices,
                                    const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCPU);
+  check_pair(a_indptr, a_indices, nullptr, b_indptr, b_indices, b_values, dim, c10::kCPU);
   const int64_t na = a_indptr.numel() - 1, nb = b_indptr.numel() - 1;
   check_grad(grad, {na, nb});
   auto g = grad.to(at::kFloat).contiguous();
@@ -53,7 +53,7 @@ at::Tensor sparse_dot_backward_cpu(const at::Tensor& grad, const at::Tensor& a_i
 at::Tensor pairwise_sparse_dot_cpu(const at::Tensor& a_indptr, const at::Tensor& a_indices,
                                    const at::Tensor& a_values, const at::Tensor& b_indptr,
                                    const at::Tensor& b_indices, const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim, c10::kCPU);
+  check_pair(a_indptr, a_indices, &a_values, b_indptr, b_indices, b_values, dim, c10::kCPU);
   TORCH_CHECK_VALUE(a_indptr.numel() == b_indptr.numel(), "a and b: row counts differ (", a_indptr.numel() - 1,
                     " vs ", b_indptr.numel() - 1, ")");
   auto ap = a_indptr.contiguous(), ai = a_indices.contiguous(), av = a_values.contiguous();
@@ -69,7 +69,7 @@ at::Tensor pairwise_sparse_dot_cpu(const at::Tensor& a_indptr, const at::Tensor&
 at::Tensor pairwise_sparse_dot_backward_cpu(const at::Tensor& grad, const at::Tensor& a_indptr,
                                             const at::Tensor& a_indices, const at::Tensor& b_indptr,
                                             const at::Tensor& b_indices, const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCPU);
+  check_pair(a_indptr, a_indices, nullptr, b_indptr, b_indices, b_values, dim, c10::kCPU);
   const int64_t n = a_indptr.numel() - 1;
   TORCH_CHECK_VALUE(b_indptr.numel() == n + 1, "a and b: row counts differ");
   check_grad(grad, {n});

@@ -24,7 +24,7 @@ Operands contiguous(const at::Tensor& ap, const at::Tensor& ai, const at::Tensor
 at::Tensor sparse_dot_cuda(const at::Tensor& a_indptr, const at::Tensor& a_indices, const at::Tensor& a_values,
                            const at::Tensor& b_indptr, const at::Tensor& b_indices, const at::Tensor& b_values,
                            int64_t dim) {
-  check_pair(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim, c10::kCUDA);
+  check_pair(a_indptr, a_indices, &a_values, b_indptr, b_indices, b_values, dim, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(a_values.device());
   auto t = contiguous(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values);
   auto out = at::empty({t.ap.numel() - 1, t.bp.numel() - 1}, t.av.options().dtype(at::kFloat));
@@ -37,7 +37,7 @@ at::Tensor sparse_dot_cuda(const at::Tensor& a_indptr, const at::Tensor& a_indic
 at::Tensor sparse_dot_backward_cuda(const at::Tensor& grad, const at::Tensor& a_indptr, const at::Tensor& a_indices,
                                     const at::Tensor& b_indptr, const at::Tensor& b_indices,
                                     const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCUDA);
+  check_pair(a_indptr, a_indices, nullptr, b_indptr, b_indices, b_values, dim, c10::kCUDA);
   const int64_t na = a_indptr.numel() - 1, nb = b_indptr.numel() - 1;
   check_grad(grad, {na, nb});
   const c10::cuda::CUDAGuard guard(b_values.device());
@@ -53,7 +53,7 @@ at::Tensor sparse_dot_backward_cuda(const at::Tensor& grad, const at::Tensor& a_
 at::Tensor pairwise_sparse_dot_cuda(const at::Tensor& a_indptr, const at::Tensor& a_indices,
                                     const at::Tensor& a_values, const at::Tensor& b_indptr,
                                     const at::Tensor& b_indices, const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, a_values, b_indptr, b_indices, b_values, dim, c10::kCUDA);
+  check_pair(a_indptr, a_indices, &a_values, b_indptr, b_indices, b_values, dim, c10::kCUDA);
   TORCH_CHECK_VALUE(a_indptr.numel() == b_indptr.numel(), "a and b: row counts differ (", a_indptr.numel() - 1,
                     " vs ", b_indptr.numel() - 1, ")");
   const c10::cuda::CUDAGuard guard(a_values.device());
@@ -68,7 +68,7 @@ at::Tensor pairwise_sparse_dot_cuda(const at::Tensor& a_indptr, const at::Tensor
 at::Tensor pairwise_sparse_dot_backward_cuda(const at::Tensor& grad, const at::Tensor& a_indptr,
                                              const at::Tensor& a_indices, const at::Tensor& b_indptr,
                                              const at::Tensor& b_indices, const at::Tensor& b_values, int64_t dim) {
-  check_pair(a_indptr, a_indices, at::Tensor(), b_indptr, b_indices, b_values, dim, c10::kCUDA);
+  check_pair(a_indptr, a_indices, nullptr, b_indptr, b_indices, b_values, dim, c10::kCUDA);
   const int64_t n = a_indptr.numel() - 1;
   TORCH_CHECK_VALUE(b_indptr.numel() == n + 1, "a and b: row counts differ");
   check_grad(grad, {n});

@@ -117,6 +117,7 @@ class TopkFunction : public torch::autograd::Function<TopkFunction> {
 
 std::tuple<at::Tensor, at::Tensor> topk_autograd(const at::Tensor& x, int64_t k, int64_t dim, bool largest,
                                                  bool sorted) {
+  sr::ops::require_defined(x, "x");
   const variable_list out = TopkFunction::apply(x, k, dim, largest, sorted);
   return {out[0], out[1]};
 }

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "kernels/cpu/topk.h"
+#include "ops/arg_check.h"
 
 namespace sr::ops {
 
@@ -24,6 +25,7 @@ inline sr::cpu::TopkDtype topk_dtype(at::ScalarType st) {
 }
 
 inline TopkProblem topk_prepare(const at::Tensor& x, int64_t k, int64_t dim) {
+  require_defined(x, "x");
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                    "topk: x must be float32, float16 or bfloat16, got ", st);

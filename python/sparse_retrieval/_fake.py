@@ -32,3 +32,10 @@ def fake(op: str):
         return fn
 
     return register
+
+
+def check_range(value: int, name: str, high: int = 2**31) -> None:
+    """The range check of an int argument that the op's C++ checks make, for its fake: without it a negative k or dim
+    surfaces as torch's "negative dimension" error, naming nothing."""
+    if not 0 <= value < high:
+        raise ValueError(f"{name}: must lie in [0, {high}), got {value}")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._fake import fake
+from ._fake import check_range, fake
 from .compact_terms import check_terms, compact_rows, uses_compact_terms
 from .sparse import SparseBatch, as_long, cast_values, check_lists
 from .term_lists import TermLists
@@ -385,6 +385,7 @@ def _csr(x: SparseBatch) -> torch.Tensor:
 @fake("block_search")
 def _(q_indptr, q_indices, q_values, index, block_size, superblock, k, alpha, query_cut, num_threads, allowed=None,
       positions=None, lists=None):
+    check_range(k, "k")
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k)),
             q_indptr.new_empty((nq,), dtype=torch.bool), q_indptr.new_empty((nq,)))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._fake import fake
+from ._fake import check_range, fake
 from ._files import write_atomic
 from .block_search import _SIZES as _BLOCK_MAX_SIZES
 from .block_search import BlockMax, build_block_max, validate_block_max, validate_forward, with_maxima
@@ -972,11 +972,13 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
 
 @fake("sparse_search")
 def _(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads, allowed=None):
+    check_range(k, "k")
     nq = q_indptr.shape[0] - 1
     return (q_values.new_empty((nq, k), dtype=torch.float32), q_indptr.new_empty((nq, k), dtype=torch.int64))
 
 
 @fake("build_postings")
 def _(indptr, indices, values, dim):
+    check_range(dim, "dim", 2**62)
     return (indptr.new_empty((dim + 1,)), indptr.new_empty(indices.shape, dtype=torch.int32),
             values.new_empty(values.shape))

@@ -57,6 +57,12 @@ def _check_codes(codes: torch.Tensor, n_centroids: int, name: str = "codes") -> 
 def encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Codes (..., groups) of x (..., groups * group_size): nearest centroid per group, ties to the lowest code.
     Same as ``reference.cq_encode``; x float32/float16/bfloat16 on the CPU or a GPU."""
+    _check_encode(x, codebooks)
+    return torch.ops.sparse_retrieval.cq_encode(x, codebooks)
+
+
+def _check_encode(x: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """The checks of :func:`encode` that need no data (its fake runs them too)."""
     _check_float(x, "x")
     _check_codebooks(codebooks)
     groups, _, g = codebooks.shape
@@ -65,12 +71,17 @@ def encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(x.shape)}")
     if x.device != codebooks.device:
         raise ValueError(f"x is on {x.device} but codebooks are on {codebooks.device}")
-    return torch.ops.sparse_retrieval.cq_encode(x, codebooks)
 
 
 def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode`: codes (..., groups) -> (..., groups * group_size) in the codebooks' dtype.
     Raises IndexError for a code outside [0, centroids)."""
+    _check_decode(codes, codebooks)
+    return torch.ops.sparse_retrieval.cq_decode(codes, codebooks)
+
+
+def _check_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """The checks of :func:`decode` that need no data (its fake runs them too)."""
     _check_codebooks(codebooks)
     _check_codes(codes, codebooks.shape[1])
     if codes.dim() == 0 or codes.shape[-1] != codebooks.shape[0]:
@@ -78,17 +89,18 @@ def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(codes.shape)}")
     if codes.device != codebooks.device:
         raise ValueError(f"codes are on {codes.device} but codebooks are on {codebooks.device}")
-    return torch.ops.sparse_retrieval.cq_decode(codes, codebooks)
 
 
 @fake("cq_encode")
 def _encode_fake(x, codebooks):
+    _check_encode(x, codebooks)
     groups, k, _ = codebooks.shape
     return x.new_empty((*x.shape[:-1], groups), dtype=reference.cq_code_dtype(k))
 
 
 @fake("cq_decode")
 def _decode_fake(codes, codebooks):
+    _check_decode(codes, codebooks)
     groups, _, g = codebooks.shape
     return codebooks.new_empty((*codes.shape[:-1], groups * g))
 
