@@ -16,21 +16,27 @@ from sparse_retrieval.sentence_transformers import SentenceTransformersLoss, Spa
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
          "phi chi psi omega red green blue black white cat dog fish bird tree rock river hill").split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def tiny_bert(tmp_path_factory):
+    """A folder holding a tiny randomly initialised BERT with a masked-LM head and its tokenizer."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny_splade")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    path = tmp_path_factory.mktemp("tiny_bert")
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     BertTokenizerFast(str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    BertForMaskedLM(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    mlm = MLMTransformer(str(path))
-    return SparseEncoder(modules=[mlm, SpladePooling("max", word_embedding_dimension=len(vocab))], device="cpu")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert):
+    mlm = MLMTransformer(str(tiny_bert))
+    return SparseEncoder(modules=[mlm, SpladePooling("max", word_embedding_dimension=len(VOCAB))], device="cpu")
 
 
 def texts(n, seed):
@@ -128,6 +134,32 @@ def test_evaluator_searches_a_sparse_index(model):
     assert ev.primary_metric == "tiny_mrr@5"
     with pytest.raises(ValueError, match="not in queries"):
         SparseIndexEvaluator(queries, corpus, {"nope": {"d0"}})
+
+
+def test_evaluator_is_a_trainer_evaluator_and_takes_dense_models(tiny_bert):
+    """The trainer takes the evaluator as ``evaluator=`` only if it is one of its own (otherwise it wraps it in a
+    SequentialEvaluator, which expects a list); a dense SentenceTransformer refuses ``convert_to_sparse_tensor``."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    corpus = {f"d{i}": t for i, t in enumerate(texts(30, 21))}
+    queries = {f"q{i}": corpus[f"d{2 * i}"] for i in range(6)}
+    relevant = {f"q{i}": {f"d{2 * i}"} for i in range(6)}
+    ev = SparseIndexEvaluator(queries, corpus, relevant, k=4)
+    assert isinstance(ev, BaseEvaluator) and ev.primary_metric == "mrr@4" and ev.greater_is_better
+    bert = Transformer(str(tiny_bert))
+    dense = SentenceTransformer(modules=[bert, Pooling(bert.get_embedding_dimension())], device="cpu")
+    out = ev(dense)
+    q = dense.encode(list(queries.values()), convert_to_tensor=True)
+    d = dense.encode(list(corpus.values()), convert_to_tensor=True)
+    ids = list(corpus)
+    top = (q @ d.T).topk(4, dim=1)
+    run = {qid: {ids[j]: s for j, s in zip(row.tolist(), srow.tolist())}
+           for qid, row, srow in zip(queries, top.indices, top.values)}
+    graded = {qid: {d: 1 for d in docs} for qid, docs in relevant.items()}
+    assert out["mrr@4"] == pytest.approx(sr.metrics.mrr_at_k(run, graded, 4))
+    assert out["doc_nnz"] == d.shape[1]
 
 
 def test_csr_loss_names_the_autoencoder_it_expects():

@@ -7,8 +7,9 @@ A ``SparseEncoder``'s ``encode(..., convert_to_sparse_tensor=True)`` output is a
     index = sr.SparseIndex.from_documents(model.encode_document(corpus, convert_to_sparse_tensor=True))
     scores, ids = index.search(model.encode_query(queries, convert_to_sparse_tensor=True), k=10)
 
-Nothing here imports sentence-transformers: the adapter calls ``model(features)["sentence_embedding"]`` (its module
-convention) and the evaluator ``encode_query`` / ``encode_document`` (or ``encode``).
+The adapter calls ``model(features)["sentence_embedding"]`` (its module convention) and the evaluator
+``encode_query`` / ``encode_document`` (or ``encode``). Where sentence-transformers is installed, the evaluator is
+one of its evaluators (its trainer takes it as ``evaluator=``); nothing else needs it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ from .index import SparseIndex
 from .sparse import SparseBatch, as_sparse_batch
 
 __all__ = ["SentenceTransformersLoss", "SparseIndexEvaluator"]
+
+# The trainer wraps an evaluator that is not one of its own in a SequentialEvaluator, which then expects a list.
+try:
+    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator as _Evaluator  # v6
+except ImportError:
+    try:
+        from sentence_transformers.evaluation import SentenceEvaluator as _Evaluator  # v5
+    except ImportError:
+        _Evaluator = object
 
 
 class SentenceTransformersLoss(torch.nn.Module):
@@ -60,7 +70,7 @@ class SentenceTransformersLoss(torch.nn.Module):
         return self.compute_loss_from_embeddings(embeddings, labels)
 
 
-class SparseIndexEvaluator:
+class SparseIndexEvaluator(_Evaluator):
     """Retrieval quality and cost of a sparse encoder, measured by searching a `SparseIndex` of ``corpus``.
 
     ``queries`` and ``corpus`` map ids to texts, ``relevant`` maps a query id to the ids of its relevant documents
@@ -73,6 +83,7 @@ class SparseIndexEvaluator:
 
     def __init__(self, queries: Mapping, corpus: Mapping, relevant: Mapping, k: int = 10, name: str = "",
                  batch_size: int = 32, mode: str = "exact"):
+        super().__init__()
         if not queries or not corpus:
             raise ValueError("queries and corpus must not be empty")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -91,10 +102,15 @@ class SparseIndexEvaluator:
 
     def _encode(self, model, texts: list, kind: str):
         encode = getattr(model, f"encode_{kind}", None) or model.encode
-        try:
-            out = encode(texts, batch_size=self.batch_size, convert_to_sparse_tensor=True, show_progress_bar=False)
-        except TypeError:  # not a sentence-transformers encoder
-            out = encode(texts)
+        # A SparseEncoder, a dense SentenceTransformer (it refuses convert_to_sparse_tensor), anything else.
+        for kw in ({"convert_to_sparse_tensor": True}, {"convert_to_tensor": True}, None):
+            try:
+                out = encode(texts) if kw is None else \
+                    encode(texts, batch_size=self.batch_size, show_progress_bar=False, **kw)
+                break
+            except (TypeError, ValueError) as exc:
+                if kw is None or "keyword argument" not in str(exc):
+                    raise
         b = as_sparse_batch(out, kind).to("cpu")
         return SparseBatch(b.indptr, b.indices, b.values.detach(), b.dim, check=False)
 
