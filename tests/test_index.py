@@ -230,12 +230,20 @@ def test_queries_in_any_format():
     for name, q in formats.items():
         got = index.search(q, 6)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), name
-    one = index.search(dense[2], 6)
-    assert torch.equal(one[1], want[1][2:3])
+    for one in (dense[2], dense[2].to_sparse()):  # a 1-D COO: sentence-transformers' encode of one text
+        got = index.search(one, 6)
+        assert torch.equal(got[1], want[1][2:3]) and torch.equal(got[0], want[0][2:3])
     with pytest.raises(ValueError, match="1-D .* or 2-D"):
         index.search(dense[None], 6)
     with pytest.raises(TypeError, match="dtype torch.int64"):
         index.search(dense.long(), 6)
+    # errors of the conversions name the caller's argument
+    with pytest.raises(ValueError, match="^queries: contains NaN or Inf"):
+        index.search(dense.masked_fill(dense != 0, float("nan")), 6)
+    with pytest.raises(ValueError, match="^queries: expected 2 dimensions"):
+        index.search(dense[None].to_sparse(), 6)
+    with pytest.raises(ValueError, match="^docs: contains NaN or Inf"):
+        sr.SparseIndex.from_documents(dense.masked_fill(dense != 0, float("inf")))
 
 
 @pytest.mark.parametrize("simd_level", ["scalar", "avx2", "avx512"])

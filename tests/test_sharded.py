@@ -99,7 +99,7 @@ def test_sharded_search_equals_one_index(tmp_path, world):
 
 def _save(rank, world, folder):
     docs, _, _ = data()
-    ShardedIndex.from_documents(docs if rank == 0 else None).save(folder)
+    ShardedIndex.from_documents(docs if rank == 0 else None, progress=False).save(folder)  # a keyword it also sets
 
 
 def _load_expecting(rank, world, folder, match):

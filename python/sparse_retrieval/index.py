@@ -331,7 +331,9 @@ class SparseIndex:
     def compact(self, *, progress: bool = True) -> None:
         """Drops the deleted documents' postings (and rebuilds the block-max structure, if any, over the rest).
         Ids do not change: an index without user ids keeps its positional ids as ids the index assigns itself
-        (new documents continue from the largest id ever given)."""
+        (new documents continue from the largest id ever given). The deleted documents' ids are forgotten: before
+        ``compact()`` filters and ``delete`` accept them (and ignore them), after it they raise "unknown ids" like
+        any id the index never had; an allow-list kept elsewhere should drop them."""
         with self._writing:
             segments, block_max, _, deleted, user_ids, postings = self._state()
             if deleted is None or not bool(deleted.any()):

@@ -50,13 +50,13 @@ class ShardedIndex:
     def from_documents(cls, docs: SparseBatch | None, *, src: int = 0, group=None, **index_kwargs) -> "ShardedIndex":
         """Rank ``src`` passes ``docs`` (any format ``SparseIndex.search`` takes), the others None; rank r gets the
         r-th contiguous range of rows. ``index_kwargs`` go to ``SparseIndex.from_documents`` on every rank (e.g.
-        ``block_max=True`` for safe and approximate search)."""
+        ``block_max=True`` for safe and approximate search; ``progress`` defaults to False: one bar per rank)."""
         part, _ = _scatter_rows(docs, src, group)
 
         def build():
             if "ids" in index_kwargs:
                 raise ValueError("ids: a ShardedIndex numbers documents globally itself")
-            return SparseIndex.from_documents(part, progress=False, **index_kwargs)
+            return SparseIndex.from_documents(part, **{"progress": False, **index_kwargs})
 
         return cls.from_local(_on_every_rank(build, group), group=group)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -325,8 +326,9 @@ class SparseBatch:
 # ---- validation ----------------------------------------------------------------------------------------------
 def as_sparse_batch(x, name: str) -> SparseBatch:
     """``x`` as a SparseBatch: a SparseBatch as it is; a torch sparse tensor (CSR or COO, e.g. sentence-transformers'
-    ``SparseEncoder.encode`` output) or scipy.sparse matrix (duplicates summed, columns sorted); a dense 1-D or 2-D
-    torch tensor or numpy array (its non-zeros; float64 becomes float32). Raises TypeError naming ``name``."""
+    ``SparseEncoder.encode`` output; a 1-D COO is one vector) or scipy.sparse matrix (duplicates summed, columns
+    sorted); a dense 1-D or 2-D torch tensor or numpy array (its non-zeros; float64 becomes float32). Errors name
+    ``name``."""
     import numpy as np
 
     if isinstance(x, SparseBatch):
@@ -335,7 +337,8 @@ def as_sparse_batch(x, name: str) -> SparseBatch:
         x = torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
         if x.layout in (torch.sparse_csr, torch.sparse_coo):
-            return SparseBatch.from_torch(x, sort=True)
+            one = x.layout == torch.sparse_coo and x.dim() == 1  # sentence-transformers' encode of one text
+            return _named(name, SparseBatch.from_torch, x.unsqueeze(0) if one else x, sort=True)
         if x.layout != torch.strided:
             raise TypeError(f"{name}: sparse layout {x.layout} is not supported (CSR, COO or dense)")
         if x.dim() not in (1, 2):
@@ -345,11 +348,22 @@ def as_sparse_batch(x, name: str) -> SparseBatch:
             x = cast_values(x, torch.float32, name)
         if x.dtype not in VALUE_DTYPES:
             raise TypeError(f"{name}: dtype {x.dtype} is not one of {VALUE_DTYPES} (or float64)")
-        return SparseBatch.from_dense(x.reshape(-1, x.shape[-1]) if x.dim() == 1 else x)
+        return _named(name, SparseBatch.from_dense, x.reshape(-1, x.shape[-1]) if x.dim() == 1 else x)
     if type(x).__module__.startswith("scipy.sparse"):
-        return SparseBatch.from_scipy(x, sort=True, dtype=torch.float32 if x.dtype == np.float64 else None)
+        return _named(name, SparseBatch.from_scipy, x, sort=True,
+                      dtype=torch.float32 if x.dtype == np.float64 else None)
     raise TypeError(f"{name}: expected a SparseBatch, a torch sparse or dense tensor, a numpy array or a "
                     f"scipy.sparse matrix, got {type(x).__name__}")
+
+
+def _named(name: str, convert, x, **kw) -> SparseBatch:
+    """``convert(x, **kw)``, its errors naming the caller's argument ``name`` instead of the converter's own."""
+    try:
+        return convert(x, **kw)
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        raise type(exc)(re.sub(r"^(x|t|m):", f"{name}:", msg) if re.match(r"(x|t|m):", msg) else f"{name}: {msg}") \
+            from None
 
 
 def _check_layout(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dim: int) -> None:
