@@ -71,14 +71,15 @@ def flops_suboptimality(x: Embeddings) -> float:
 
 
 def nnz_stats(x: Embeddings) -> dict[str, float]:
-    """Non-zeros per row (mean, std, min, median, max), the number of dimensions used by any row, and the share
-    of all ``rows * dim`` entries that are non-zero."""
+    """Non-zeros per row (mean, std, min, median, max; the median of an even count is the mean of the middle two,
+    as numpy's), the number of dimensions used by any row, and the share of all ``rows * dim`` entries that are
+    non-zero."""
     nnz, cols, n, dim = _row_nnz_and_dims(x, "x")
     if n == 0:
         raise ValueError("x: needs at least one row")
     f = nnz.double()
     return {"rows": n, "dim": dim, "mean": float(f.mean()), "std": float(f.std(unbiased=False)),
-            "min": int(nnz.min()), "median": float(f.median()), "max": int(nnz.max()),
+            "min": int(nnz.min()), "median": float(f.quantile(0.5)), "max": int(nnz.max()),
             "dims_used": int(torch.unique(cols).numel()), "density": float(f.sum()) / (n * dim) if dim else 0.0}
 
 
