@@ -9,7 +9,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,8 +81,8 @@ class SpladeCollection:
     (known-item judgements from the text's structure); ``query_source[i]`` is "man" or "wordnet"."""
     docs: SparseBatch
     queries: SparseBatch
-    relevant: list[list[int]]
-    query_source: list[str]
+    relevant: list[list[int]] = field(repr=False)  # one list per query: hundreds of thousands of lines in a repr
+    query_source: list[str] = field(repr=False)
     info: dict
 
 
