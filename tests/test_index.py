@@ -144,6 +144,9 @@ def test_raw_ops_refuse_what_the_kernels_cannot_define():
         raw_search(docs, segs, k=2**31)
     with pytest.raises(ValueError, match=r"k: must lie in \[0, 2\^31\)"):
         raw_search(docs, segs, k=-1)
+    with pytest.raises(ValueError, match="num_threads: must be >= 0"):  # as block_search (0: all threads)
+        ops.sparse_search(docs.indptr, docs.indices, docs.values, [segs[0].ptr], [segs[0].docs], [segs[0].weights],
+                          [2], 3, -1)
     with pytest.raises(TypeError, match="q_values: expected a tensor, got None"):
         ops.sparse_search(docs.indptr, docs.indices, None, [segs[0].ptr], [segs[0].docs], [segs[0].weights], [2], 3,
                           1)

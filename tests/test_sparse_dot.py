@@ -171,6 +171,12 @@ def test_raw_ops_refuse_unsorted_or_repeated_indices(dim):
                 op(grad, p, good, p, bad, v, dim)
 
 
+def test_an_index_out_of_range_is_named_before_the_order():
+    p, v = torch.tensor([0, 3]), torch.ones(3)
+    with pytest.raises(IndexError, match=r"a_indices: column indices must lie in \[0, 8\), got \[-1, 5\]"):
+        ops.sparse_dot(p, torch.tensor([2, -1, 5]), v, p, torch.tensor([1, 2, 3]), v, 8)
+
+
 def test_raw_ops_refuse_none_and_non_float_gradients():
     """torch.ops passes None for a tensor as an undefined tensor (a null pointer in the kernels before)."""
     p, i, v = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([1.0, 2.0])

@@ -112,6 +112,7 @@ inline void check_csr(const at::Tensor& indptr, const at::Tensor& indices, const
   if (sorted) {
     const RowOrder order = row_order(indptr, indices);
     if (order.first_bad >= 0) {
+      check_csr(indptr, indices, nullptr, dim, name, device);  // an index out of range is the error to name first
       const int64_t pos = order.first_bad;
       const int64_t row = at::searchsorted(indptr, pos, /*out_int32=*/false, /*right=*/true).item<int64_t>() - 1;
       const bool repeat = indices[pos].item<int64_t>() == indices[pos - 1].item<int64_t>();

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cpu(const at::Tensor& q_indptr,
                                                      at::TensorList docs, at::TensorList weights,
                                                      at::IntArrayRef sizes, int64_t k, int64_t num_threads,
                                                      const std::optional<at::Tensor>& allowed) {
-  check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, c10::kCPU);
+  check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads, c10::kCPU);
   const int64_t nq = q_indptr.numel() - 1;
   auto out_scores = at::full({nq, k}, -std::numeric_limits<float>::infinity(), q_values.options().dtype(at::kFloat));
   auto out_ids = at::full({nq, k}, -1, q_indptr.options());

@@ -27,8 +27,10 @@ inline const uint8_t* allowed_mask(const std::optional<at::Tensor>& allowed, int
 // Returns the index's dimension (ptrs[s].numel() - 1, shared by all segments; 0 without segments).
 inline int64_t check_search_inputs(const at::Tensor& q_indptr, const at::Tensor& q_indices,
                                    const at::Tensor& q_values, at::TensorList ptrs, at::TensorList docs,
-                                   at::TensorList weights, at::IntArrayRef sizes, int64_t k, c10::DeviceType device) {
+                                   at::TensorList weights, at::IntArrayRef sizes, int64_t k, int64_t num_threads,
+                                   c10::DeviceType device) {
   TORCH_CHECK_VALUE(k >= 0 && k <= std::numeric_limits<int32_t>::max(), "k: must lie in [0, 2^31), got ", k);
+  TORCH_CHECK_VALUE(num_threads >= 0, "num_threads: must be >= 0 (0: all), got ", num_threads);
   TORCH_CHECK_VALUE(ptrs.size() == docs.size() && ptrs.size() == weights.size() && ptrs.size() == sizes.size(),
                     "ptrs, docs, weights and sizes: one entry per segment expected, got ", ptrs.size(), ", ",
                     docs.size(), ", ", weights.size(), ", ", sizes.size());

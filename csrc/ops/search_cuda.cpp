@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_search_cuda(const at::Tensor& q_indptr
                                                       at::IntArrayRef sizes, int64_t k, int64_t num_threads,
                                                       const std::optional<at::Tensor>& allowed) {
   using namespace sr::cuda::searchchunk;
-  check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, c10::kCUDA);
+  check_search_inputs(q_indptr, q_indices, q_values, ptrs, docs, weights, sizes, k, num_threads, c10::kCUDA);
   TORCH_CHECK_VALUE(!allowed.has_value(), "allowed: search filters run on the CPU; move the index to the CPU");
   const c10::cuda::CUDAGuard guard(q_values.device());
   const int64_t nq = q_indptr.numel() - 1;
