@@ -436,6 +436,9 @@ def damage_cases(bm):
         ("fwd_weights", lambda t: t.__setitem__(-1, float("inf")), "fwd_weights: must be finite and non-negative"),
         ("scale", lambda t: t.__setitem__(0, 0.0), "scale: must be finite and > 0"),
         ("scale", lambda t: t.__setitem__(-1, float("nan")), "scale: must be finite and > 0"),
+        # finite and positive, but below a weight / 255: safe search pruned it and said complete
+        ("scale", lambda t: t.__setitem__(slice(None), 1e-30), "scale: must be at least each term's largest"),
+        ("fwd_weights", lambda t: t.__setitem__(0, 3e38), "scale: must be at least each term's largest"),
     ]
 
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/block_search.h"
@@ -49,6 +50,34 @@ sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fw
   const auto wtype = value_type(fwd_weights, "fwd_weights");
   check_1d(fwd_weights, fwd_weights.scalar_type(), fwd_terms.numel(), "fwd_weights");
   return wtype;
+}
+
+// The first posting whose weight is above 255 x its term's scale, or -1. The maxima are stored in steps of the scale
+// (255 at most): such a weight would be bounded too low, and safe search would prune it and still report its
+// results complete. One parallel pass; the terms must have been checked against the scale's length.
+int64_t first_weight_above_scale(const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale) {
+  const float* sc = scale.data_ptr<float>();
+  std::atomic<int64_t> first{fwd_terms.numel()};
+  const auto scan = [&](const auto* terms, const auto* w) {
+    at::parallel_for(0, fwd_terms.numel(), int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t t = std::is_same_v<std::decay_t<decltype(*terms)>, int16_t> ? uint16_t(terms[p]) : terms[p];
+        if (double(float(w[p])) <= 255.0 * double(sc[t])) continue;
+        for (int64_t seen = first.load(); p < seen && !first.compare_exchange_weak(seen, p);) {
+        }
+        return;  // the range's first: later ones cannot be smaller
+      }
+    });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fwd_weights.scalar_type(), "weights", [&] {
+    const scalar_t* w = fwd_weights.data_ptr<scalar_t>();
+    if (fwd_terms.scalar_type() == at::kShort) {
+      scan(fwd_terms.data_ptr<int16_t>(), w);
+    } else {
+      scan(fwd_terms.data_ptr<int32_t>(), w);
+    }
+  });
+  return first.load() < fwd_terms.numel() ? first.load() : -1;
 }
 
 void check_sizes(int64_t block_size, int64_t superblock) {
@@ -142,6 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
       TORCH_CHECK_VALUE(l > 0 && std::isfinite(h), "scale: must be finite and > 0, got values in [", l, ", ", h, "]");
     }
     check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
+    const int64_t above = first_weight_above_scale(fwd_terms, fwd_weights, scale);
+    TORCH_CHECK_VALUE(above < 0, "scale: must be at least each term's largest weight / 255 (fwd_weights[", above,
+                      "] is above 255 x its term's scale)");
     check_lists(sb_ptr, sb_ids, nsuper, "sb_ptr", "sb_ids");
     check_lists(blk_ptr, blk_terms, dim, "blk_ptr", "blk_terms");
     if (ndocs > 0) {
