@@ -52,19 +52,35 @@ sr::cpu::ValueType check_forward(const at::Tensor& fwd_ptr, const at::Tensor& fw
   return wtype;
 }
 
-// The first posting whose weight is above 255 x its term's scale, or -1. The maxima are stored in steps of the scale
-// (255 at most): such a weight would be bounded too low, and safe search would prune it and still report its
-// results complete. One parallel pass; the terms must have been checked against the scale's length.
-int64_t first_weight_above_scale(const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale) {
+// Pruning takes the weights for non-negative and the term scales for finite and positive. Min and max tell without
+// a copy (NaN propagates into both).
+void check_weights(const at::Tensor& fwd_weights) {
+  if (fwd_weights.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(fwd_weights);
+  const double l = lo.item<double>(), h = hi.item<double>();
+  TORCH_CHECK_VALUE(l >= 0 && std::isfinite(h), "fwd_weights: must be finite and non-negative, got values in [", l,
+                    ", ", h, "]");
+}
+
+void check_scale(const at::Tensor& scale) {
+  if (scale.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(scale);
+  const double l = lo.item<double>(), h = hi.item<double>();
+  TORCH_CHECK_VALUE(l > 0 && std::isfinite(h), "scale: must be finite and > 0, got values in [", l, ", ", h, "]");
+}
+
+// Each weight within 255 x its term's scale (in float32). The maxima are stored in steps of the scale (255 at
+// most): a weight above would be bounded too low, and safe search would prune it and still report its results
+// complete. One parallel pass, no copies; the terms must have been checked against the scale's length.
+void check_weights_within_scale(const at::Tensor& fwd_terms, const at::Tensor& fwd_weights, const at::Tensor& scale) {
   const float* sc = scale.data_ptr<float>();
   std::atomic<int64_t> first{fwd_terms.numel()};
   const auto scan = [&](const auto* terms, const auto* w) {
     at::parallel_for(0, fwd_terms.numel(), int64_t(1) << 16, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t t = std::is_same_v<std::decay_t<decltype(*terms)>, int16_t> ? uint16_t(terms[p]) : terms[p];
-        if (double(float(w[p])) <= 255.0 * double(sc[t])) continue;
-        for (int64_t seen = first.load(); p < seen && !first.compare_exchange_weak(seen, p);) {
-        }
+        if (float(w[p]) <= sc[t] * 255.0f) continue;
+        lower_to(first, p);
         return;  // the range's first: later ones cannot be smaller
       }
     });
@@ -77,7 +93,8 @@ int64_t first_weight_above_scale(const at::Tensor& fwd_terms, const at::Tensor& 
       scan(fwd_terms.data_ptr<int32_t>(), w);
     }
   });
-  return first.load() < fwd_terms.numel() ? first.load() : -1;
+  TORCH_CHECK_VALUE(first.load() == fwd_terms.numel(), "scale: must be at least each term's largest weight / 255 "
+                    "(fwd_weights[", first.load(), "] is above 255 x its term's scale)");
 }
 
 void check_sizes(int64_t block_size, int64_t superblock) {
@@ -157,23 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_search_cpu(
   check_once("block-max index", {fwd_ptr, fwd_terms, fwd_weights, doc_ids, scale, dense_row, sb_ptr, sb_ids, blk_ptr,
                                  blk_terms},
              {dim, block_size, superblock, rows}, [&] {
-    // Pruning takes the weights for non-negative and the scales for finite and positive (block_maxima and
-    // term_lists check the same); min and max tell without a copy: NaN propagates into both.
-    if (fwd_weights.numel() > 0) {
-      auto [lo, hi] = at::aminmax(fwd_weights);
-      const double l = lo.item<double>(), h = hi.item<double>();
-      TORCH_CHECK_VALUE(l >= 0 && std::isfinite(h), "fwd_weights: must be finite and non-negative, got values in [",
-                        l, ", ", h, "]");
-    }
-    if (dim > 0) {
-      auto [lo, hi] = at::aminmax(scale);
-      const double l = lo.item<double>(), h = hi.item<double>();
-      TORCH_CHECK_VALUE(l > 0 && std::isfinite(h), "scale: must be finite and > 0, got values in [", l, ", ", h, "]");
-    }
+    check_weights(fwd_weights);
+    check_scale(scale);
     check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
-    const int64_t above = first_weight_above_scale(fwd_terms, fwd_weights, scale);
-    TORCH_CHECK_VALUE(above < 0, "scale: must be at least each term's largest weight / 255 (fwd_weights[", above,
-                      "] is above 255 x its term's scale)");
+    check_weights_within_scale(fwd_terms, fwd_weights, scale);
     check_lists(sb_ptr, sb_ids, nsuper, "sb_ptr", "sb_ids");
     check_lists(blk_ptr, blk_terms, dim, "blk_ptr", "blk_terms");
     if (ndocs > 0) {
@@ -325,11 +329,7 @@ block_maxima_cpu(const at::Tensor& fwd_ptr, const at::Tensor& fwd_terms, const a
   const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, block_size * superblock);
   const int64_t ndocs = fwd_ptr.numel() - 1;
   check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
-  if (fwd_terms.numel() > 0) {
-    const auto w = fwd_weights.to(at::kFloat);
-    TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
-                      "fwd_weights: must be finite and non-negative");
-  }
+  check_weights(fwd_weights);
   const int64_t group = block_size * superblock;
   const int64_t nsuper = (ndocs + group - 1) / group;
   const int64_t min_dense = std::max<int64_t>(1, int64_t(std::ceil(dense_fraction * double(nsuper))));
@@ -394,15 +394,9 @@ std::vector<at::Tensor> term_lists_cpu(
   const auto wtype = check_forward(fwd_ptr, fwd_terms, fwd_weights, dim, 1);
   check_lists(fwd_ptr, fwd_terms, dim, "fwd_ptr", "fwd_terms");
   const bool t16 = fwd_terms.scalar_type() == at::kShort;
-  TORCH_CHECK_VALUE(scale.gt(0).logical_and(scale.isfinite()).all().item<bool>(), "scale: must be finite and > 0");
-  if (fwd_terms.numel() > 0) {
-    const auto w = fwd_weights.to(at::kFloat);
-    TORCH_CHECK_VALUE(w.ge(0).logical_and(w.isfinite()).all().item<bool>(),
-                      "fwd_weights: must be finite and non-negative");
-    const auto t = t16 ? fwd_terms.to(at::kLong).bitwise_and(0xffff) : fwd_terms.to(at::kLong);
-    TORCH_CHECK_VALUE(w.le(scale.index_select(0, t) * 255.0).all().item<bool>(),
-                      "scale: must be at least each term's largest weight / 255");
-  }
+  check_scale(scale);
+  check_weights(fwd_weights);
+  check_weights_within_scale(fwd_terms, fwd_weights, scale);
   const int64_t ndocs = fwd_ptr.numel() - 1;
   const int64_t* fp = fwd_ptr.data_ptr<int64_t>();
   const void *ft = fwd_terms.data_ptr(), *fw = fwd_weights.data_ptr();

@@ -26,6 +26,12 @@ inline sr::cpu::ValueType value_type(const at::Tensor& values, const std::string
   }
 }
 
+// Lowers `a` to `v` if `v` is smaller, from any thread: the first of several parallel findings.
+inline void lower_to(std::atomic<int64_t>& a, int64_t v) {
+  for (int64_t seen = a.load(); v < seen && !a.compare_exchange_weak(seen, v);) {
+  }
+}
+
 // What check_csr learns from a pass over sorted rows: the first non-zero whose column index is not above its left
 // neighbour's in the same row (-1: none), and the smallest and largest index (each row's first and last, when the
 // rows are sorted). CPU: one pass in parallel over rows (the dot ops run on training paths, where tensor ops here
@@ -48,10 +54,6 @@ inline RowOrder row_order(const at::Tensor& indptr, const at::Tensor& indices) {
   const auto p_t = indptr.contiguous(), i_t = indices.contiguous();
   const int64_t* p = p_t.data_ptr<int64_t>();
   std::atomic<int64_t> first{nnz}, lo{std::numeric_limits<int64_t>::max()}, hi{std::numeric_limits<int64_t>::min()};
-  const auto lower = [](std::atomic<int64_t>& a, int64_t v) {
-    for (int64_t seen = a.load(); v < seen && !a.compare_exchange_weak(seen, v);) {
-    }
-  };
   const auto raise = [](std::atomic<int64_t>& a, int64_t v) {
     for (int64_t seen = a.load(); v > seen && !a.compare_exchange_weak(seen, v);) {
     }
@@ -71,8 +73,8 @@ inline RowOrder row_order(const at::Tensor& indptr, const at::Tensor& indices) {
           }
         }
       }
-      if (bad >= 0) lower(first, bad);
-      lower(lo, l);
+      if (bad >= 0) lower_to(first, bad);
+      lower_to(lo, l);
       raise(hi, h);
     });
   });
@@ -108,26 +110,23 @@ inline void check_csr(const at::Tensor& indptr, const at::Tensor& indices, const
                       "_indptr: must be non-decreasing");
   }
   if (nnz == 0) return;
-  int64_t lo, hi;
-  if (sorted) {
-    const RowOrder order = row_order(indptr, indices);
-    if (order.first_bad >= 0) {
-      check_csr(indptr, indices, nullptr, dim, name, device);  // an index out of range is the error to name first
-      const int64_t pos = order.first_bad;
-      const int64_t row = at::searchsorted(indptr, pos, /*out_int32=*/false, /*right=*/true).item<int64_t>() - 1;
-      const bool repeat = indices[pos].item<int64_t>() == indices[pos - 1].item<int64_t>();
-      TORCH_CHECK_VALUE(false, name, "_indices: column indices ", repeat ? "repeated" : "not ascending",
-                        " within row ", row, " (at non-zero ", pos, "); each row's must be strictly ascending");
-    }
-    lo = order.lo;
-    hi = order.hi;
-  } else {
+  const RowOrder order = sorted ? row_order(indptr, indices) : RowOrder{-1, 0, -1};
+  int64_t lo = order.lo, hi = order.hi;
+  if (!sorted || order.first_bad >= 0) {  // rows out of order: their ends are not the extremes
     auto [lo_t, hi_t] = at::aminmax(indices);
     lo = lo_t.item<int64_t>();
     hi = hi_t.item<int64_t>();
   }
+  // an index out of range is the error to name first
   TORCH_CHECK_INDEX(lo >= 0 && hi < dim, name, "_indices: column indices must lie in [0, ", dim, "), got [", lo, ", ",
                     hi, "]");
+  if (order.first_bad >= 0) {
+    const int64_t pos = order.first_bad;
+    const int64_t row = at::searchsorted(indptr, pos, /*out_int32=*/false, /*right=*/true).item<int64_t>() - 1;
+    const bool repeat = indices[pos].item<int64_t>() == indices[pos - 1].item<int64_t>();
+    TORCH_CHECK_VALUE(false, name, "_indices: column indices ", repeat ? "repeated" : "not ascending", " within row ",
+                      row, " (at non-zero ", pos, "); each row's must be strictly ascending");
+  }
 }
 
 inline sr::cpu::CsrView csr_view(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values) {
